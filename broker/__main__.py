@@ -1,0 +1,5 @@
+"""Run the command line interface: `python -m broker`."""
+
+from broker.cli import main
+
+raise SystemExit(main())
