@@ -1,0 +1,108 @@
+"""Assemble the aiohttp application: /healthz, /readyz, /status and the /api/v4 proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from broker.errors import BrokerError
+from broker.logs import get_logger
+from broker.proxy import Proxy, error_response
+from broker.refresher import TokenManager
+from broker.status import live_status
+from broker.tokens import is_expired
+
+log = get_logger()
+
+MANAGER = web.AppKey("manager", TokenManager)
+PROXY = web.AppKey("proxy", Proxy)
+STARTED = web.AppKey("started", float)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    manager: TokenManager,
+    session: aiohttp.ClientSession,
+    *,
+    base_url: str,
+    upstream_timeout: float = 60.0,
+    max_body_bytes: int = 16 << 20,
+    proactive: bool = True,
+) -> web.Application:
+    """Build the broker's application around an already loaded token manager."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    app[MANAGER] = manager
+    app[PROXY] = Proxy(
+        manager, session, base_url, timeout=upstream_timeout, max_body_bytes=max_body_bytes
+    )
+    app[STARTED] = time.time()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_route("*", "/{tail:.*}", app[PROXY].handle)
+    if proactive:
+        app.cleanup_ctx.append(_proactive_loop)
+    return app
+
+
+async def _proactive_loop(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[MANAGER].run(), name="proactive-refresh")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Answer 200 while the process serves."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Answer 200 only while a usable token is held."""
+    manager = request.app[MANAGER]
+    pair = manager.pair
+    ready = (
+        manager.state in ("ok", "refreshing")
+        and pair is not None
+        and not is_expired(pair, time.time())
+    )
+    return web.json_response({"ready": ready, "state": manager.state}, status=200 if ready else 503)
+
+
+async def status(request: web.Request) -> web.Response:
+    """Describe the broker's state as JSON; never a token or secret."""
+    doc = await live_status(
+        request.app[MANAGER],
+        requests_total=request.app[PROXY].stats.requests_total,
+        started=request.app[STARTED],
+    )
+    return web.json_response(doc)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every error the broker makes itself as JSON `{"error", "message"}`."""
+    try:
+        return await handler(request)
+    except BrokerError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("internal_error", path=request.raw_path.partition("?")[0][:512])
+        return web.json_response(
+            {"error": "internal_error", "message": "the broker failed; see its log"}, status=500
+        )

@@ -1,0 +1,365 @@
+"""Load the configuration: flags > environment > TOML file > defaults.
+
+The environment and TOML names are a contract that deployments rely on; `SETTINGS` is the one
+table of them. Unknown TOML keys are rejected by name (a typo must not silently fall back to a
+default), and every secret is wrapped in `Secret` so no repr, log line or traceback shows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+from broker.errors import ConfigError
+
+T = TypeVar("T", str, bytes)
+
+DEFAULT_CONFIG_NAME = "broker.toml"
+DEFAULT_ACCOUNT = "default"
+
+
+class Secret(Generic[T]):
+    """Hold a secret value that never shows itself in a repr, str or format."""
+
+    __slots__ = ("_value",)
+    _value: T
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+
+    def reveal(self) -> T:
+        """Return the secret itself: only for the one place that must send or seal it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it lives in TOML, its environment variable, how to parse it."""
+
+    section: str
+    key: str
+    env: str | None
+    parse: Callable[[str, Any], Any]
+    default: Any = None
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _text(name: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError(f"{name}: expected a non-empty string")
+    return raw.strip()
+
+
+def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
+    def parse(name: str, raw: Any) -> int:
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        if isinstance(raw, bool) or not low <= value <= high:
+            raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _seconds(name: str, raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+    if isinstance(raw, bool) or not 0 < value < 10**7:
+        raise ConfigError(f"{name}: expected a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    def parse(name: str, raw: Any) -> str:
+        value = str(raw).strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _base_url(name: str, raw: Any) -> str:
+    url = _text(name, raw).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: expected a URL like https://example.amocrm.ru, got {url!r}")
+    if parts.path or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"{name}: give only scheme and host (and port), got {url!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(f"{name}: https is required for {parts.hostname} (http: loopback only)")
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _path(name: str, raw: Any) -> Path:
+    return Path(_text(name, raw)).expanduser()
+
+
+_LEVELS = _choice("debug", "info", "warning", "error")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("amocrm", "base_url", "AMOCRM_BASE_URL", _base_url),
+    Setting("amocrm", "client_id", "AMOCRM_CLIENT_ID", _text),
+    Setting("amocrm", "client_secret", "AMOCRM_CLIENT_SECRET", _text),
+    Setting("amocrm", "redirect_uri", "AMOCRM_REDIRECT_URI", _text),
+    Setting("server", "host", "BROKER_HOST", _text, "127.0.0.1"),
+    Setting("server", "port", "BROKER_PORT", _int_in(0, 65535), 8787),
+    Setting("store", "path", "BROKER_DB", _path, Path("broker.db")),
+    Setting("store", "key_file", "BROKER_KEY_FILE", _path),
+    Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", _seconds, 600.0),
+    Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", _seconds, 15.0),
+    Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", _seconds, 60.0),
+    Setting("proxy", "max_body_bytes", "BROKER_MAX_BODY_BYTES", _int_in(1, 1 << 31), 16 << 20),
+    Setting("log", "format", "BROKER_LOG_FORMAT", _choice("json", "console"), "json"),
+    Setting("log", "level", "BROKER_LOG_LEVEL", _LEVELS, "info"),
+)
+KEY_ENV = "BROKER_ENCRYPTION_KEY"
+BOOTSTRAP_ACCESS_ENV = "AMOCRM_ACCESS_TOKEN"
+BOOTSTRAP_REFRESH_ENV = "AMOCRM_REFRESH_TOKEN"
+
+
+@dataclass(frozen=True)
+class OAuthClientConfig:
+    """Everything needed to talk to the token endpoint; all four are required together."""
+
+    base_url: str
+    client_id: str
+    client_secret: Secret[str]
+    redirect_uri: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The broker's whole configuration, resolved and validated."""
+
+    base_url: str | None
+    client_id: str | None
+    client_secret: Secret[str] | None
+    redirect_uri: str | None
+    host: str
+    port: int
+    db_path: Path
+    key: Secret[bytes] | None
+    key_source: str
+    margin_seconds: float
+    refresh_timeout: float
+    upstream_timeout: float
+    max_body_bytes: int
+    log_format: str
+    log_level: str
+    bootstrap_access_token: Secret[str] | None
+    bootstrap_refresh_token: Secret[str] | None
+    source: Path | None
+    account: str = DEFAULT_ACCOUNT
+
+    def require_key(self) -> bytes:
+        """Return the store key, or say which settings provide one."""
+        if self.key is None:
+            raise ConfigError(
+                f"no encryption key: set {KEY_ENV} or BROKER_KEY_FILE / [store] key_file "
+                "(create one with `amo-broker keygen --out broker.key`)"
+            )
+        return self.key.reveal()
+
+    def require_oauth(self) -> OAuthClientConfig:
+        """Return the OAuth client settings, or name every one that is missing."""
+        missing = [
+            name
+            for name, value in (
+                ("AMOCRM_BASE_URL / [amocrm] base_url", self.base_url),
+                ("AMOCRM_CLIENT_ID / [amocrm] client_id", self.client_id),
+                ("AMOCRM_CLIENT_SECRET / [amocrm] client_secret", self.client_secret),
+                ("AMOCRM_REDIRECT_URI / [amocrm] redirect_uri", self.redirect_uri),
+            )
+            if value is None
+        ]
+        if missing or self.client_secret is None:
+            raise ConfigError("missing setting: " + ", ".join(missing))
+        return OAuthClientConfig(
+            str(self.base_url), str(self.client_id), self.client_secret, str(self.redirect_uri)
+        )
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Resolve every setting from flags (`overrides`, by dotted name), environment and TOML."""
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    source = _find_config_file(path, env)
+    table = _read_toml(source) if source else {}
+    _reject_unknown(table, source)
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.dotted in flags:
+            raw, name = flags[setting.dotted], f"--{setting.key.replace('_', '-')}"
+        elif setting.env and setting.env in env:
+            raw, name = env[setting.env], setting.env
+        elif setting.key in table.get(setting.section, {}):
+            raw, name = table[setting.section][setting.key], f"[{setting.section}] {setting.key}"
+        else:
+            values[setting.dotted] = setting.default
+            continue
+        values[setting.dotted] = setting.parse(name, raw)
+
+    key, key_source = _load_key(env, values["store.key_file"], source)
+    db_path: Path = values["store.path"]
+    from_file = "store.path" not in flags and "BROKER_DB" not in env
+    if source and from_file and not db_path.is_absolute():
+        # A relative path in a config file means relative to that file, not to the cwd.
+        db_path = source.parent / db_path
+    secret = values["amocrm.client_secret"]
+    return Config(
+        base_url=values["amocrm.base_url"],
+        client_id=values["amocrm.client_id"],
+        client_secret=Secret(secret) if secret is not None else None,
+        redirect_uri=values["amocrm.redirect_uri"],
+        host=values["server.host"],
+        port=values["server.port"],
+        db_path=db_path,
+        key=key,
+        key_source=key_source,
+        margin_seconds=values["refresh.margin_seconds"],
+        refresh_timeout=values["refresh.timeout_seconds"],
+        upstream_timeout=values["proxy.timeout_seconds"],
+        max_body_bytes=values["proxy.max_body_bytes"],
+        log_format=values["log.format"],
+        log_level=values["log.level"],
+        bootstrap_access_token=_secret_env(env, BOOTSTRAP_ACCESS_ENV),
+        bootstrap_refresh_token=_secret_env(env, BOOTSTRAP_REFRESH_ENV),
+        source=source,
+    )
+
+
+def _secret_env(env: Mapping[str, str], name: str) -> Secret[str] | None:
+    value = env.get(name, "").strip()
+    return Secret(value) if value else None
+
+
+def _find_config_file(path: Path | None, env: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        explicit, origin = path, "--config"
+    elif "BROKER_CONFIG" in env:
+        explicit, origin = Path(env["BROKER_CONFIG"]), "BROKER_CONFIG"
+    else:
+        default = Path(DEFAULT_CONFIG_NAME)
+        return default.resolve() if default.is_file() else None
+    explicit = explicit.expanduser()
+    if not explicit.is_file():
+        raise ConfigError(f"{origin}: config file {explicit} does not exist")
+    return explicit.resolve()
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
+    try:
+        with source.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+
+
+def _reject_unknown(table: Mapping[str, Any], source: Path | None) -> None:
+    known: dict[str, set[str]] = {}
+    for setting in SETTINGS:
+        known.setdefault(setting.section, set()).add(setting.key)
+    unknown: list[str] = []
+    for section, body in table.items():
+        if section not in known or not isinstance(body, dict):
+            unknown.append(f"[{section}]")
+            continue
+        unknown.extend(f"[{section}] {key}" for key in body if key not in known[section])
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s): {', '.join(sorted(unknown))}")
+
+
+def _load_key(
+    env: Mapping[str, str], key_file: Path | None, source: Path | None
+) -> tuple[Secret[bytes] | None, str]:
+    if KEY_ENV in env:
+        return Secret(decode_key(env[KEY_ENV], KEY_ENV)), KEY_ENV
+    if key_file is None:
+        return None, "none"
+    if source and not key_file.is_absolute() and "BROKER_KEY_FILE" not in env:
+        key_file = source.parent / key_file
+    return Secret(read_key_file(key_file)), f"key file {key_file}"
+
+
+def decode_key(text: str, origin: str) -> bytes:
+    """Decode a urlsafe-base64 key of exactly 32 bytes, naming `origin` when it is not one."""
+    try:
+        key = base64.urlsafe_b64decode(text.strip().encode("ascii"))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ConfigError(f"{origin}: not urlsafe base64 (use `amo-broker keygen`)") from None
+    if len(key) != 32:
+        raise ConfigError(f"{origin}: the key must be 32 bytes, this one is {len(key)}")
+    return key
+
+
+def read_key_file(path: Path) -> bytes:
+    """Read a key file, refusing one that other users of the machine can read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise ConfigError(f"key file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"key file {path} cannot be read: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"key file {path} is open to group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    return decode_key(text, f"key file {path}")
+
+
+def write_key_file(path: Path, key: str) -> None:
+    """Create `path` with mode 0600, refusing to overwrite an existing key."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists: not overwriting a key") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(key + "\n")

@@ -1,0 +1,113 @@
+"""Errors the broker raises on purpose, each with a stable code, an HTTP status and an exit code.
+
+    BrokerError                   code                        HTTP  exit
+    ├── ConfigError               config_error                500   2   a setting is wrong
+    ├── StoreError                store_error                 503   2   the store is unusable
+    │   └── StoreLockedError      store_locked                503   2   a ciphertext won't open
+    ├── NoTokensError             no_tokens                   503   2   nothing imported yet
+    ├── ReauthRequiredError       reauth_required             503   2   a person must re-authorise
+    ├── TokenEndpointError        token_endpoint_unavailable  503   2   5xx, timeout, refused
+    │   └── GrantRejectedError    grant_rejected              503   2   400/401 from the endpoint
+    ├── RequestRejected           (per instance)              4xx   1   the proxy refuses a call
+    └── UpstreamError             bad_gateway                 502   1   amoCRM unreachable
+        └── UpstreamTimeout       gateway_timeout             504   1   amoCRM too slow
+
+Messages never carry a token or secret: they are shown to callers and printed on the terminal.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker raises on purpose."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+    exit_code: int = 2
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def to_json(self) -> dict[str, str]:
+        """Return the JSON error body a caller sees."""
+        return {"error": self.code, "message": self.message}
+
+
+class ConfigError(BrokerError):
+    """A setting is missing, malformed or contradicts another."""
+
+    code = "config_error"
+
+
+class StoreError(BrokerError):
+    """The store cannot be opened, read or written."""
+
+    code = "store_error"
+    http_status = 503
+
+
+class StoreLockedError(StoreError):
+    """A ciphertext in the store does not open with the configured key."""
+
+    code = "store_locked"
+
+
+class NoTokensError(BrokerError):
+    """The store holds no token pair yet: run `amo-broker import` or `exchange-code`."""
+
+    code = "no_tokens"
+    http_status = 503
+
+
+class ReauthRequiredError(BrokerError):
+    """amoCRM rejected the refresh grant; only a person can re-authorise the integration."""
+
+    code = "reauth_required"
+    http_status = 503
+
+
+class TokenEndpointError(BrokerError):
+    """The token endpoint failed in a way that may heal by itself."""
+
+    code = "token_endpoint_unavailable"
+    http_status = 503
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+
+
+class GrantRejectedError(TokenEndpointError):
+    """The token endpoint refused the grant (400/401): the token or the client is not accepted."""
+
+    code = "grant_rejected"
+
+
+class RequestRejected(BrokerError):
+    """A caller's request that the proxy refuses before anything goes upstream."""
+
+    exit_code = 1
+
+    def __init__(self, code: str, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+
+
+class UpstreamError(BrokerError):
+    """amoCRM could not be reached or broke the connection."""
+
+    code = "bad_gateway"
+    http_status = 502
+    exit_code = 1
+
+
+class UpstreamTimeout(UpstreamError):
+    """amoCRM did not answer within the proxy timeout."""
+
+    code = "gateway_timeout"
+    http_status = 504

@@ -1,0 +1,122 @@
+"""Configure structlog: JSON lines on stderr, with a redaction step no event can bypass.
+
+Redaction runs after exceptions are formatted and before rendering, so a token inside a
+traceback, an error message or a nested field is scrubbed too. It removes three things:
+values of secret-named keys, anything shaped like a bearer token, a JWT or an amoCRM refresh
+token, and every exact secret the process has registered (the client secret, each token it
+held), which catches opaque tokens no pattern knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "password",
+        "encryption_key",
+    }
+)
+_PATTERNS = (
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
+    (re.compile(r"def50200[0-9a-fA-F]{16,}"), "[redacted-refresh-token]"),
+)
+_MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every line
+
+
+class Redactor:
+    """A structlog processor that removes secrets from every value of an event."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def register(self, *values: str | None) -> None:
+        """Remember exact secret values to scrub from now on."""
+        fresh = {v for v in values if v and len(v) >= _MIN_SECRET_LEN} - self._secrets
+        if not fresh:
+            return
+        with self._lock:
+            self._secrets |= fresh
+            ordered = sorted(self._secrets, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+    def scrub(self, value: Any) -> Any:
+        """Return `value` with every secret in it replaced."""
+        if isinstance(value, str):
+            return self._scrub_text(value)
+        if isinstance(value, dict):
+            return {k: "[redacted]" if _secret_key(k) else self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.scrub(v) for v in value)
+        if isinstance(value, bytes):
+            return self._scrub_text(value.decode("utf-8", "replace"))
+        if isinstance(value, BaseException):
+            return self._scrub_text(f"{type(value).__name__}: {value}")
+        return value
+
+    def _scrub_text(self, text: str) -> str:
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub("[redacted]", text)
+        for regex, replacement in _PATTERNS:
+            text = regex.sub(replacement, text)
+        return text
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in list(event_dict.items()):
+            event_dict[key] = "[redacted]" if _secret_key(key) else self.scrub(value)
+        return event_dict
+
+
+def _secret_key(key: object) -> bool:
+    return isinstance(key, str) and key.lower() in _SECRET_KEYS
+
+
+redactor = Redactor()
+
+
+def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Send structlog events to `stream` (stderr) as JSON lines or, for a person, console text."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer(ensure_ascii=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger() -> Any:
+    """Return the broker's logger (bound lazily, so configure_logging may run later)."""
+    return structlog.get_logger("amo-broker")

@@ -1,0 +1,134 @@
+"""Decide, on the exact bytes a caller sent, what may go to amoCRM: pure functions, no I/O.
+
+The target is checked as received (`request.raw_path`), never as aiohttp decoded or
+normalised it, because the raw bytes are what is forwarded: a check on a decoded copy is how
+proxies get path-traversal CVEs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+from broker.errors import RequestRejected
+
+API_PREFIX = "/api/v4"
+ALLOWED_METHODS = frozenset({"GET", "POST", "PATCH", "PUT", "DELETE"})
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+# Caller headers that must never reach amoCRM: their credentials, the client's network
+# identity, and framing that the upstream connection sets for itself.
+_DROP_REQUEST = HOP_BY_HOP | {
+    "authorization",
+    "cookie",
+    "forwarded",
+    "host",
+    "content-length",
+    "expect",
+    "x-real-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-broker-key",
+}
+# Set-Cookie is dropped: callers never hold amoCRM's session, the broker does.
+_DROP_RESPONSE = HOP_BY_HOP | {"set-cookie"}
+
+
+def check_method(method: str) -> None:
+    """Refuse methods amoCRM's API does not take."""
+    if method not in ALLOWED_METHODS:
+        raise RequestRejected(
+            "method_not_allowed",
+            f"method {method} is not proxied (allowed: GET, POST, PATCH, PUT, DELETE)",
+            405,
+        )
+
+
+def check_target(raw_target: str) -> str:
+    """Return the target to forward (path and query as sent, minus `access_token`) or refuse.
+
+    Refused: anything not under /api/v4, and any path that could climb out of it once some
+    server decodes it: dot-segments raw or percent-encoded in any case, encoded slashes that
+    make one, backslashes. A double-encoded dot (`%252e`) is not a dot-segment after one
+    decoding, and is forwarded untouched (never decoded twice).
+    """
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in raw_target) or "#" in raw_target:
+        raise _not_found("the request target holds a control character, space or '#'")
+    path, sep, query = raw_target.partition("?")
+    if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
+        raise _not_found(f"only {API_PREFIX}/* is proxied")
+    decoded = unquote(path, errors="replace") if "%" in path else path
+    if "\\" in decoded or any(ord(ch) < 0x20 for ch in decoded):
+        raise _not_found("the path holds a backslash or control character")
+    if any(segment in (".", "..") for segment in decoded.split("/")):
+        raise _not_found("the path holds a dot-segment")
+    if not sep:
+        return path
+    kept = strip_access_token(query)
+    return f"{path}?{kept}" if kept else path
+
+
+def strip_access_token(raw_query: str) -> str:
+    """Drop `access_token` parameters from a raw query, keeping the rest byte for byte."""
+    parts = raw_query.split("&")
+    kept = [p for p in parts if unquote(p.partition("=")[0]).strip().lower() != "access_token"]
+    return "&".join(kept)
+
+
+def request_headers(headers: Iterable[tuple[str, str]], token: str) -> list[tuple[str, str]]:
+    """Filter the caller's headers and set our bearer token, last and only once.
+
+    Every header named in a `Connection` header is dropped too, so `Connection: close,
+    Authorization` cannot make a hop strip the token we set (or smuggle one through).
+    """
+    items = list(headers)
+    named = _connection_named(items)
+    kept = [
+        (name, value)
+        for name, value in items
+        if (lower := name.lower()) not in _DROP_REQUEST
+        and lower not in named
+        and not lower.startswith("x-forwarded-")
+    ]
+    kept.append(("Authorization", f"Bearer {token}"))
+    return kept
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Filter amoCRM's response headers for the caller (Content-Encoding stays as sent)."""
+    items = list(headers)
+    named = _connection_named(items)
+    return [(n, v) for n, v in items if n.lower() not in _DROP_RESPONSE and n.lower() not in named]
+
+
+def resource_of(path: str) -> str:
+    """Name the first resource segment (`leads`) for logs and metrics, never the raw path."""
+    rest = path[len(API_PREFIX) :].lstrip("/")
+    first = rest.split("/", 1)[0].split("?", 1)[0]
+    return first if first.isidentifier() else ("" if not first else "other")
+
+
+def _connection_named(items: list[tuple[str, str]]) -> set[str]:
+    return {
+        token.strip().lower()
+        for name, value in items
+        if name.lower() in ("connection", "proxy-connection")
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def _not_found(message: str) -> RequestRejected:
+    return RequestRejected("not_found", message, 404)

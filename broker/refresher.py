@@ -1,0 +1,370 @@
+"""Keep one account's access token valid: single-flight refresh, lease, proactive loop.
+
+The rules the whole broker rests on:
+- However many callers ask at once, one refresh task runs; they all await it, shielded, so a
+  caller that goes away cannot cancel a refresh that has already spent the refresh token.
+- Before spending the refresh token, take the store's lease and re-read the generation: if
+  another process rotated meanwhile, adopt its pair instead of refreshing.
+- The new pair is committed to the store before any request uses it.
+- A refused grant is final until a person re-authorises: state `reauth_required`, persisted so
+  every process stops calling the token endpoint. Transient failures back off with jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from broker.errors import (
+    BrokerError,
+    GrantRejectedError,
+    NoTokensError,
+    ReauthRequiredError,
+    StoreError,
+    TokenEndpointError,
+)
+from broker.faults import fault_point
+from broker.logs import get_logger, redactor
+from broker.store import LeaseResult, StoredPair, TokenStore, holder_id
+from broker.tokens import TokenPair, is_expired, iso, refresh_due_at
+
+log = get_logger()
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+LEASE_POLL = 0.05
+
+
+class Clock(Protocol):
+    """Wall time for token expiry (shared with amoCRM and other processes), monotonic for waits."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class Refresher(Protocol):
+    """The token endpoint, as the manager needs it (OAuthClient, or a test's fake)."""
+
+    timeout_seconds: float
+
+    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair: ...
+
+
+@dataclass
+class RefreshStats:
+    """Counters and last outcomes shown in /status."""
+
+    refreshes_total: int = 0
+    refresh_failures_total: int = 0
+    last_refresh_at: float | None = None
+    last_refresh_reason: str | None = None
+    last_error: str | None = None
+    next_attempt_at: float | None = None  # wall time, for /status only
+
+
+class TokenManager:
+    """Own the current pair of one account and every decision to refresh it."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        refresher: Refresher | None,
+        *,
+        margin: float,
+        clock: Clock | None = None,
+        poll_interval: float = 5.0,
+    ) -> None:
+        self.store = store
+        self._refresher = refresher
+        self._margin = margin
+        self._clock = clock or SystemClock()
+        self._poll_interval = poll_interval
+        self._holder = holder_id()
+        self._stored: StoredPair | None = None
+        self._reauth_reason: str | None = None
+        self._inflight: asyncio.Task[StoredPair] | None = None
+        self._failures_in_row = 0
+        self._retry_at = 0.0  # monotonic; before it, requests do not retry a failed refresh
+        self.stats = RefreshStats()
+
+    # -- what the proxy and /status read --------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._stored.generation if self._stored else 0
+
+    @property
+    def pair(self) -> TokenPair | None:
+        return self._stored.pair if self._stored else None
+
+    @property
+    def state(self) -> str:
+        if self._reauth_reason is not None:
+            return "reauth_required"
+        if self._inflight is not None and not self._inflight.done():
+            return "refreshing"
+        return "ok" if self._stored else "no_tokens"
+
+    @property
+    def reauth_reason(self) -> str | None:
+        return self._reauth_reason
+
+    async def load(self) -> None:
+        """Read the pair and any persisted state; a key that does not fit raises here."""
+        await self._adopt(await self.store.load(), announce=False)
+
+    async def token(self) -> tuple[str, int]:
+        """Return a usable access token and its generation, refreshing first if it expired."""
+        if self._stored is None:
+            await self._adopt(await self.store.load(), announce=True)
+        if self._reauth_reason is not None:
+            raise ReauthRequiredError(self._reauth_reason)
+        if self._stored is None:
+            raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
+        if is_expired(self._stored.pair, self._clock.time()):
+            stored = await self.refresh("expiry")
+            return stored.pair.access_token, stored.generation
+        return self._stored.pair.access_token, self._stored.generation
+
+    async def unauthorized(self, generation: int) -> None:
+        """React to amoCRM's 401 for a request sent with `generation`'s token."""
+        if generation < self.generation:
+            return  # already rotated since that request left: just replay it
+        await self.refresh("unauthorized", stale_generation=generation)
+
+    # -- refreshing -------------------------------------------------------------------------
+
+    async def refresh(self, reason: str, *, stale_generation: int | None = None) -> StoredPair:
+        """Refresh once for everyone asking now; every caller awaits the same task."""
+        if self._inflight is None or self._inflight.done():
+            stale = self.generation if stale_generation is None else stale_generation
+            task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
+            task.add_done_callback(_consume_exception)
+            self._inflight = task
+        return await asyncio.shield(self._inflight)
+
+    async def _refresh(self, reason: str, stale: int, *, manual: bool) -> StoredPair:
+        if self._reauth_reason is not None and not manual:
+            raise ReauthRequiredError(self._reauth_reason)
+        now_mono = self._clock.monotonic()
+        if not manual and now_mono < self._retry_at:
+            wait = self._retry_at - now_mono
+            raise TokenEndpointError(
+                f"refresh failed recently ({self.stats.last_error}); next attempt in {wait:.0f}s",
+                retry_after=wait,
+            )
+        refresher = self._refresher
+        if refresher is None:
+            raise TokenEndpointError("no OAuth client configured: cannot refresh")
+        lease = await self._take_lease(stale, lease_seconds=refresher.timeout_seconds + 10)
+        if lease is None:  # another process rotated while we waited: use its pair
+            adopted = await self.store.load()
+            await self._adopt(adopted, announce=True)
+            assert adopted is not None  # noqa: S101 -- the generation grew, so a pair exists
+            return adopted
+        try:
+            return await self._spend_refresh_token(refresher, reason, lease)
+        finally:
+            await _quietly(self.store.release_lease(self._holder))
+
+    async def _take_lease(self, stale: int, lease_seconds: float) -> LeaseResult | None:
+        """Take the lease for generation `stale`; None when the store already moved past it."""
+        deadline = self._clock.monotonic() + lease_seconds
+        while True:
+            result = await self.store.try_lease(self._holder, lease_seconds, self._clock.time())
+            if result.generation > stale:
+                if result.acquired:
+                    await self.store.release_lease(self._holder)
+                return None
+            if result.acquired:
+                return result
+            if self._clock.monotonic() >= deadline:
+                holder = result.current.holder if result.current else "another process"
+                raise TokenEndpointError(
+                    f"{holder} holds the refresh lease and has not finished", retry_after=5
+                )
+            await asyncio.sleep(LEASE_POLL)
+
+    async def _spend_refresh_token(
+        self, refresher: Refresher, reason: str, lease: LeaseResult
+    ) -> StoredPair:
+        current = await self.store.load()
+        if current is None:
+            raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
+        old = current.pair
+        if old.refresh_token is None:
+            raise ReauthRequiredError("this account holds a long-lived token: nothing to refresh")
+        started = self._clock.monotonic()
+        fault_point("after_lease")
+        try:
+            fresh = await refresher.refresh(old.refresh_token, now=self._clock.time())
+        except GrantRejectedError as exc:
+            return await self._rejected(exc, reason, current, lease)
+        except TokenEndpointError as exc:
+            await self._failed(exc, reason, current)
+            raise
+        fault_point("after_answer")
+        redactor.register(fresh.access_token, fresh.refresh_token)
+        try:
+            generation = await self.store.store_pair(fresh, reason=reason)
+        except StoreError as exc:
+            # The old refresh token is spent: this pair is the only one that works. Keep it
+            # in memory and serve with it; losing it here would lose the integration.
+            log.error("store_write_failed", error=exc.message, generation=current.generation)
+            generation = current.generation + 1
+        stored = StoredPair(fresh, generation, self._clock.time())
+        self._stored = stored
+        self._failures_in_row = 0
+        self._retry_at = 0.0
+        self.stats.refreshes_total += 1
+        self.stats.last_refresh_at = self._clock.time()
+        self.stats.last_refresh_reason = reason
+        self.stats.last_error = None
+        self.stats.next_attempt_at = None
+        log.info(
+            "token_refreshed",
+            reason=reason,
+            generation=generation,
+            old_fingerprint=old.refresh_fingerprint,
+            new_fingerprint=fresh.refresh_fingerprint,
+            access_fingerprint=fresh.access_fingerprint,
+            expires_at=iso(fresh.expires_at),
+            duration_ms=round((self._clock.monotonic() - started) * 1000, 1),
+        )
+        return stored
+
+    async def _rejected(
+        self, exc: GrantRejectedError, reason: str, current: StoredPair, lease: LeaseResult
+    ) -> StoredPair:
+        await self.store.release_lease(self._holder)
+        latest = await self.store.load()
+        if latest is not None and latest.generation > current.generation:
+            await self._adopt(latest, announce=True)  # another process won the race
+            return latest
+        message = exc.message
+        crashed = lease.taken_over
+        if crashed is not None and crashed.generation == current.generation:
+            message += (
+                f"; a refresh of generation {crashed.generation} by {crashed.holder} did not"
+                " finish (the process died), so amoCRM's answer to it was probably lost"
+            )
+        message += ": re-authorise with `amo-broker exchange-code CODE` or `amo-broker import`"
+        self.stats.refresh_failures_total += 1
+        self.stats.last_error = message
+        log.error("token_refresh_failed", reason=reason, error=message, status=exc.status)
+        await _quietly(
+            self.store.record_failure(
+                reason=reason,
+                generation=current.generation,
+                old_refresh=current.pair.refresh_token,
+                error=message,
+                outcome="rejected",
+            )
+        )
+        await _quietly(self.store.set_state("reauth_required", message, current.generation))
+        self._reauth_reason = message
+        log.error("reauth_required", reason=message, generation=current.generation)
+        raise ReauthRequiredError(message)
+
+    async def _failed(self, exc: TokenEndpointError, reason: str, current: StoredPair) -> None:
+        self._failures_in_row += 1
+        delay = backoff_delay(self._failures_in_row)
+        self._retry_at = self._clock.monotonic() + delay
+        exc.retry_after = delay
+        self.stats.refresh_failures_total += 1
+        self.stats.last_error = exc.message
+        self.stats.next_attempt_at = self._clock.time() + delay
+        log.warning(
+            "token_refresh_failed",
+            reason=reason,
+            error=exc.message,
+            status=exc.status,
+            retry_in_s=round(delay, 1),
+        )
+        await _quietly(
+            self.store.record_failure(
+                reason=reason,
+                generation=current.generation,
+                old_refresh=current.pair.refresh_token,
+                error=exc.message,
+                outcome="failed",
+            )
+        )
+
+    async def _adopt(self, stored: StoredPair | None, *, announce: bool) -> None:
+        """Take the store's pair and persisted state as ours."""
+        state = await self.store.state()
+        if stored is not None:
+            redactor.register(stored.pair.access_token, stored.pair.refresh_token)
+            if announce and stored.generation != self.generation:
+                log.info("token_adopted", generation=stored.generation)
+            self._stored = stored
+        if state is not None and state.state == "reauth_required":
+            self._reauth_reason = state.reason
+        else:
+            self._reauth_reason = None
+
+    # -- proactive loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh before expiry with no traffic at all, and follow other processes' rotations."""
+        while True:
+            await asyncio.sleep(self._next_wakeup())
+            try:
+                await self.tick()
+            except BrokerError:
+                pass  # logged where it happened; the loop retries after its backoff
+            except Exception:
+                log.exception("refresh_loop_error")
+
+    async def tick(self) -> None:
+        """Do one round of the proactive loop."""
+        if await self.store.generation() != self.generation or self._reauth_reason:
+            await self._adopt(await self.store.load(), announce=True)
+        pair = self.pair
+        if pair is None or self._reauth_reason is not None or pair.refresh_token is None:
+            return
+        now = self._clock.time()
+        if now >= refresh_due_at(pair, self._margin) and self._clock.monotonic() >= self._retry_at:
+            await self.refresh("expiry")
+
+    def _next_wakeup(self) -> float:
+        pair = self.pair
+        delay = self._poll_interval
+        if pair is not None and self._reauth_reason is None:
+            delay = min(delay, refresh_due_at(pair, self._margin) - self._clock.time())
+        delay = max(delay, self._retry_at - self._clock.monotonic())
+        return max(delay, 0.05)
+
+
+def backoff_delay(failures: int) -> float:
+    """Exponential backoff with full jitter in its upper half: 1 s, 2 s, 4 s … 5 min."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(failures - 1, 0))
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 -- jitter, not crypto
+
+
+def _consume_exception(task: asyncio.Task[StoredPair]) -> None:
+    # Waiters get the exception; when none is left (all callers gone), don't warn about it.
+    if not task.cancelled():
+        task.exception()
+
+
+async def _quietly(awaitable: Awaitable[object]) -> None:
+    """Await a bookkeeping write whose failure must not hide the error being handled."""
+    try:
+        await awaitable
+    except StoreError as exc:
+        log.error("store_write_failed", error=exc.message)

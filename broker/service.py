@@ -1,0 +1,180 @@
+"""Open what a command needs (store, HTTP session, token manager) and run the server.
+
+`serve`, `demo`, `refresh` and the tests all come through here, so they share one wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from broker.app import create_app
+from broker.config import Config
+from broker.crypto import Sealer
+from broker.errors import ConfigError
+from broker.logs import get_logger, redactor
+from broker.oauth import OAuthClient
+from broker.refresher import TokenManager
+from broker.store import TokenStore
+from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
+
+log = get_logger()
+
+SHUTDOWN_TIMEOUT = 10.0
+
+
+@asynccontextmanager
+async def open_store(config: Config) -> AsyncIterator[TokenStore]:
+    """Open the configured store with the configured key."""
+    store = await TokenStore.open(
+        config.db_path, Sealer(config.require_key()), account=config.account
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def new_session() -> aiohttp.ClientSession:
+    """One pooled session for every call to amoCRM.
+
+    No cookie jar: cookies amoCRM sets must never ride along on other callers' requests.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+@dataclass
+class Runtime:
+    store: TokenStore
+    session: aiohttp.ClientSession
+    oauth: OAuthClient | None
+    manager: TokenManager
+
+
+@asynccontextmanager
+async def open_runtime(config: Config, *, need_oauth: bool = True) -> AsyncIterator[Runtime]:
+    """Open store, session, OAuth client and token manager; load the stored pair."""
+    oauth_config = config.require_oauth() if need_oauth else None
+    if config.client_secret is not None:
+        redactor.register(config.client_secret.reveal())
+    async with open_store(config) as store, new_session() as session:
+        oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
+        manager = TokenManager(store, oauth, margin=config.margin_seconds)
+        await manager.load()
+        yield Runtime(store, session, oauth, manager)
+
+
+async def import_pair(store: TokenStore, pair: TokenPair, *, reason: str, outcome: str) -> int:
+    """Store a pair given by a person (import, code exchange); return its generation."""
+    redactor.register(pair.access_token, pair.refresh_token)
+    generation = await store.store_pair(pair, reason=reason, outcome=outcome)
+    log.info(
+        "tokens_imported",
+        reason=reason,
+        generation=generation,
+        refresh_fingerprint=pair.refresh_fingerprint,
+        access_fingerprint=pair.access_fingerprint,
+        expires_at=iso(pair.expires_at),
+    )
+    return generation
+
+
+async def bootstrap_from_env(config: Config, store: TokenStore, now: float) -> None:
+    """Import AMOCRM_* tokens from the environment, only while the store holds no pair."""
+    refresh = config.bootstrap_refresh_token
+    if refresh is None:
+        return
+    info = await store.info()
+    if info is None:
+        access = config.bootstrap_access_token
+        pair = pair_from_import(refresh.reveal(), access.reveal() if access else None, now)
+        await import_pair(store, pair, reason="import", outcome="imported")
+    elif info.refresh_fingerprint != fingerprint(refresh.reveal()):
+        log.warning(
+            "bootstrap_tokens_ignored",
+            message="AMOCRM_REFRESH_TOKEN differs from the stored pair; the store wins "
+            "(it holds the rotated tokens). Remove AMOCRM_* tokens from the environment.",
+            env_fingerprint=fingerprint(refresh.reveal()),
+            stored_fingerprint=info.refresh_fingerprint,
+        )
+
+
+def pair_from_import(refresh_token: str, access_token: str | None, now: float) -> TokenPair:
+    """Make a pair from imported tokens: expiry from the access token's JWT `exp`.
+
+    Without a readable expiry, the pair counts as expired, so the first use refreshes it and
+    proves the refresh token right away instead of failing hours later.
+    """
+    expires_at = (jwt_expiry(access_token) if access_token else None) or now
+    return TokenPair(access_token or "", refresh_token, expires_at, now, now)
+
+
+async def serve(
+    config: Config, *, on_ready: Callable[[str], None] | None = None, proactive: bool = True
+) -> int:
+    """Run the broker until SIGTERM or SIGINT; return the exit code."""
+    async with open_runtime(config) as runtime:
+        await bootstrap_from_env(config, runtime.store, time.time())
+        await runtime.manager.load()
+        app = create_app(
+            runtime.manager,
+            runtime.session,
+            base_url=str(config.base_url),
+            upstream_timeout=config.upstream_timeout,
+            max_body_bytes=config.max_body_bytes,
+            proactive=proactive,
+        )
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, config.host, config.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.host}:{config.port} (BROKER_HOST/BROKER_PORT): "
+                    f"{exc.strerror}"
+                ) from None
+            url = _listening_url(runner, config)
+            log.info(
+                "listening",
+                url=url,
+                state=runtime.manager.state,
+                generation=runtime.manager.generation,
+            )
+            if on_ready is not None:
+                on_ready(url)
+            await _wait_for_stop()
+            log.info("stopping")
+        finally:
+            await runner.cleanup()
+    return 0
+
+
+def _listening_url(runner: web.AppRunner, config: Config) -> str:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return f"http://{config.host}:{address[1]}"
+    return f"http://{config.host}:{config.port}"
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

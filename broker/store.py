@@ -1,0 +1,427 @@
+"""Keep the token pair sealed in SQLite, with its generation, rotation history and refresh lease.
+
+Why these choices:
+- WAL with synchronous=FULL: a committed rotation survives a power cut. Losing a committed pair
+  loses the single-use refresh token, so durability beats write speed (a few writes a day).
+- Autocommit connection with explicit `BEGIN IMMEDIATE`: each write takes SQLite's write lock
+  at its start, so the generation we re-read is the one we update (no lost update between
+  processes).
+- A lease row, not a transaction held over the network call: the HTTP call to amoCRM can take
+  seconds, and a lease shows who is refreshing what generation, so a restart after a crash can
+  tell that a refresh was under way when it died.
+- The rotation history is append-only, enforced by triggers, for auditors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from broker.crypto import Sealer
+from broker.errors import StoreError
+from broker.store_schema import MIGRATIONS, SCHEMA_VERSION
+from broker.tokens import TokenPair, fingerprint
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    """The pair as the store holds it: decrypted, with its generation."""
+
+    pair: TokenPair
+    generation: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    """What the store knows about the pair without opening it (for status)."""
+
+    generation: int
+    key_id: str
+    expires_at: float
+    obtained_at: float
+    refresh_obtained_at: float | None
+    access_fingerprint: str
+    refresh_fingerprint: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who is refreshing which generation, until when."""
+
+    holder: str
+    generation: int
+    acquired_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class LeaseResult:
+    """The outcome of trying to take the refresh lease."""
+
+    acquired: bool
+    generation: int
+    current: Lease | None  # the lease now in force (ours when acquired)
+    taken_over: Lease | None = None  # an expired or orphaned lease we replaced
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """A persisted state that every process must honour (today only `reauth_required`)."""
+
+    state: str
+    reason: str
+    since: float
+    generation: int
+
+
+class TokenStore:
+    """One account's sealed token pair in one SQLite file."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, sealer: Sealer, account: str) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()  # one transaction at a time on this connection
+        self.path = path
+        self.sealer = sealer
+        self.account = account
+
+    @classmethod
+    async def open(cls, path: Path, sealer: Sealer, *, account: str = "default") -> TokenStore:
+        """Open (creating and migrating if needed) the store at `path`."""
+        _create_private(path)
+        try:
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {path}: cannot open: {exc}") from None
+        store = cls(db, path, sealer, account)
+        try:
+            await store._setup()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _setup(self) -> None:
+        try:
+            for pragma in (
+                "PRAGMA busy_timeout = 10000",
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                # Old ciphertexts are overwritten when a row changes, not left in free pages.
+                "PRAGMA secure_delete = ON",
+            ):
+                await self._db.execute(pragma)
+            await self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store {self.path}: not a usable amo-broker store: {exc}") from None
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = await _one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema {version}, newer than this amo-broker knows "
+                    f"({SCHEMA_VERSION}): upgrade amo-broker"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    await db.execute(statement)
+            await db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"store {self.path}: cannot lock for writing: {exc}") from None
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.rollback()
+                raise
+            try:
+                await self._db.commit()
+            except sqlite3.Error as exc:
+                await self._db.rollback()
+                raise StoreError(f"store {self.path}: commit failed: {exc}") from None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def info(self) -> PairInfo | None:
+        """Describe the stored pair without decrypting it."""
+        row = await _one(
+            self._db,
+            "SELECT generation, key_id, expires_at, obtained_at, refresh_obtained_at, "
+            "access_fp, refresh_fp, updated_at FROM tokens WHERE account = ?",
+            (self.account,),
+        )
+        return PairInfo(*row) if row else None
+
+    async def generation(self) -> int:
+        """Return the stored generation, 0 when no pair was ever stored."""
+        row = await _one(
+            self._db, "SELECT generation FROM tokens WHERE account = ?", (self.account,)
+        )
+        return int(row[0]) if row else 0
+
+    async def load(self) -> StoredPair | None:
+        """Return the decrypted pair; a ciphertext that does not open raises (fail closed)."""
+        row = await _one(
+            self._db,
+            "SELECT generation, access_ct, refresh_ct, expires_at, obtained_at, "
+            "refresh_obtained_at, updated_at FROM tokens WHERE account = ?",
+            (self.account,),
+        )
+        if row is None:
+            return None
+        generation, access_ct, refresh_ct, expires_at, obtained_at, refresh_at, updated_at = row
+        access = self.sealer.open(access_ct, account=self.account, field="access_token")
+        refresh = (
+            self.sealer.open(refresh_ct, account=self.account, field="refresh_token")
+            if refresh_ct is not None
+            else None
+        )
+        pair = TokenPair(access, refresh, expires_at, obtained_at, refresh_at)
+        return StoredPair(pair, generation, updated_at)
+
+    async def state(self) -> AccountState | None:
+        row = await _one(
+            self._db,
+            "SELECT state, reason, since, generation FROM account_state WHERE account = ?",
+            (self.account,),
+        )
+        return AccountState(*row) if row else None
+
+    async def lease(self) -> Lease | None:
+        row = await _one(
+            self._db,
+            "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
+            (self.account,),
+        )
+        return Lease(*row) if row else None
+
+    async def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rotation events first."""
+        cursor = await self._db.execute(
+            "SELECT at, reason, generation, old_fingerprint, new_fingerprint, outcome, error "
+            "FROM rotations WHERE account = ? ORDER BY id DESC LIMIT ?",
+            (self.account, limit),
+        )
+        keys = ("at", "reason", "generation", "old_fingerprint", "new_fingerprint", "outcome")
+        return [dict(zip((*keys, "error"), row, strict=True)) for row in await cursor.fetchall()]
+
+    async def outcome_counts(self) -> dict[str, int]:
+        """Count the history's events by outcome."""
+        cursor = await self._db.execute(
+            "SELECT outcome, COUNT(*) FROM rotations WHERE account = ? GROUP BY outcome",
+            (self.account,),
+        )
+        return {outcome: count for outcome, count in await cursor.fetchall()}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def store_pair(
+        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
+    ) -> int:
+        """Store `pair` as the next generation, release any lease, clear reauth; return it.
+
+        A freshly granted pair is always committed, even if another process moved the
+        generation meanwhile: amoCRM has just spent the old refresh token, so this pair is the
+        newest valid grant we hold, and dropping it would lose the integration.
+        """
+        now = time.time() if now is None else now
+        seal = self.sealer.seal
+        access_ct = seal(pair.access_token, account=self.account, field="access_token")
+        refresh_ct = (
+            seal(pair.refresh_token, account=self.account, field="refresh_token")
+            if pair.refresh_token is not None
+            else None
+        )
+        async with self._transaction() as db:
+            row = await _one(
+                db,
+                "SELECT generation, refresh_fp FROM tokens WHERE account = ?",
+                (self.account,),
+            )
+            generation = (row[0] if row else 0) + 1
+            await db.execute(
+                "INSERT OR REPLACE INTO tokens (account, generation, key_id, access_ct, "
+                "refresh_ct, expires_at, obtained_at, refresh_obtained_at, access_fp, "
+                "refresh_fp, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.account,
+                    generation,
+                    self.sealer.current_key_id,
+                    access_ct,
+                    refresh_ct,
+                    pair.expires_at,
+                    pair.obtained_at,
+                    pair.refresh_obtained_at,
+                    pair.access_fingerprint,
+                    pair.refresh_fingerprint,
+                    now,
+                ),
+            )
+            await db.execute("DELETE FROM leases WHERE account = ?", (self.account,))
+            await db.execute("DELETE FROM account_state WHERE account = ?", (self.account,))
+            await self._append_history(
+                db, now, reason, generation, row[1] if row else None, pair, outcome, None
+            )
+        return generation
+
+    async def record_failure(
+        self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
+    ) -> None:
+        """Append a failed rotation attempt to the history."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+                "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+                (
+                    self.account,
+                    time.time(),
+                    reason,
+                    generation,
+                    fingerprint(old_refresh) if old_refresh else None,
+                    outcome,
+                    error,
+                ),
+            )
+
+    async def _append_history(
+        self,
+        db: aiosqlite.Connection,
+        now: float,
+        reason: str,
+        generation: int,
+        old_fp: str | None,
+        pair: TokenPair,
+        outcome: str,
+        error: str | None,
+    ) -> None:
+        await db.execute(
+            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+            "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.account,
+                now,
+                reason,
+                generation,
+                old_fp,
+                pair.refresh_fingerprint or pair.access_fingerprint,
+                outcome,
+                error,
+            ),
+        )
+
+    async def set_state(self, state: str, reason: str, generation: int) -> None:
+        """Persist a state all processes honour; it holds until a new pair is stored."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO account_state (account, state, reason, since, generation)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (self.account, state, reason, time.time(), generation),
+            )
+
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
+        """Take the refresh lease unless a live holder has it; report the generation seen."""
+        async with self._transaction() as db:
+            generation = await _generation(db, self.account)
+            row = await _one(
+                db,
+                "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
+                (self.account,),
+            )
+            held = Lease(*row) if row else None
+            if held and held.holder != holder and held.expires_at > now and _alive(held.holder):
+                return LeaseResult(False, generation, held)
+            lease = Lease(holder, generation, now, now + ttl)
+            await db.execute(
+                "INSERT OR REPLACE INTO leases (account, holder, generation, acquired_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                (self.account, *_lease_row(lease)),
+            )
+        taken_over = held if held and held.holder != holder else None
+        return LeaseResult(True, generation, lease, taken_over)
+
+    async def release_lease(self, holder: str) -> None:
+        """Give the lease back, if it is still ours."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM leases WHERE account = ? AND holder = ?", (self.account, holder)
+            )
+
+
+def _lease_row(lease: Lease) -> tuple[str, int, float, float]:
+    return lease.holder, lease.generation, lease.acquired_at, lease.expires_at
+
+
+def _alive(holder: str) -> bool:
+    """Say whether a lease holder may still be running: only a local, dead pid is known dead."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != _HOST or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_HOST = os.uname().nodename
+
+
+def holder_id() -> str:
+    """Name this process as a lease holder: host, pid and a random part."""
+    return f"{_HOST}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+async def _generation(db: aiosqlite.Connection, account: str) -> int:
+    row = await _one(db, "SELECT generation FROM tokens WHERE account = ?", (account,))
+    return int(row[0]) if row else 0
+
+
+async def _one(
+    db: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()
+) -> sqlite3.Row | None:
+    cursor = await db.execute(sql, params)
+    row = await cursor.fetchone()
+    await cursor.close()
+    return row
+
+
+def _create_private(path: Path) -> None:
+    """Create the store file readable by its owner only, before SQLite creates it 0644.
+
+    SQLite gives the -wal and -shm files the permissions of the database file.
+    """
+    if not path.parent.is_dir():
+        raise StoreError(f"store {path}: directory {path.parent} does not exist")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+    except OSError as exc:
+        raise StoreError(f"store {path}: cannot open: {exc.strerror}") from None
+    os.close(fd)
