@@ -1,0 +1,128 @@
+"""Shared fixtures: the sandbox amoCRM on a real loopback port, a real store in tmp_path, and a
+broker application wired exactly as `serve` wires it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from broker.app import create_app
+from broker.config import Config, load_config
+from broker.crypto import Sealer, new_key
+from broker.oauth import parse_token_answer
+from broker.refresher import TokenManager
+from broker.sandbox import Sandbox, start_sandbox
+from broker.service import open_runtime
+from broker.store import TokenStore
+from broker.tokens import TokenPair, fingerprint
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def sandbox() -> Sandbox:
+    return Sandbox()
+
+
+@pytest.fixture
+async def sandbox_url(sandbox: Sandbox) -> AsyncIterator[str]:
+    runner, url = await start_sandbox(sandbox)
+    yield url
+    await runner.cleanup()
+
+
+@pytest.fixture
+def key() -> str:
+    return new_key()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "broker.db"
+
+
+@pytest.fixture
+def broker_env(sandbox: Sandbox, sandbox_url: str, db_path: Path, key: str) -> dict[str, str]:
+    """The environment a `serve` process of these tests runs with (no tokens in it)."""
+    return {
+        "AMOCRM_BASE_URL": sandbox_url,
+        "AMOCRM_CLIENT_ID": sandbox.client_id,
+        "AMOCRM_CLIENT_SECRET": sandbox.client_secret,
+        "AMOCRM_REDIRECT_URI": sandbox.redirect_uri,
+        "BROKER_DB": str(db_path),
+        "BROKER_ENCRYPTION_KEY": key,
+    }
+
+
+@pytest.fixture
+def make_config(broker_env: dict[str, str]) -> ConfigFactory:
+    """Build a Config from the test environment plus overrides (env names)."""
+
+    def make(**env: str) -> Config:
+        return load_config(None, environ={**broker_env, **env})
+
+    return make
+
+
+def pair_from_sandbox(sandbox: Sandbox) -> TokenPair:
+    """A fresh pair the sandbox issued, as the token endpoint would answer it."""
+    answer = json.dumps(sandbox.issue_pair()).encode()
+    return parse_token_answer(200, answer, now=time.time(), previous_refresh=None)
+
+
+async def seed_store(config: Config, sandbox: Sandbox) -> TokenPair:
+    """Store a live sandbox pair as generation 1 of the configured store."""
+    pair = pair_from_sandbox(sandbox)
+    store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
+    try:
+        await store.store_pair(pair, reason="import", outcome="imported")
+    finally:
+        await store.close()
+    return pair
+
+
+@dataclass
+class Broker:
+    """A running broker app in this test's loop, with handles on its parts."""
+
+    client: TestClient
+    manager: TokenManager
+    store: TokenStore
+    sandbox: Sandbox
+    config: Config
+
+
+@pytest.fixture
+async def broker(
+    make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: Callable[..., object]
+) -> AsyncIterator[Broker]:
+    """A broker holding a live pair, without its proactive loop (tests drive time)."""
+    config = make_config()
+    await seed_store(config, sandbox)
+    async with open_runtime(config) as runtime:
+        app = create_app(
+            runtime.manager,
+            runtime.session,
+            base_url=str(config.base_url),
+            upstream_timeout=config.upstream_timeout,
+            max_body_bytes=config.max_body_bytes,
+            proactive=False,
+        )
+        client = await aiohttp_client(app)  # type: ignore[operator]
+        yield Broker(client, runtime.manager, runtime.store, sandbox, config)
+
+
+def leaked(text: str | bytes, *secrets: str | None) -> list[str]:
+    """Fingerprints of the secrets found in `text`.
+
+    Assert `not leaked(...)`: on failure pytest prints fingerprints, never a token, so a
+    failing test cannot leak what it guards.
+    """
+    haystack = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    return [fingerprint(s) for s in secrets if s and s in haystack]
