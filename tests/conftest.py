@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from broker.app import create_app
 from broker.config import Config, load_config
 from broker.crypto import Sealer, new_key
+from broker.logs import configure_logging
 from broker.oauth import parse_token_answer
 from broker.refresher import TokenManager
 from broker.sandbox import Sandbox, start_sandbox
@@ -23,6 +24,12 @@ from broker.store import TokenStore
 from broker.tokens import TokenPair, fingerprint
 
 ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture(autouse=True)
+def _redacted_logs() -> None:
+    """Log through the production pipeline (with redaction) to this test's captured stderr."""
+    configure_logging("console", "info")
 
 
 @pytest.fixture
