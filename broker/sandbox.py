@@ -7,6 +7,9 @@ amoCRM's Russian titles, 204 for empty pages, an nginx-style HTML 429. Time come
 from an injected clock so tests expire tokens without sleeping, and every request
 is recorded raw so tests can assert on exactly what the broker sent.
 
+This module is the public face: tokens, the checks in front of /api/v4, records
+and knobs. The leads and contacts behind those checks live in `_sandbox_crm`.
+
 `/_sandbox/{code,expire,revoke,stats}` expose the same controls over HTTP for
 tests that run the broker in another process. They take no credentials, so only
 ever bind the sandbox to loopback.
@@ -22,7 +25,7 @@ import secrets
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -30,18 +33,20 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from broker import _sandbox_crm as crm
 from broker import _sandbox_jwt as jwt
+from broker._sandbox_crm import ACCOUNT_ID as ACCOUNT_ID
+from broker._sandbox_crm import DEFAULT_LIMIT as DEFAULT_LIMIT
+from broker._sandbox_crm import ENTITIES as ENTITIES
+from broker._sandbox_crm import MAX_LIMIT as MAX_LIMIT
+from broker._sandbox_crm import PIPELINE_ID as PIPELINE_ID
+from broker._sandbox_crm import STATUS_ID as STATUS_ID
+from broker._sandbox_crm import USER_ID as USER_ID
 
-ACCOUNT_ID = 31_234_567
-USER_ID = 7_654_321
-PIPELINE_ID = 5_512_345
-STATUS_ID = 55_512_345
+# The account constants above are re-exported: they were always importable from here.
 SCOPES = ("crm", "files", "files_delete", "notifications", "push_notifications")
 REFRESH_TTL = 90 * 86_400
 CODE_TTL = 20 * 60
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 250
-ENTITIES = ("leads", "contacts")
 _COUNTERS = (
     "token_calls",
     "refresh_calls",
@@ -55,20 +60,6 @@ _OAUTH_PROBLEM_TYPE = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson"
 # amoCRM's wording, word for word; its one-letter Cyrillic preposition trips RUF001.
 _BAD_REQUEST_DETAIL = "В запросе отсутствует ряд параметров или параметры невалидны"  # noqa: RUF001
 _RATE_LIMIT_HTML = "<html><body><h1>429 Too Many Requests</h1></body></html>"
-# Clients may send these, but the server owns them.
-_SERVER_FIELDS = frozenset({"id", "_links", "request_id"})
-_FIRST_ID = {"leads": 1_000_001, "contacts": 2_000_001}
-_SEED: dict[str, list[dict[str, Any]]] = {
-    "leads": [
-        {"name": "Поставка оборудования", "price": 150_000},
-        {"name": "Годовая подписка", "price": 48_000},
-        {"name": "Пилотный проект", "price": 0},
-    ],
-    "contacts": [
-        {"name": "Иван Петров", "first_name": "Иван", "last_name": "Петров"},
-        {"name": "Анна Смирнова", "first_name": "Анна", "last_name": "Смирнова"},
-    ],
-}
 
 
 @dataclass
@@ -85,20 +76,6 @@ class RecordedRequest:
 _RECORD = web.RequestKey("sandbox_record", RecordedRequest)
 
 
-class _Reject(Exception):
-    """Abort a handler with a ready-made error response; keeps handlers linear."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
-def _problem(body: dict[str, Any], **kwargs: Any) -> web.Response:
-    return web.json_response(
-        body, status=body["status"], content_type="application/problem+json", **kwargs
-    )
-
-
 def _oauth_problem(
     status: int,
     hint: str,
@@ -106,13 +83,7 @@ def _oauth_problem(
     detail: str = _BAD_REQUEST_DETAIL,
 ) -> web.Response:
     body = dict(hint=hint, title=title, type=_OAUTH_PROBLEM_TYPE, status=status, detail=detail)
-    return _problem(body)
-
-
-def _api_problem(status: int, detail: str, **kwargs: Any) -> web.Response:
-    title = HTTPStatus(status).phrase
-    type_ = f"https://httpstatus.es/{status}"
-    return _problem({"title": title, "type": type_, "status": status, "detail": detail}, **kwargs)
+    return crm.problem(body)
 
 
 def _html_error(status: int) -> web.Response:
@@ -122,23 +93,6 @@ def _html_error(status: int) -> web.Response:
         phrase = "Error"
     html = f"<html><body><h1>{status} {phrase}</h1></body></html>"
     return web.Response(status=status, text=html, content_type="text/html")
-
-
-def _defaults(entity: str, item_id: int) -> dict[str, Any]:
-    if entity == "leads":
-        # amoCRM names an unnamed lead after its id.
-        return {
-            "name": f"Сделка #{item_id}",
-            "price": 0,
-            "responsible_user_id": USER_ID,
-            "status_id": STATUS_ID,
-            "pipeline_id": PIPELINE_ID,
-        }
-    return {"name": "", "first_name": "", "last_name": "", "responsible_user_id": USER_ID}
-
-
-def _client_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if k not in _SERVER_FIELDS}
 
 
 async def _read_form(request: web.Request) -> dict[str, str] | None:
@@ -157,35 +111,6 @@ async def _read_form(request: web.Request) -> dict[str, str] | None:
     if not isinstance(data, dict):
         return None
     return {str(k): v for k, v in data.items() if isinstance(v, str)}
-
-
-def _query_int(request: web.Request, name: str, default: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise _Reject(_api_problem(400, f"Параметр {name} должен быть положительным числом"))
-    return int(raw)
-
-
-def _allowed_methods(parts: list[str]) -> tuple[str, ...]:
-    """Return the methods a /api/v4 path supports; none means the path does not exist."""
-    if parts == ["account"]:
-        return ("GET",)
-    if not parts or parts[0] not in ENTITIES:
-        return ()
-    if len(parts) == 1:
-        return ("GET", "POST", "PATCH")
-    if len(parts) == 2 and parts[1].isascii() and parts[1].isdigit():
-        return ("GET", "PATCH", "DELETE")
-    return ()
-
-
-async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except ValueError:
-        raise _Reject(_api_problem(400, "Тело запроса не является JSON")) from None
 
 
 class Sandbox:
@@ -229,12 +154,7 @@ class Sandbox:
         self._dead_refresh: set[str] = set()
         self._codes: dict[str, float] = {}
         self._window: deque[float] = deque()
-        self._created_at = int(clock())
-        self._items: dict[str, dict[int, dict[str, Any]]] = {e: {} for e in ENTITIES}
-        self._next_id = dict(_FIRST_ID)
-        for entity, rows in _SEED.items():
-            for row in rows:
-                self._insert(entity, row)
+        self._crm = crm.Crm(clock)
 
     # -- tokens ---------------------------------------------------------------
 
@@ -303,13 +223,13 @@ class Sandbox:
         """Check a token request in the order amoCRM's OAuth server does; spend on success."""
         grant = form.get("grant_type")
         if grant not in ("authorization_code", "refresh_token"):
-            raise _Reject(_oauth_problem(400, "Unsupported grant type"))
+            raise crm.Reject(_oauth_problem(400, "Unsupported grant type"))
         secret_field = "code" if grant == "authorization_code" else "refresh_token"
         for field in ("client_id", "client_secret", "redirect_uri", secret_field):
             if not form.get(field):
-                raise _Reject(_oauth_problem(400, f"Check the `{field}` parameter"))
+                raise crm.Reject(_oauth_problem(400, f"Check the `{field}` parameter"))
         if form["client_id"] != self.client_id or form["client_secret"] != self.client_secret:
-            raise _Reject(
+            raise crm.Reject(
                 _oauth_problem(
                     401,
                     "Client authentication failed",
@@ -318,18 +238,18 @@ class Sandbox:
                 )
             )
         if form["redirect_uri"] != self.redirect_uri:
-            raise _Reject(_oauth_problem(400, "Redirect URI mismatch"))
+            raise crm.Reject(_oauth_problem(400, "Redirect URI mismatch"))
         if grant == "authorization_code":
             # Popped even when stale: a code is spent by the first attempt.
             expiry = self._codes.pop(form["code"], None)
             if expiry is None or self._clock() >= expiry:
-                raise _Reject(_oauth_problem(400, "Authorization code has been revoked"))
+                raise crm.Reject(_oauth_problem(400, "Authorization code has been revoked"))
             return self.issue_pair()
         token = form["refresh_token"]
         if not self.is_refresh_token_live(token):
             known_unspent = token in self._refresh_expiry and token not in self._dead_refresh
             hint = "Token has expired" if known_unspent else "Token has been revoked"
-            raise _Reject(_oauth_problem(401, hint))
+            raise crm.Reject(_oauth_problem(401, hint))
         self._dead_refresh.add(token)
         self.refresh_calls += 1
         return self.issue_pair()
@@ -348,7 +268,7 @@ class Sandbox:
             return _oauth_problem(400, "The request body must be a JSON object or a form")
         try:
             return web.json_response(self._grant(form))
-        except _Reject as reject:
+        except crm.Reject as reject:
             if grant == "refresh_token":
                 self.rejected_refresh_calls += 1
             return reject.response
@@ -383,134 +303,8 @@ class Sandbox:
             return web.Response(status=429, text=_RATE_LIMIT_HTML, content_type="text/html")
         if not authorized:
             self.unauthorized_api_calls += 1
-            return _api_problem(401, "Неверный логин или пароль")
-        try:
-            return await self._dispatch(request)
-        except _Reject as reject:
-            return reject.response
-
-    async def _dispatch(self, request: web.Request) -> web.Response:
-        tail = request.match_info["tail"]
-        # The route also matches "/api/v4leads"; only "/"-separated tails are paths here.
-        parts = [p for p in tail.split("/") if p] if tail.startswith("/") else []
-        allowed = _allowed_methods(parts)
-        if not allowed:
-            return _api_problem(404, "Путь не найден")
-        if request.method not in allowed:
-            return _api_problem(
-                405, "Метод не поддерживается", headers={"Allow": ", ".join(allowed)}
-            )
-        if parts == ["account"]:
-            return self._account(request)
-        entity = parts[0]
-        if len(parts) == 1:
-            collection: dict[str, Callable[[web.Request, str], Awaitable[web.Response]]]
-            collection = {"GET": self._list, "POST": self._create, "PATCH": self._patch_many}
-            return await collection[request.method](request, entity)
-        item_id = int(parts[1])
-        if request.method == "GET":
-            item = self._items[entity].get(item_id)
-            if item is None:
-                return web.Response(status=204)
-            return web.json_response(self._present(request, entity, item))
-        if request.method == "DELETE":
-            self._items[entity].pop(item_id, None)
-            return web.Response(status=204)
-        body = await _json_body(request)
-        if not isinstance(body, dict):
-            raise _Reject(_api_problem(400, "Ожидается JSON-объект"))
-        if item_id not in self._items[entity]:
-            return _api_problem(404, "Сущность не найдена")
-        return web.json_response(self._update(request, entity, item_id, body))
-
-    def _href(self, request: web.Request, path: str, **query: int) -> dict[str, str]:
-        url = request.url.origin().with_path(path)
-        return {"href": str(url.with_query(query) if query else url)}
-
-    def _present(self, request: web.Request, entity: str, item: dict[str, Any]) -> dict[str, Any]:
-        link = self._href(request, f"/api/v4/{entity}/{item['id']}")
-        return {**item, "_links": {"self": link}}
-
-    def _insert(self, entity: str, fields: dict[str, Any]) -> dict[str, Any]:
-        now = int(self._clock())
-        item_id = self._next_id[entity]
-        self._next_id[entity] += 1
-        item = {"id": item_id, **_defaults(entity, item_id), "created_at": now, "updated_at": now}
-        item.update(_client_fields(fields))
-        self._items[entity][item_id] = item
-        return item
-
-    def _update(
-        self, request: web.Request, entity: str, item_id: int, fields: dict[str, Any]
-    ) -> dict[str, Any]:
-        item = self._items[entity][item_id]
-        item.update(_client_fields(fields))
-        item["updated_at"] = int(self._clock())
-        link = self._href(request, f"/api/v4/{entity}/{item_id}")
-        return {"id": item_id, "updated_at": item["updated_at"], "_links": {"self": link}}
-
-    async def _list(self, request: web.Request, entity: str) -> web.Response:
-        page = _query_int(request, "page", 1)
-        limit = min(_query_int(request, "limit", DEFAULT_LIMIT), MAX_LIMIT)
-        items = list(self._items[entity].values())
-        chunk = items[(page - 1) * limit : page * limit]
-        if not chunk:
-            return web.Response(status=204)
-        path = f"/api/v4/{entity}"
-        links = {"self": self._href(request, path, page=page, limit=limit)}
-        if page * limit < len(items):
-            links["next"] = self._href(request, path, page=page + 1, limit=limit)
-        if page > 1:
-            links["first"] = self._href(request, path, page=1, limit=limit)
-            links["prev"] = self._href(request, path, page=page - 1, limit=limit)
-        embedded = [self._present(request, entity, item) for item in chunk]
-        return web.json_response({"_page": page, "_links": links, "_embedded": {entity: embedded}})
-
-    async def _create(self, request: web.Request, entity: str) -> web.Response:
-        body = await _json_body(request)
-        if not isinstance(body, list) or not all(isinstance(row, dict) for row in body):
-            raise _Reject(_api_problem(400, "Ожидается JSON-массив объектов"))
-        created = []
-        for index, row in enumerate(body):
-            item = self._insert(entity, row)
-            link = self._href(request, f"/api/v4/{entity}/{item['id']}")
-            request_id = str(row.get("request_id", index))
-            created.append({"id": item["id"], "request_id": request_id, "_links": {"self": link}})
-        links = {"self": self._href(request, f"/api/v4/{entity}")}
-        return web.json_response({"_links": links, "_embedded": {entity: created}})
-
-    async def _patch_many(self, request: web.Request, entity: str) -> web.Response:
-        body = await _json_body(request)
-        known = self._items[entity]
-        # Check every row before touching any, so a bad batch changes nothing.
-        if not isinstance(body, list) or not all(
-            isinstance(row, dict) and type(row.get("id")) is int and row["id"] in known
-            for row in body
-        ):
-            raise _Reject(
-                _api_problem(400, "Ожидается JSON-массив объектов; id каждого должен существовать")
-            )
-        updated = [self._update(request, entity, row["id"], row) for row in body]
-        links = {"self": self._href(request, f"/api/v4/{entity}")}
-        return web.json_response({"_links": links, "_embedded": {entity: updated}})
-
-    def _account(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "id": ACCOUNT_ID,
-                "name": "Sandbox",
-                "subdomain": "sandbox",
-                "created_at": self._created_at,
-                "current_user_id": USER_ID,
-                "country": "RU",
-                "currency": "RUB",
-                "currency_symbol": "₽",
-                "customers_mode": "disabled",
-                "is_unsorted_on": True,
-                "is_technical_account": False,
-                "_links": {"self": self._href(request, "/api/v4/account")},
-            }
-        )
+            return crm.api_problem(401, "Неверный логин или пароль")
+        return await self._crm.handle(request)
 
     # -- plumbing -------------------------------------------------------------
 
