@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from broker import __version__
 from broker.config import Config, load_config, write_key_file
@@ -41,14 +41,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that never echoes stray arguments: they may be pasted tokens."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message = (
+                "unexpected arguments (not shown; tokens are never taken from the command "
+                "line: use the environment or stdin)"
+            )
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="amo-broker", description="OAuth token broker for amoCRM / Kommo."
-    )
+    parser = _Parser(prog="amo-broker", description="OAuth token broker for amoCRM / Kommo.")
     parser.add_argument("--version", action="version", version=f"amo-broker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config", type=Path, help="TOML file (default: $BROKER_CONFIG, ./broker.toml)"
     )

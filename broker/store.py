@@ -130,22 +130,41 @@ class TokenStore:
             raise StoreError(f"store {self.path}: not a usable amo-broker store: {exc}") from None
 
     async def _migrate(self) -> None:
+        """Bring the schema up to date; an up-to-date store is only read, never written.
+
+        Opening must not write: `status` is read-only, a wrong key must leave the file's bytes
+        as they were, and a read-only or locked file must still be readable.
+        """
+        if await self._schema_version() == SCHEMA_VERSION:
+            return
         async with self._transaction() as db:
             await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            row = await _one(db, "SELECT value FROM meta WHERE key = 'schema_version'")
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store {self.path} has schema {version}, newer than this amo-broker knows "
-                    f"({SCHEMA_VERSION}): upgrade amo-broker"
-                )
+            version = await self._schema_version()  # again, under the write lock
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target]:
                     await db.execute(statement)
-            await db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+            if version < SCHEMA_VERSION:
+                await db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+
+    async def _schema_version(self) -> int:
+        has_meta = await _one(
+            self._db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        )
+        row = (
+            await _one(self._db, "SELECT value FROM meta WHERE key = 'schema_version'")
+            if has_meta
+            else None
+        )
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema {version}, newer than this amo-broker knows "
+                f"({SCHEMA_VERSION}): upgrade amo-broker"
             )
+        return version
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:

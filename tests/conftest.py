@@ -126,10 +126,19 @@ async def broker(
 
 
 def leaked(text: str | bytes, *secrets: str | None) -> list[str]:
-    """Fingerprints of the secrets found in `text`.
-
-    Assert `not leaked(...)`: on failure pytest prints fingerprints, never a token, so a
-    failing test cannot leak what it guards.
-    """
+    """Fingerprints of the secrets found in `text` (see assert_no_leak)."""
     haystack = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     return [fingerprint(s) for s in secrets if s and s in haystack]
+
+
+def assert_no_leak(text: str | bytes, *secrets: str | None) -> None:
+    """Fail, naming fingerprints only, if any secret occurs in `text`.
+
+    Call it as a statement, not inside `assert`: pytest prints the arguments of a failing
+    assert expression, which would put the very token it guards into the test's output. This
+    frame is hidden from tracebacks for the same reason.
+    """
+    __tracebackhide__ = True
+    found = leaked(text, *secrets)
+    if found:
+        raise AssertionError(f"secrets leaked into the text (fingerprints): {found}")

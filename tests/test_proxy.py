@@ -16,7 +16,7 @@ from broker.app import create_app
 from broker.logs import configure_logging
 from broker.service import new_session, open_runtime
 from broker.tokens import TokenPair
-from tests.conftest import Broker, leaked
+from tests.conftest import Broker, assert_no_leak
 
 
 def _auth_headers(broker: Broker) -> list[str]:
@@ -280,7 +280,7 @@ async def test_status_reports_the_contract_and_no_secret(broker: Broker) -> None
     pair = broker.manager.pair
     assert pair is not None
     secret = broker.config.client_secret.reveal()  # type: ignore[union-attr]
-    assert not leaked(text, pair.access_token, pair.refresh_token, secret)
+    assert_no_leak(text, pair.access_token, pair.refresh_token, secret)
 
 
 async def test_health_and_readiness(broker: Broker) -> None:
@@ -319,7 +319,7 @@ async def test_logs_carry_audit_events_and_no_secret(
     assert requests[0]["status"] == 200
     assert requests[0]["retried"] is True
     new = broker.manager.pair
-    assert not leaked(
+    assert_no_leak(
         log_stream.getvalue(),
         old.access_token,
         old.refresh_token,
