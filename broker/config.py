@@ -109,10 +109,18 @@ def _choice(*options: str) -> Callable[[str, Any], str]:
 def _base_url(name: str, raw: Any) -> str:
     url = _text(name, raw).rstrip("/")
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # never echo it: the part before @ may be a password
+        raise ConfigError(f"{name}: must not hold credentials (user:password@)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}: expected a URL like https://example.amocrm.ru, got {url!r}")
-    if parts.path or parts.query or parts.fragment or parts.username:
+    if parts.path or "?" in url or "#" in url:
         raise ConfigError(f"{name}: give only scheme and host (and port), got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"{name}: the port is not a number from 1 to 65535, got {url!r}")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ConfigError(f"{name}: https is required for {parts.hostname} (http: loopback only)")
     return url
@@ -241,7 +249,10 @@ def load_config(
             continue
         values[setting.dotted] = setting.parse(name, raw)
 
-    key, key_source = _load_key(env, values["store.key_file"], source)
+    key_file_from_toml = "store.key_file" not in flags and "BROKER_KEY_FILE" not in env
+    key, key_source = _load_key(
+        env, values["store.key_file"], source if key_file_from_toml else None
+    )
     db_path: Path = values["store.path"]
     from_file = "store.path" not in flags and "BROKER_DB" not in env
     if source and from_file and not db_path.is_absolute():
@@ -320,7 +331,8 @@ def _load_key(
         return Secret(decode_key(env[KEY_ENV], KEY_ENV)), KEY_ENV
     if key_file is None:
         return None, "none"
-    if source and not key_file.is_absolute() and "BROKER_KEY_FILE" not in env:
+    if source and not key_file.is_absolute():
+        # Relative to the config file that named it, as for [store] path.
         key_file = source.parent / key_file
     return Secret(read_key_file(key_file)), f"key file {key_file}"
 

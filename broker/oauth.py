@@ -140,8 +140,7 @@ class OAuthClient:
                 allow_redirects=False,
                 headers={"Accept": "application/json"},
             ) as response:
-                body = await response.content.read(MAX_ANSWER_BYTES)
-                return response.status, body
+                return response.status, await _read_capped(response)
         except TimeoutError:
             raise TokenEndpointError(
                 f"token endpoint did not answer within {self.timeout_seconds:g}s"
@@ -150,3 +149,19 @@ class OAuthClient:
             raise TokenEndpointError(
                 f"cannot reach the token endpoint at {self._client.base_url}: {type(exc).__name__}"
             ) from None
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """Read the whole answer, however many pieces it arrives in, up to MAX_ANSWER_BYTES.
+
+    One `read(n)` returns only what has arrived so far: a refresh answer cut that way would
+    look like garbage after amoCRM has already spent the old refresh token.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise TokenEndpointError(f"token endpoint answer is over {MAX_ANSWER_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

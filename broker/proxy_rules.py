@@ -117,7 +117,9 @@ def resource_of(path: str) -> str:
     """Name the first resource segment (`leads`) for logs and metrics, never the raw path."""
     rest = path[len(API_PREFIX) :].lstrip("/")
     first = rest.split("/", 1)[0].split("?", 1)[0]
-    return first if first.isidentifier() else ("" if not first else "other")
+    if not first:
+        return ""
+    return first if first.isidentifier() and len(first) <= 40 else "other"
 
 
 def _connection_named(items: list[tuple[str, str]]) -> set[str]:

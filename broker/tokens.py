@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,9 +34,16 @@ def jwt_expiry(token: str) -> float | None:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and exp > 0:
-        return float(exp)
-    return None
+    return float(exp) if isinstance(exp, int | float) and _positive_finite(exp) else None
+
+
+def _positive_finite(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ def expiry_from_grant(access_token: str, expires_in: object, now: float) -> floa
     amoCRM's `server_time`: a wrong local clock then shifts both sides equally. A missing or
     absurd `expires_in` falls back to the JWT's `exp`, then to the 24 h amoCRM documents.
     """
-    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
+    if isinstance(expires_in, int | float) and _positive_finite(expires_in):
         return now + float(expires_in)
     exp = jwt_expiry(access_token)
     if exp is not None and exp > now:
