@@ -245,15 +245,17 @@ async def _refresh(config: Config) -> int:
     async with open_runtime(config) as runtime:
         before = runtime.manager.generation
         stored = await runtime.manager.refresh("manual")
-    _print_json(
-        {
-            "refreshed": stored.generation > before,
-            "generation": stored.generation,
-            "previous_generation": before,
-            "refresh_token_fingerprint": stored.pair.refresh_fingerprint,
-            "access_token_expires_at": iso(stored.pair.expires_at),
-        }
-    )
+        _print_json(
+            {
+                # False when another process rotated first and this command adopted its pair:
+                # a script counting rotations must not count that one twice.
+                "refreshed": runtime.manager.stats.refreshes_total > 0,
+                "generation": stored.generation,
+                "previous_generation": before,
+                "refresh_token_fingerprint": stored.pair.refresh_fingerprint,
+                "access_token_expires_at": iso(stored.pair.expires_at),
+            }
+        )
     return 0
 
 

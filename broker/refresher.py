@@ -145,6 +145,16 @@ class TokenManager:
             return  # already rotated since that request left: just replay it
         await self.refresh("unauthorized", stale_generation=generation)
 
+    async def wait_idle(self) -> None:
+        """Wait for a refresh in flight to finish (commit or fail), never cancelling it.
+
+        Shutdown waits here before closing the store: a refresh that amoCRM has answered
+        must reach the store, or the spent refresh token is all that is left.
+        """
+        task = self._inflight
+        if task is not None and not task.done():
+            await asyncio.gather(task, return_exceptions=True)
+
     # -- refreshing -------------------------------------------------------------------------
 
     async def refresh(self, reason: str, *, stale_generation: int | None = None) -> StoredPair:

@@ -71,7 +71,10 @@ async def open_runtime(config: Config, *, need_oauth: bool = True) -> AsyncItera
         oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
         manager = TokenManager(store, oauth, margin=config.margin_seconds)
         await manager.load()
-        yield Runtime(store, session, oauth, manager)
+        try:
+            yield Runtime(store, session, oauth, manager)
+        finally:
+            await manager.wait_idle()
 
 
 async def import_pair(store: TokenStore, pair: TokenPair, *, reason: str, outcome: str) -> int:

@@ -70,22 +70,25 @@ async def test_idle_integration_is_refreshed_proactively(
         config = make_config(AMOCRM_BASE_URL=url)
         await seed_store(config, sandbox)
         store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
-        oauth = OAuthClient(session, config.require_oauth(), timeout=5)
-        manager = TokenManager(store, oauth, margin=600, poll_interval=0.2)
-        await manager.load()
-        loop = asyncio.create_task(manager.run())
-        for _ in range(100):  # bounded: at most 5 s
-            if sandbox.refresh_calls >= 2:
-                break
-            await asyncio.sleep(0.05)
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        assert sandbox.refresh_calls >= 2
-        assert sandbox.rejected_refresh_calls == 0
-        assert sandbox.api_calls == 0
-        assert await store.generation() == 1 + sandbox.refresh_calls
-        assert manager.stats.last_refresh_reason == "expiry"
-        await store.close()
+        try:
+            oauth = OAuthClient(session, config.require_oauth(), timeout=5)
+            manager = TokenManager(store, oauth, margin=600, poll_interval=0.2)
+            await manager.load()
+            loop = asyncio.create_task(manager.run())
+            for _ in range(100):  # bounded: at most 5 s
+                if manager.generation >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+            await manager.wait_idle()
+            assert manager.generation >= 3  # two proactive rotations, at least
+            assert sandbox.rejected_refresh_calls == 0
+            assert sandbox.api_calls == 0
+            assert await store.generation() == 1 + sandbox.refresh_calls
+            assert manager.stats.last_refresh_reason == "expiry"
+        finally:
+            await store.close()
     finally:
         await runner.cleanup()
 
