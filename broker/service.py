@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -122,6 +123,18 @@ def pair_from_import(refresh_token: str, access_token: str | None, now: float) -
     return TokenPair(access_token or "", refresh_token, expires_at, now, now)
 
 
+def build_app(runtime: Runtime, config: Config, *, proactive: bool = True) -> web.Application:
+    """The broker's application over an opened runtime, with the configured proxy limits."""
+    return create_app(
+        runtime.manager,
+        runtime.session,
+        base_url=str(config.base_url),
+        upstream_timeout=config.upstream_timeout,
+        max_body_bytes=config.max_body_bytes,
+        proactive=proactive,
+    )
+
+
 async def serve(
     config: Config, *, on_ready: Callable[[str], None] | None = None, proactive: bool = True
 ) -> int:
@@ -129,14 +142,7 @@ async def serve(
     async with open_runtime(config) as runtime:
         await bootstrap_from_env(config, runtime.store, time.time())
         await runtime.manager.load()
-        app = create_app(
-            runtime.manager,
-            runtime.session,
-            base_url=str(config.base_url),
-            upstream_timeout=config.upstream_timeout,
-            max_body_bytes=config.max_body_bytes,
-            proactive=proactive,
-        )
+        app = build_app(runtime, config, proactive=proactive)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
@@ -144,9 +150,10 @@ async def serve(
             try:
                 await site.start()
             except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ConfigError(
-                    f"cannot listen on {config.host}:{config.port} (BROKER_HOST/BROKER_PORT): "
-                    f"{exc.strerror}"
+                    f"cannot listen on {config.host}:{config.port}: {reason} "
+                    "(choose another with --port / BROKER_PORT)"
                 ) from None
             url = _listening_url(runner, config)
             log.info(

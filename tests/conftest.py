@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from broker.app import create_app
 from broker.config import Config, load_config
 from broker.crypto import Sealer, new_key
 from broker.logs import configure_logging
 from broker.oauth import parse_token_answer
 from broker.refresher import TokenManager
 from broker.sandbox import Sandbox, start_sandbox
-from broker.service import open_runtime
+from broker.service import build_app, open_runtime
 from broker.store import TokenStore
 from broker.tokens import TokenPair, fingerprint
 
@@ -113,14 +112,7 @@ async def broker(
     config = make_config()
     await seed_store(config, sandbox)
     async with open_runtime(config) as runtime:
-        app = create_app(
-            runtime.manager,
-            runtime.session,
-            base_url=str(config.base_url),
-            upstream_timeout=config.upstream_timeout,
-            max_body_bytes=config.max_body_bytes,
-            proactive=False,
-        )
+        app = build_app(runtime, config, proactive=False)
         client = await aiohttp_client(app)  # type: ignore[operator]
         yield Broker(client, runtime.manager, runtime.store, sandbox, config)
 

@@ -20,10 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.config import Config
-from broker.crypto import Sealer, new_key
+from broker.crypto import new_key
 from broker.sandbox import Sandbox
-from broker.store import TokenStore
+from broker.service import open_store
 from broker.tokens import TokenPair, fingerprint
 from tests.conftest import ConfigFactory, pair_from_sandbox, seed_store
 from tests.procs import Processes, Serve, until
@@ -96,8 +95,16 @@ async def status_of(http: aiohttp.ClientSession, serve: Serve) -> dict[str, Any]
     return doc
 
 
-async def open_store(config: Config) -> TokenStore:
-    return await TokenStore.open(config.db_path, Sealer(config.require_key()))
+async def crash_at(
+    point: str, procs: Processes, http: aiohttp.ClientSession, sandbox: Sandbox
+) -> Serve:
+    """Start serve with a crash point, make a request that rotates, and see it SIGKILLed."""
+    crashing = await procs.start(procs.env(AMO_BROKER_FAULT=point))
+    sandbox.expire_access_tokens()
+    with pytest.raises(aiohttp.ClientError):
+        await get(http, crashing)
+    assert await crashing.wait() == -signal.SIGKILL
+    return crashing
 
 
 def digest(path: Path) -> str:
@@ -183,12 +190,9 @@ async def test_serve_and_refresh_commands_at_once_lose_no_rotation(
     assert [r.status for r in replies] == [200] * 20
     assert sandbox.rejected_refresh_calls == 0
     assert sandbox.refresh_calls >= 1
-    store = await open_store(config)
-    try:
+    async with open_store(config) as store:
         info = await store.info()
         counts = await store.outcome_counts()
-    finally:
-        await store.close()
     assert info is not None
     assert info.generation == 1 + sandbox.refresh_calls
     assert counts == {"imported": 1, "rotated": sandbox.refresh_calls}
@@ -209,18 +213,11 @@ async def test_kill_after_amocrm_answered_ends_in_reauth_required(
     """A rotation killed before its commit leaves the spent pair: one rejected refresh, reauth."""
     config = make_config()
     seeded = await seed_store(config, sandbox)
-    crashing = await procs.start(procs.env(AMO_BROKER_FAULT="after_answer"))
-    sandbox.expire_access_tokens()
-    with pytest.raises(aiohttp.ClientError):
-        await get(http, crashing)
-    assert await crashing.wait() == -signal.SIGKILL
+    await crash_at("after_answer", procs, http, sandbox)
     assert sandbox.refresh_calls == 1  # amoCRM granted a pair that nobody stored
     assert not is_live(sandbox, seeded)
-    store = await open_store(config)
-    try:
+    async with open_store(config) as store:
         info = await store.info()
-    finally:
-        await store.close()
     assert info is not None
     assert (info.generation, info.refresh_fingerprint, info.access_fingerprint) == (
         1,
@@ -257,18 +254,11 @@ async def test_kill_after_lease_is_taken_over_on_restart(
     """The lease of a process killed before it called amoCRM is taken over; the refresh works."""
     config = make_config()
     seeded = await seed_store(config, sandbox)
-    crashing = await procs.start(procs.env(AMO_BROKER_FAULT="after_lease"))
-    sandbox.expire_access_tokens()
-    with pytest.raises(aiohttp.ClientError):
-        await get(http, crashing)
-    assert await crashing.wait() == -signal.SIGKILL
+    crashing = await crash_at("after_lease", procs, http, sandbox)
     assert sandbox.token_calls == 0
     assert is_live(sandbox, seeded)
-    store = await open_store(config)
-    try:
+    async with open_store(config) as store:
         orphan = await store.lease()
-    finally:
-        await store.close()
     # Unexpired: only the dead pid tells the restart it may take the lease at once.
     assert orphan is not None
     assert (orphan.holder.split(":")[1], orphan.generation) == (str(crashing.pid), 1)
@@ -279,11 +269,8 @@ async def test_kill_after_lease_is_taken_over_on_restart(
     assert (sandbox.refresh_calls, sandbox.rejected_refresh_calls) == (1, 0)
     status = await status_of(http, restarted)
     assert (status["state"], status["generation"]) == ("ok", 2)
-    store = await open_store(config)
-    try:
+    async with open_store(config) as store:
         assert await store.lease() is None
-    finally:
-        await store.close()
     procs.assert_no_leak(issued)
 
 
