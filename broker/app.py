@@ -9,16 +9,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from broker.clients import ClientRegistry, presented_secret
 from broker.errors import BrokerError
 from broker.logs import get_logger
-from broker.proxy import Proxy, error_response
+from broker.proxy import CALLER, Proxy, error_response
 from broker.refresher import TokenManager
 from broker.status import live_status
-from broker.tokens import is_expired
+from broker.tokens import fingerprint, is_expired
 
 log = get_logger()
 
 MANAGER = web.AppKey("manager", TokenManager)
+CLIENTS = web.AppKey("clients", ClientRegistry)
+# Probes stay open: an orchestrator's kubelet has no caller secret, and they reveal nothing.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 PROXY = web.AppKey("proxy", Proxy)
 STARTED = web.AppKey("started", float)
 
@@ -33,9 +37,16 @@ def create_app(
     upstream_timeout: float = 60.0,
     max_body_bytes: int = 16 << 20,
     proactive: bool = True,
+    clients: ClientRegistry | None = None,
 ) -> web.Application:
-    """Build the broker's application around an already loaded token manager."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    """Build the broker's application around an already loaded token manager.
+
+    With `clients`, every call but the probes must present a caller secret.
+    """
+    middlewares = [json_errors] if clients is None else [json_errors, caller_auth]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
+    if clients is not None:
+        app[CLIENTS] = clients
     app[MANAGER] = manager
     app[PROXY] = Proxy(
         manager, session, base_url, timeout=upstream_timeout, max_body_bytes=max_body_bytes
@@ -85,6 +96,39 @@ async def status(request: web.Request) -> web.Response:
         started=request.app[STARTED],
     )
     return web.json_response(doc)
+
+
+@web.middleware
+async def caller_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Let through only callers that present a registered secret; nothing else goes upstream."""
+    if request.raw_path.partition("?")[0] in _OPEN_PATHS:
+        return await handler(request)
+    secret = presented_secret(
+        request.headers.get("Authorization"), request.headers.get("X-Broker-Key")
+    )
+    client = request.app[CLIENTS].authenticate(secret)
+    if client is None:
+        reason = "missing" if secret is None else "invalid"
+        log.warning(
+            "client_rejected",
+            client=None,
+            reason=reason,
+            remote=request.remote,
+            presented_fingerprint=fingerprint(secret) if secret else None,
+            path=request.raw_path.partition("?")[0][:512],
+        )
+        return web.json_response(
+            {
+                "error": "unauthorized",
+                "message": "send a caller secret as `Authorization: Bearer …` or `X-Broker-Key`"
+                if reason == "missing"
+                else "the caller secret is not registered",
+            },
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="amo-broker"'},
+        )
+    request[CALLER] = client.name
+    return await handler(request)
 
 
 @web.middleware

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from broker import __version__
+from broker import __version__, cli_clients
 from broker.config import Config, load_config, write_key_file
 from broker.crypto import Sealer, new_key
 from broker.errors import BrokerError, ConfigError, StoreLockedError
@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the proxy")
     p.add_argument("--host", help="listen address (BROKER_HOST, default 127.0.0.1)")
     p.add_argument("--port", help="listen port (BROKER_PORT, default 8787)")
+    p.add_argument(
+        "--insecure-no-client-auth",
+        action="store_true",
+        help="serve beyond loopback without caller credentials (only if the network is the "
+        "boundary)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the built-in amoCRM sandbox with the broker in front")
@@ -99,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="print the status JSON from the store")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("rotate-key", help="re-seal the store under a new encryption key")
+    p.add_argument(
+        "--old-key-file", type=Path, help="the key the store is sealed with (default: configured)"
+    )
+    p.add_argument("--new-key-file", type=Path, required=True, help="the key to re-seal under")
+    p.add_argument("--db", help="store file (BROKER_DB)")
+    p.add_argument("--config", type=Path, help="TOML file (default: $BROKER_CONFIG, ./broker.toml)")
+    p.set_defaults(func=cmd_rotate_key)
+
+    cli_clients.register(sub, common, _config)
     return parser
 
 
@@ -121,7 +138,7 @@ def _print_json(doc: dict[str, Any]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args, **{"server.host": args.host, "server.port": args.port})
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, insecure_no_client_auth=args.insecure_no_client_auth))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -277,6 +294,15 @@ async def _status(config: Config) -> int:
     finally:
         await store.close()
     _print_json(doc)
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from broker.rekey import rotate_key, rotation_keys
+
+    config = _config(args)
+    old, new = rotation_keys(config, args.old_key_file, args.new_key_file)
+    _print_json(asyncio.run(rotate_key(config, old, new)))
     return 0
 
 

@@ -135,6 +135,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _octal_mode(name: str, raw: Any) -> int:
+    try:
+        mode = int(str(raw), 8)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an octal file mode like 0660, got {raw!r}") from None
+    if not 0 < mode <= 0o777 or mode & 0o007:
+        raise ConfigError(f"{name}: {raw!r} must be a mode that gives others nothing, e.g. 0660")
+    return mode
+
+
 def _path(name: str, raw: Any) -> Path:
     return Path(_text(name, raw)).expanduser()
 
@@ -148,6 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("amocrm", "redirect_uri", "AMOCRM_REDIRECT_URI", _text),
     Setting("server", "host", "BROKER_HOST", _text, "127.0.0.1"),
     Setting("server", "port", "BROKER_PORT", _int_in(0, 65535), 8787),
+    Setting("server", "client_tokens_file", "BROKER_CLIENT_TOKENS_FILE", _path),
+    Setting("server", "unix_socket", "BROKER_UNIX_SOCKET", _path),
+    Setting("server", "unix_socket_mode", "BROKER_UNIX_SOCKET_MODE", _octal_mode, 0o660),
     Setting("store", "path", "BROKER_DB", _path, Path("broker.db")),
     Setting("store", "key_file", "BROKER_KEY_FILE", _path),
     Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", _seconds, 600.0),
@@ -182,6 +195,9 @@ class Config:
     redirect_uri: str | None
     host: str
     port: int
+    client_tokens_file: Path | None
+    unix_socket: Path | None
+    unix_socket_mode: int
     db_path: Path
     key: Secret[bytes] | None
     key_source: str
@@ -195,6 +211,11 @@ class Config:
     bootstrap_refresh_token: Secret[str] | None
     source: Path | None
     account: str = DEFAULT_ACCOUNT
+
+    @property
+    def loopback_only(self) -> bool:
+        """Say whether only this host can reach the broker (a unix socket, or a loopback host)."""
+        return self.unix_socket is not None or _is_loopback(self.host)
 
     def require_key(self) -> bytes:
         """Return the store key, or say which settings provide one."""
@@ -253,11 +274,11 @@ def load_config(
     key, key_source = _load_key(
         env, values["store.key_file"], source if key_file_from_toml else None
     )
-    db_path: Path = values["store.path"]
-    from_file = "store.path" not in flags and "BROKER_DB" not in env
-    if source and from_file and not db_path.is_absolute():
-        # A relative path in a config file means relative to that file, not to the cwd.
-        db_path = source.parent / db_path
+    # A relative path in a config file means relative to that file, not to the cwd.
+    db_path = _beside(
+        source, values["store.path"], from_file="store.path" not in flags and "BROKER_DB" not in env
+    )
+    assert db_path is not None  # noqa: S101 -- store.path has a default
     secret = values["amocrm.client_secret"]
     return Config(
         base_url=values["amocrm.base_url"],
@@ -266,6 +287,15 @@ def load_config(
         redirect_uri=values["amocrm.redirect_uri"],
         host=values["server.host"],
         port=values["server.port"],
+        client_tokens_file=_beside(
+            source,
+            values["server.client_tokens_file"],
+            from_file=(
+                "server.client_tokens_file" not in flags and "BROKER_CLIENT_TOKENS_FILE" not in env
+            ),
+        ),
+        unix_socket=values["server.unix_socket"],
+        unix_socket_mode=values["server.unix_socket_mode"],
         db_path=db_path,
         key=key,
         key_source=key_source,
@@ -279,6 +309,13 @@ def load_config(
         bootstrap_refresh_token=_secret_env(env, BOOTSTRAP_REFRESH_ENV),
         source=source,
     )
+
+
+def _beside(source: Path | None, path: Path | None, *, from_file: bool) -> Path | None:
+    """Resolve a relative path from a config file against that file's directory."""
+    if path is None or source is None or not from_file or path.is_absolute():
+        return path
+    return source.parent / path
 
 
 def _secret_env(env: Mapping[str, str], name: str) -> Secret[str] | None:

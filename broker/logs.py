@@ -28,12 +28,14 @@ _SECRET_KEYS = frozenset(
         "cookie",
         "password",
         "encryption_key",
+        "x-broker-key",
     }
 )
 _PATTERNS = (
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
     (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
     (re.compile(r"def50200[0-9a-fA-F]{16,}"), "[redacted-refresh-token]"),
+    (re.compile(r"amb_[A-Za-z0-9_-]{16,}"), "[redacted-caller-secret]"),
 )
 _MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every line
 

@@ -27,6 +27,7 @@ from broker.refresher import TokenManager
 log = get_logger()
 
 CHUNK = 64 * 1024
+CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it is on
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Proxy:
                 status=status,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
                 retried=retried,
+                client=request.get(CALLER),
             )
 
     async def _exchange(

@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from broker.app import create_app
+from broker.clients import ClientRegistry
 from broker.config import Config
 from broker.crypto import Sealer
 from broker.errors import ConfigError
@@ -123,7 +127,13 @@ def pair_from_import(refresh_token: str, access_token: str | None, now: float) -
     return TokenPair(access_token or "", refresh_token, expires_at, now, now)
 
 
-def build_app(runtime: Runtime, config: Config, *, proactive: bool = True) -> web.Application:
+def build_app(
+    runtime: Runtime,
+    config: Config,
+    *,
+    proactive: bool = True,
+    clients: ClientRegistry | None = None,
+) -> web.Application:
     """The broker's application over an opened runtime, with the configured proxy limits."""
     return create_app(
         runtime.manager,
@@ -132,33 +142,45 @@ def build_app(runtime: Runtime, config: Config, *, proactive: bool = True) -> we
         upstream_timeout=config.upstream_timeout,
         max_body_bytes=config.max_body_bytes,
         proactive=proactive,
+        clients=clients,
     )
 
 
+def caller_registry(config: Config, *, insecure_no_client_auth: bool) -> ClientRegistry | None:
+    """Load caller credentials; refuse to serve beyond this host without them."""
+    if config.client_tokens_file is not None:
+        return ClientRegistry(config.client_tokens_file)
+    if not config.loopback_only and not insecure_no_client_auth:
+        raise ConfigError(
+            f"refusing to listen on {config.host} without caller credentials: anyone who can "
+            "reach it could act as your integration. Set BROKER_CLIENT_TOKENS_FILE "
+            "(`amo-broker client add NAME`), use BROKER_UNIX_SOCKET, or pass "
+            "--insecure-no-client-auth if the network itself is the boundary"
+        )
+    return None
+
+
 async def serve(
-    config: Config, *, on_ready: Callable[[str], None] | None = None, proactive: bool = True
+    config: Config,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    proactive: bool = True,
+    insecure_no_client_auth: bool = False,
 ) -> int:
     """Run the broker until SIGTERM or SIGINT; return the exit code."""
+    clients = caller_registry(config, insecure_no_client_auth=insecure_no_client_auth)
     async with open_runtime(config) as runtime:
         await bootstrap_from_env(config, runtime.store, time.time())
         await runtime.manager.load()
-        app = build_app(runtime, config, proactive=proactive)
+        app = build_app(runtime, config, proactive=proactive, clients=clients)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, config.host, config.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise ConfigError(
-                    f"cannot listen on {config.host}:{config.port}: {reason} "
-                    "(choose another with --port / BROKER_PORT)"
-                ) from None
-            url = _listening_url(runner, config)
+            url = await _listen(runner, config)
             log.info(
                 "listening",
                 url=url,
+                caller_auth=clients is not None,
                 state=runtime.manager.state,
                 generation=runtime.manager.generation,
             )
@@ -169,6 +191,55 @@ async def serve(
         finally:
             await runner.cleanup()
     return 0
+
+
+async def _listen(runner: web.AppRunner, config: Config) -> str:
+    """Start the one listener the configuration asks for; return its address."""
+    if config.unix_socket is not None:
+        await _listen_unix(runner, config.unix_socket, config.unix_socket_mode)
+        return f"unix:{config.unix_socket}"
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port}: {reason} "
+            "(choose another with --port / BROKER_PORT)"
+        ) from None
+    return _listening_url(runner, config)
+
+
+async def _listen_unix(runner: web.AppRunner, path: Path, mode: int) -> None:
+    """Listen on a unix socket whose file mode is the access control."""
+    _remove_stale_socket(path)
+    # Created owner-only, then opened to `mode`: no moment where others may connect.
+    previous = os.umask(0o177)
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on unix socket {path} (BROKER_UNIX_SOCKET): {exc}"
+        ) from None
+    finally:
+        os.umask(previous)
+    os.chmod(path, mode)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    if not path.exists():
+        return
+    if not stat.S_ISSOCK(path.stat().st_mode):
+        raise ConfigError(f"BROKER_UNIX_SOCKET: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()  # left by a process that died: nobody listens on it
+            return
+        except OSError:
+            return
+    raise ConfigError(f"BROKER_UNIX_SOCKET: another process is serving on {path}")
 
 
 def _listening_url(runner: web.AppRunner, config: Config) -> str:
