@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import ClientResponseError, RequestInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 import broker.logs
 from broker.logs import Redactor, configure_logging, get_logger
@@ -244,3 +247,21 @@ def test_ordinary_text_passes_through_unchanged() -> None:
     text = "refreshed generation 4, fingerprint 1a2b3c4d, token expires in 600 s"
     event = Redactor()(None, "info", {"event": text, "status": 200})
     assert event == {"event": text, "status": 200}
+
+
+def test_client_response_error_request_headers_are_scrubbed(stream: io.StringIO) -> None:
+    """An aiohttp error carrying our request's headers logs without the bearer token in them."""
+    token = opaque()
+    broker.logs.redactor.register(token)
+    headers = CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {token}", "X-Secret": JWT}))
+    info = RequestInfo(URL("https://example.amocrm.ru/api/v4/leads"), "GET", headers)
+    error = ClientResponseError(info, (), status=401, message="Unauthorized", headers=headers)
+    configure_logging("json", "info", stream=stream)
+    try:
+        raise error
+    except ClientResponseError as exc:
+        get_logger().exception(
+            "upstream_failed", error=exc, request_headers=dict(exc.request_info.headers)
+        )
+    assert_no_leak(stream.getvalue(), token, JWT)
+    assert json_lines(stream)[0]["request_headers"]["Authorization"] == "[redacted]"
