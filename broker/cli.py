@@ -106,13 +106,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="print the status JSON from the store")
     p.set_defaults(func=cmd_status)
 
+    # Not `common`: its --key-file would be ambiguous next to the old and the new key.
     p = sub.add_parser("rotate-key", help="re-seal the store under a new encryption key")
     p.add_argument(
-        "--old-key-file", type=Path, help="the key the store is sealed with (default: configured)"
+        "--old-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the key the store is sealed with now (default: the configured key)",
     )
-    p.add_argument("--new-key-file", type=Path, required=True, help="the key to re-seal under")
+    p.add_argument(
+        "--new-key-file", type=Path, metavar="FILE", required=True, help="the key to move to"
+    )
     p.add_argument("--db", help="store file (BROKER_DB)")
     p.add_argument("--config", type=Path, help="TOML file (default: $BROKER_CONFIG, ./broker.toml)")
+    p.add_argument("--log-format", choices=("json", "console"), help="BROKER_LOG_FORMAT")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_rotate_key)
 
     cli_clients.register(sub, common, _config)

@@ -49,6 +49,15 @@ class Sealer:
     def current_key_id(self) -> str:
         return self._current_id
 
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """Name every key this sealer opens with.
+
+        A store checks a row's key id against these before writing, so a row another process
+        re-keyed meanwhile is refused instead of overwritten under a stale key.
+        """
+        return frozenset(self._keys)
+
     def seal(self, plaintext: str, *, account: str, field: str) -> bytes:
         """Encrypt `plaintext` for one account and field under the current key."""
         nonce = os.urandom(_NONCE_LEN)

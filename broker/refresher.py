@@ -28,8 +28,9 @@ from broker.errors import (
     TokenEndpointError,
 )
 from broker.faults import fault_point
+from broker.lease import LeaseResult, holder_id
 from broker.logs import get_logger, redactor
-from broker.store import LeaseResult, StoredPair, TokenStore, holder_id
+from broker.store import StoredPair, TokenStore
 from broker.tokens import TokenPair, is_expired, iso, refresh_due_at
 
 log = get_logger()

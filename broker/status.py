@@ -33,7 +33,10 @@ async def store_status(store: TokenStore, *, now: float | None = None) -> dict[s
     else:
         state = "ok"
     last_ok = next((h for h in history if h["outcome"] in _SUCCESS), None)
-    newest_failed = history[0] if history and history[0]["outcome"] not in _SUCCESS else None
+    rotations = [h for h in history if h["outcome"] != "rekeyed"]  # a re-key is no rotation
+    newest_failed = (
+        rotations[0] if rotations and rotations[0]["outcome"] in ("failed", "rejected") else None
+    )
     counts = await store.outcome_counts()
     return {
         "account": store.account,

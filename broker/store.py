@@ -28,7 +28,8 @@ from typing import Any
 import aiosqlite
 
 from broker.crypto import Sealer
-from broker.errors import StoreError
+from broker.errors import StoreError, StoreLockedError
+from broker.lease import Lease, LeaseResult, is_alive
 from broker.store_schema import MIGRATIONS, SCHEMA_VERSION
 from broker.tokens import TokenPair, fingerprint
 
@@ -54,26 +55,6 @@ class PairInfo:
     access_fingerprint: str
     refresh_fingerprint: str | None
     updated_at: float
-
-
-@dataclass(frozen=True)
-class Lease:
-    """Who is refreshing which generation, until when."""
-
-    holder: str
-    generation: int
-    acquired_at: float
-    expires_at: float
-
-
-@dataclass(frozen=True)
-class LeaseResult:
-    """The outcome of trying to take the refresh lease."""
-
-    acquired: bool
-    generation: int
-    current: Lease | None  # the lease now in force (ours when acquired)
-    taken_over: Lease | None = None  # an expired or orphaned lease we replaced
 
 
 @dataclass(frozen=True)
@@ -137,7 +118,7 @@ class TokenStore:
         """
         if await self._schema_version() == SCHEMA_VERSION:
             return
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             version = await self._schema_version()  # again, under the write lock
             for target in range(version + 1, SCHEMA_VERSION + 1):
@@ -150,11 +131,11 @@ class TokenStore:
                 )
 
     async def _schema_version(self) -> int:
-        has_meta = await _one(
+        has_meta = await one_row(
             self._db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         )
         row = (
-            await _one(self._db, "SELECT value FROM meta WHERE key = 'schema_version'")
+            await one_row(self._db, "SELECT value FROM meta WHERE key = 'schema_version'")
             if has_meta
             else None
         )
@@ -167,7 +148,8 @@ class TokenStore:
         return version
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Run one write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on error)."""
         async with self._lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
@@ -188,7 +170,7 @@ class TokenStore:
 
     async def info(self) -> PairInfo | None:
         """Describe the stored pair without decrypting it."""
-        row = await _one(
+        row = await one_row(
             self._db,
             "SELECT generation, key_id, expires_at, obtained_at, refresh_obtained_at, "
             "access_fp, refresh_fp, updated_at FROM tokens WHERE account = ?",
@@ -198,14 +180,14 @@ class TokenStore:
 
     async def generation(self) -> int:
         """Return the stored generation, 0 when no pair was ever stored."""
-        row = await _one(
+        row = await one_row(
             self._db, "SELECT generation FROM tokens WHERE account = ?", (self.account,)
         )
         return int(row[0]) if row else 0
 
     async def load(self) -> StoredPair | None:
         """Return the decrypted pair; a ciphertext that does not open raises (fail closed)."""
-        row = await _one(
+        row = await one_row(
             self._db,
             "SELECT generation, access_ct, refresh_ct, expires_at, obtained_at, "
             "refresh_obtained_at, updated_at FROM tokens WHERE account = ?",
@@ -224,7 +206,7 @@ class TokenStore:
         return StoredPair(pair, generation, updated_at)
 
     async def state(self) -> AccountState | None:
-        row = await _one(
+        row = await one_row(
             self._db,
             "SELECT state, reason, since, generation FROM account_state WHERE account = ?",
             (self.account,),
@@ -232,7 +214,7 @@ class TokenStore:
         return AccountState(*row) if row else None
 
     async def lease(self) -> Lease | None:
-        row = await _one(
+        row = await one_row(
             self._db,
             "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
             (self.account,),
@@ -267,6 +249,11 @@ class TokenStore:
         A freshly granted pair is always committed, even if another process moved the
         generation meanwhile: amoCRM has just spent the old refresh token, so this pair is the
         newest valid grant we hold, and dropping it would lose the integration.
+
+        The one exception is a row sealed under a key this store's sealer does not know: the
+        store was re-keyed (`rotate-key`) after this process started. Writing under the stale
+        key would leave a row that every process on the new key fails to open, so this raises
+        StoreLockedError instead (the refresher then keeps the pair in memory).
         """
         now = time.time() if now is None else now
         seal = self.sealer.seal
@@ -276,12 +263,16 @@ class TokenStore:
             if pair.refresh_token is not None
             else None
         )
-        async with self._transaction() as db:
-            row = await _one(
+        async with self.transaction() as db:
+            row = await one_row(
                 db,
-                "SELECT generation, refresh_fp FROM tokens WHERE account = ?",
+                "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = ?",
                 (self.account,),
             )
+            if row is not None and row[2] not in self.sealer.key_ids:
+                raise StoreLockedError(
+                    f"the store was re-keyed to key {row[2]}; restart with the new key"
+                )
             generation = (row[0] if row else 0) + 1
             await db.execute(
                 "INSERT OR REPLACE INTO tokens (account, generation, key_id, access_ct, "
@@ -312,7 +303,7 @@ class TokenStore:
         self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
     ) -> None:
         """Append a failed rotation attempt to the history."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             await db.execute(
                 "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
                 "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
@@ -355,7 +346,7 @@ class TokenStore:
 
     async def set_state(self, state: str, reason: str, generation: int) -> None:
         """Persist a state all processes honour; it holds until a new pair is stored."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             await db.execute(
                 "INSERT OR REPLACE INTO account_state (account, state, reason, since, generation)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -364,15 +355,15 @@ class TokenStore:
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
         """Take the refresh lease unless a live holder has it; report the generation seen."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             generation = await _generation(db, self.account)
-            row = await _one(
+            row = await one_row(
                 db,
                 "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
                 (self.account,),
             )
             held = Lease(*row) if row else None
-            if held and held.holder != holder and held.expires_at > now and _alive(held.holder):
+            if held and held.holder != holder and held.expires_at > now and is_alive(held.holder):
                 return LeaseResult(False, generation, held)
             lease = Lease(holder, generation, now, now + ttl)
             await db.execute(
@@ -385,7 +376,7 @@ class TokenStore:
 
     async def release_lease(self, holder: str) -> None:
         """Give the lease back, if it is still ours."""
-        async with self._transaction() as db:
+        async with self.transaction() as db:
             await db.execute(
                 "DELETE FROM leases WHERE account = ? AND holder = ?", (self.account, holder)
             )
@@ -395,35 +386,12 @@ def _lease_row(lease: Lease) -> tuple[str, int, float, float]:
     return lease.holder, lease.generation, lease.acquired_at, lease.expires_at
 
 
-def _alive(holder: str) -> bool:
-    """Say whether a lease holder may still be running: only a local, dead pid is known dead."""
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != _HOST or not pid_text.isdigit():
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_HOST = os.uname().nodename
-
-
-def holder_id() -> str:
-    """Name this process as a lease holder: host, pid and a random part."""
-    return f"{_HOST}:{os.getpid()}:{os.urandom(4).hex()}"
-
-
 async def _generation(db: aiosqlite.Connection, account: str) -> int:
-    row = await _one(db, "SELECT generation FROM tokens WHERE account = ?", (account,))
+    row = await one_row(db, "SELECT generation FROM tokens WHERE account = ?", (account,))
     return int(row[0]) if row else 0
 
 
-async def _one(
+async def one_row(
     db: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()
 ) -> sqlite3.Row | None:
     cursor = await db.execute(sql, params)
