@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from broker import __version__, cli_clients
-from broker.config import Config, load_config, write_key_file
+from broker.config import Config, load_config
 from broker.crypto import Sealer, new_key
 from broker.errors import BrokerError, ConfigError, StoreLockedError
+from broker.keyfile import write_key_file
 from broker.logs import configure_logging
 from broker.service import import_pair, open_runtime, open_store, pair_from_import, serve
 from broker.status import store_status

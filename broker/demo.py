@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker.config import load_config, write_key_file
+from broker.config import load_config
 from broker.crypto import new_key
+from broker.keyfile import write_key_file
 from broker.sandbox import Sandbox, start_sandbox
 from broker.service import import_pair, open_runtime, serve
 

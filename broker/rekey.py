@@ -14,9 +14,10 @@ from typing import Any
 
 import aiosqlite
 
-from broker.config import Config, read_key_file
+from broker.config import Config
 from broker.crypto import DecryptError, Sealer, key_id
 from broker.errors import ConfigError, StoreError, StoreLockedError
+from broker.keyfile import read_key_file
 from broker.lease import is_alive
 from broker.logs import get_logger
 from broker.store import TokenStore

@@ -30,7 +30,7 @@ import aiosqlite
 from broker.crypto import Sealer
 from broker.errors import StoreError, StoreLockedError
 from broker.lease import Lease, LeaseResult, is_alive
-from broker.store_schema import MIGRATIONS, SCHEMA_VERSION
+from broker.store_schema import SCHEMA_VERSION, migrate, schema_version
 from broker.tokens import TokenPair, fingerprint
 
 
@@ -106,46 +106,13 @@ class TokenStore:
                 "PRAGMA secure_delete = ON",
             ):
                 await self._db.execute(pragma)
-            await self._migrate()
+            if await schema_version(self._db, self.path) != SCHEMA_VERSION:
+                # Only a store that needs it is written: opening must leave an up-to-date
+                # file's bytes alone (`status` is read-only; a wrong key must change nothing).
+                async with self.transaction() as db:
+                    await migrate(db, self.path)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"store {self.path}: not a usable amo-broker store: {exc}") from None
-
-    async def _migrate(self) -> None:
-        """Bring the schema up to date; an up-to-date store is only read, never written.
-
-        Opening must not write: `status` is read-only, a wrong key must leave the file's bytes
-        as they were, and a read-only or locked file must still be readable.
-        """
-        if await self._schema_version() == SCHEMA_VERSION:
-            return
-        async with self.transaction() as db:
-            await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            version = await self._schema_version()  # again, under the write lock
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    await db.execute(statement)
-            if version < SCHEMA_VERSION:
-                await db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-
-    async def _schema_version(self) -> int:
-        has_meta = await one_row(
-            self._db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        )
-        row = (
-            await one_row(self._db, "SELECT value FROM meta WHERE key = 'schema_version'")
-            if has_meta
-            else None
-        )
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"store {self.path} has schema {version}, newer than this amo-broker knows "
-                f"({SCHEMA_VERSION}): upgrade amo-broker"
-            )
-        return version
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiosqlite
+
+from broker.errors import StoreError
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         # One row per account. Ciphertexts only; fingerprints let `status` describe the pair
@@ -51,3 +57,36 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+
+async def schema_version(db: aiosqlite.Connection, path: Path) -> int:
+    """Read the store's schema version (0 for a new file); refuse one newer than this code."""
+    cursor = await db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+    has_meta = await cursor.fetchone()
+    await cursor.close()
+    version = 0
+    if has_meta:
+        cursor = await db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        row = await cursor.fetchone()
+        await cursor.close()
+        version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {path} has schema {version}, newer than this amo-broker knows "
+            f"({SCHEMA_VERSION}): upgrade amo-broker"
+        )
+    return version
+
+
+async def migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Apply the missing migrations; call inside a write transaction."""
+    await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    version = await schema_version(db, path)  # again, now under the write lock
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[target]:
+            await db.execute(statement)
+    if version < SCHEMA_VERSION:
+        await db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )

@@ -25,9 +25,10 @@ import pytest
 import structlog
 
 from broker.cli import main
-from broker.config import Config, Secret, read_key_file, write_key_file
+from broker.config import Config, Secret
 from broker.crypto import Sealer, key_id, new_key
 from broker.errors import StoreLockedError
+from broker.keyfile import read_key_file, write_key_file
 from broker.logs import redactor
 from broker.rekey import reseal
 from broker.sandbox import Sandbox
