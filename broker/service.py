@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_parser, web
 
 from broker.app import create_app
 from broker.clients import ClientRegistry
@@ -146,6 +146,20 @@ def build_app(
     )
 
 
+def require_c_parser() -> None:
+    """Refuse to serve on aiohttp's pure-Python HTTP parser.
+
+    The C parser (llhttp) is the one hardened against request smuggling: it refuses
+    Content-Length with Transfer-Encoding, duplicate lengths and obs-fold. The Python fallback
+    has had its own parsing CVEs, and a broker that holds a CRM's keys must not run on it.
+    """
+    if http_parser.HttpRequestParser.__module__ != "aiohttp._http_parser":
+        raise ConfigError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp "
+            "built without extensions): reinstall aiohttp from a binary wheel"
+        )
+
+
 def caller_registry(config: Config, *, insecure_no_client_auth: bool) -> ClientRegistry | None:
     """Load caller credentials; refuse to serve beyond this host without them."""
     if config.client_tokens_file is not None:
@@ -168,6 +182,7 @@ async def serve(
     insecure_no_client_auth: bool = False,
 ) -> int:
     """Run the broker until SIGTERM or SIGINT; return the exit code."""
+    require_c_parser()
     clients = caller_registry(config, insecure_no_client_auth=insecure_no_client_auth)
     async with open_runtime(config) as runtime:
         await bootstrap_from_env(config, runtime.store, time.time())

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -582,3 +583,21 @@ def test_refresh_with_amocrm_unreachable(
     assert doc["state"] == "ok"  # a transient failure does not demand re-authorisation
     assert doc["generation"] == 1
     assert doc["refresh_failures_total"] == 1
+
+
+def test_serve_refuses_the_pure_python_http_parser(tmp_path: Path) -> None:
+    """With aiohttp's C parser switched off, serve exits 2 with one line instead of serving."""
+    env = {"PATH": os.environ.get("PATH", ""), "AIOHTTP_NO_EXTENSIONS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--db", str(tmp_path / "b.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "C HTTP parser is not in use" in lines[0]
+    assert not (tmp_path / "b.db").exists()  # refused before anything was opened
