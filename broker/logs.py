@@ -37,6 +37,7 @@ _PATTERNS = (
     (re.compile(r"def50200[0-9a-fA-F]{16,}"), "[redacted-refresh-token]"),
     (re.compile(r"amb_[A-Za-z0-9_-]{16,}"), "[redacted-caller-secret]"),
 )
+_OURS = "_amo_broker_handler"
 _MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every line
 
 
@@ -102,21 +103,49 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         if fmt == "console"
         else structlog.processors.JSONRenderer(ensure_ascii=False)
     )
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            stamp,
             structlog.processors.format_exc_info,
             redactor,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(stream or sys.stderr, numeric_level, stamp, renderer)
+
+
+def _route_stdlib_logging(stream: TextIO, level: int, stamp: Any, renderer: Any) -> None:
+    """Send the standard library's records (aiohttp, asyncio) through the same redaction.
+
+    aiohttp logs a request its parser refused with the offending line verbatim: without this,
+    a caller secret or token in that line would reach stderr unredacted, through logging's
+    last-resort handler.
+    """
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_log_level, stamp],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redactor,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(previous)  # reconfiguring replaces our handler, and only ours
+    setattr(handler, _OURS, True)
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.INFO))  # aiohttp's debug lines echo whole requests
 
 
 def get_logger() -> Any:

@@ -8,7 +8,7 @@ proxies get path-traversal CVEs.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from broker.errors import RequestRejected
 
@@ -72,7 +72,8 @@ def check_target(raw_target: str) -> str:
     decoded = unquote(path, errors="replace") if "%" in path else path
     if "\\" in decoded or any(ord(ch) < 0x20 for ch in decoded):
         raise _not_found("the path holds a backslash or control character")
-    if any(segment in (".", "..") for segment in decoded.split("/")):
+    # `..;x` counts too: servers that strip path parameters (Tomcat, Spring) read it as `..`.
+    if any(segment.partition(";")[0] in (".", "..") for segment in decoded.split("/")):
         raise _not_found("the path holds a dot-segment")
     if not sep:
         return path
@@ -83,8 +84,23 @@ def check_target(raw_target: str) -> str:
 def strip_access_token(raw_query: str) -> str:
     """Drop `access_token` parameters from a raw query, keeping the rest byte for byte."""
     parts = raw_query.split("&")
-    kept = [p for p in parts if unquote(p.partition("=")[0]).strip().lower() != "access_token"]
+    kept = [p for p in parts if _param_name(p.partition("=")[0]) != "access_token"]
     return "&".join(kept)
+
+
+def _param_name(raw_name: str) -> str:
+    """Name a query parameter as PHP (amoCRM's stack) registers it, lowercased.
+
+    Comparing the merely percent-decoded name let `+access_token` (a form-encoded space, which
+    PHP drops from the front of a name) and `access.token` (PHP turns ' ' and '.' into '_')
+    through. PHP also reads `name[]` as the array `name` and ends a name at a NUL.
+    """
+    name = unquote_plus(raw_name).partition("\x00")[0].strip().lower()
+    base, bracket, rest = name.partition("[")
+    base = base.replace(" ", "_").replace(".", "_")
+    if bracket and "]" not in rest:
+        return f"{base}_{rest}"  # an unclosed '[' is one more '_' to PHP
+    return base
 
 
 def request_headers(headers: Iterable[tuple[str, str]], token: str) -> list[tuple[str, str]]:
@@ -101,6 +117,9 @@ def request_headers(headers: Iterable[tuple[str, str]], token: str) -> list[tupl
         if (lower := name.lower()) not in _DROP_REQUEST
         and lower not in named
         and not lower.startswith("x-forwarded-")
+        # X-Broker-* is addressed to the broker (the caller key, any control header to come),
+        # never to amoCRM: a prefix, so a header added later cannot be forgotten here.
+        and not lower.startswith("x-broker-")
     ]
     kept.append(("Authorization", f"Bearer {token}"))
     return kept
