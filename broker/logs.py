@@ -145,7 +145,9 @@ def _route_stdlib_logging(stream: TextIO, level: int, stamp: Any, renderer: Any)
         root.removeHandler(previous)  # reconfiguring replaces our handler, and only ours
     setattr(handler, _OURS, True)
     root.addHandler(handler)
-    root.setLevel(max(level, logging.INFO))  # aiohttp's debug lines echo whole requests
+    # Warnings and errors only: aiohttp's parser errors are errors, while its INFO access
+    # lines and DEBUG dumps would duplicate the `request` events (and echo whole requests).
+    root.setLevel(max(level, logging.WARNING))
 
 
 def get_logger() -> Any:
