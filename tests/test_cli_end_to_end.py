@@ -33,6 +33,12 @@ async def _status(url: str, headers: dict[str, str] | None = None) -> int:
         return response.status
 
 
+def _forget_printed_secret(tmp_path: Path) -> None:
+    """Set aside `client add`'s stdout: it prints the secret by design, once, and nowhere else."""
+    for printed in tmp_path.glob("*-client.out"):
+        printed.unlink()
+
+
 async def test_client_add_serve_remove(
     procs: Processes, sandbox: Sandbox, make_config: ConfigFactory, tmp_path: Path
 ) -> None:
@@ -65,10 +71,7 @@ async def test_client_add_serve_remove(
     assert [e["reason"] for e in rejected][:2] == ["missing", "invalid"]
     callers = {e["client"] for e in serve.events() if e.get("event") == "request"}
     assert callers == {"billing"}
-    # `client add` prints the secret on stdout by design, once: every other output and log
-    # must be free of it.
-    for printed in tmp_path.glob("*-client.out"):
-        printed.unlink()
+    _forget_printed_secret(tmp_path)
     procs.assert_no_leak([secret, pair.access_token, pair.refresh_token or ""])
 
 
