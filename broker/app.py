@@ -15,7 +15,7 @@ from broker.logs import get_logger
 from broker.proxy import CALLER, Proxy, error_response
 from broker.refresher import TokenManager
 from broker.status import live_status
-from broker.tokens import fingerprint, is_expired
+from broker.tokens import fingerprint
 
 log = get_logger()
 
@@ -58,7 +58,16 @@ def create_app(
     app.router.add_route("*", "/{tail:.*}", app[PROXY].handle)
     if proactive:
         app.cleanup_ctx.append(_proactive_loop)
+    app.on_response_prepare.append(_warn_when_degraded)
     return app
+
+
+async def _warn_when_degraded(request: web.Request, response: web.StreamResponse) -> None:
+    """Tell every caller when the pair in use is not persisted: never answer as if all is well."""
+    if request.app[MANAGER].store_degraded:
+        response.headers["X-Broker-Warning"] = (
+            "store_degraded: the current token pair is held in memory only (see /status)"
+        )
 
 
 async def _proactive_loop(app: web.Application) -> AsyncIterator[None]:
@@ -79,12 +88,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Answer 200 only while a usable token is held."""
     manager = request.app[MANAGER]
-    pair = manager.pair
-    ready = (
-        manager.state in ("ok", "refreshing")
-        and pair is not None
-        and not is_expired(pair, time.time())
-    )
+    left = manager.seconds_until_expiry
+    # Degraded still serves (the pair in memory works); the state and the header say so.
+    ready = manager.state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
     return web.json_response({"ready": ready, "state": manager.state}, status=200 if ready else 503)
 
 

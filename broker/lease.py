@@ -46,3 +46,17 @@ def is_alive(holder: str) -> bool:
 def holder_id() -> str:
     """Name this process as a lease holder: host, pid and a random part."""
     return f"{_HOST}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+def lost_answer_note(taken_over: Lease | None, generation: int) -> str:
+    """Explain a refused refresh when the lease we took over was for this same generation.
+
+    Its holder died mid-refresh, after taking the lease: if amoCRM had already answered it,
+    the refresh token we just sent was spent by that answer, which nobody stored.
+    """
+    if taken_over is None or taken_over.generation != generation:
+        return ""
+    return (
+        f"; a refresh of generation {generation} by {taken_over.holder} did not finish (the "
+        "process died), so amoCRM's answer to it was probably lost"
+    )

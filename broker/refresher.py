@@ -13,8 +13,6 @@ The rules the whole broker rests on:
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,32 +26,16 @@ from broker.errors import (
     TokenEndpointError,
 )
 from broker.faults import fault_point
-from broker.lease import LeaseResult, holder_id
+from broker.lease import LeaseResult, holder_id, lost_answer_note
+from broker.leasing import take_lease
 from broker.logs import get_logger, redactor
 from broker.store import StoredPair, TokenStore
-from broker.tokens import TokenPair, is_expired, iso, refresh_due_at
+from broker.timing import Clock, SystemClock, backoff_delay
+from broker.tokens import TokenPair, iso, refresh_due_at
 
 log = get_logger()
 
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 300.0
-LEASE_POLL = 0.05
-
-
-class Clock(Protocol):
-    """Wall time for token expiry (shared with amoCRM and other processes), monotonic for waits."""
-
-    def time(self) -> float: ...
-
-    def monotonic(self) -> float: ...
-
-
-class SystemClock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+EXPIRY_SKEW = 5.0  # an access token this close to expiry is refreshed before use
 
 
 class Refresher(Protocol):
@@ -74,6 +56,7 @@ class RefreshStats:
     last_refresh_reason: str | None = None
     last_error: str | None = None
     next_attempt_at: float | None = None  # wall time, for /status only
+    store_error: str | None = None  # why the newest pair is held in memory only
 
 
 class TokenManager:
@@ -99,6 +82,14 @@ class TokenManager:
         self._inflight: asyncio.Task[StoredPair] | None = None
         self._failures_in_row = 0
         self._retry_at = 0.0  # monotonic; before it, requests do not retry a failed refresh
+        # The schedule of the current pair, on the monotonic clock (see _set_current).
+        self._due_mono = 0.0
+        self._expires_mono = 0.0
+        # A pair amoCRM granted that the store refused to take (disk full, read-only): the
+        # old refresh token is spent, so this is the only working pair. Served from memory,
+        # written again on every tick until the store takes it.
+        self._unsaved: TokenPair | None = None
+        self._unsaved_reason = ""
         self.stats = RefreshStats()
 
     # -- what the proxy and /status read --------------------------------------------------
@@ -112,9 +103,20 @@ class TokenManager:
         return self._stored.pair if self._stored else None
 
     @property
+    def store_degraded(self) -> bool:
+        """Say whether the pair in use is held in memory only, because the store failed."""
+        return self._unsaved is not None
+
+    @property
+    def seconds_until_expiry(self) -> float | None:
+        return self._expires_mono - self._clock.monotonic() if self._stored else None
+
+    @property
     def state(self) -> str:
         if self._reauth_reason is not None:
             return "reauth_required"
+        if self._unsaved is not None:
+            return "store_degraded"
         if self._inflight is not None and not self._inflight.done():
             return "refreshing"
         return "ok" if self._stored else "no_tokens"
@@ -135,7 +137,7 @@ class TokenManager:
             raise ReauthRequiredError(self._reauth_reason)
         if self._stored is None:
             raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
-        if is_expired(self._stored.pair, self._clock.time()):
+        if self._clock.monotonic() >= self._expires_mono - EXPIRY_SKEW:
             stored = await self.refresh("expiry")
             return stored.pair.access_token, stored.generation
         return self._stored.pair.access_token, self._stored.generation
@@ -180,7 +182,17 @@ class TokenManager:
         refresher = self._refresher
         if refresher is None:
             raise TokenEndpointError("no OAuth client configured: cannot refresh")
-        lease = await self._take_lease(stale, lease_seconds=refresher.timeout_seconds + 10)
+        try:
+            lease = await take_lease(
+                self.store, self._holder, stale, refresher.timeout_seconds + 10, self._clock
+            )
+        except StoreError as exc:
+            if self._unsaved is None:
+                raise  # nothing spent yet: fail, and retry when the store answers again
+            # Degraded: the only working pair is in memory and no process can write the
+            # store, so none can be rotating it either. Refresh from memory, without a lease.
+            log.warning("refresh_without_lease", error=exc.message)
+            lease = LeaseResult(True, self.generation, None)
         if lease is None:  # another process rotated while we waited: use its pair
             adopted = await self.store.load()
             await self._adopt(adopted, announce=True)
@@ -191,28 +203,11 @@ class TokenManager:
         finally:
             await _quietly(self.store.release_lease(self._holder))
 
-    async def _take_lease(self, stale: int, lease_seconds: float) -> LeaseResult | None:
-        """Take the lease for generation `stale`; None when the store already moved past it."""
-        deadline = self._clock.monotonic() + lease_seconds
-        while True:
-            result = await self.store.try_lease(self._holder, lease_seconds, self._clock.time())
-            if result.generation > stale:
-                if result.acquired:
-                    await self.store.release_lease(self._holder)
-                return None
-            if result.acquired:
-                return result
-            if self._clock.monotonic() >= deadline:
-                holder = result.current.holder if result.current else "another process"
-                raise TokenEndpointError(
-                    f"{holder} holds the refresh lease and has not finished", retry_after=5
-                )
-            await asyncio.sleep(LEASE_POLL)
-
     async def _spend_refresh_token(
         self, refresher: Refresher, reason: str, lease: LeaseResult
     ) -> StoredPair:
-        current = await self.store.load()
+        degraded = self._unsaved is not None and self._stored is not None
+        current = self._stored if degraded else await self.store.load()
         if current is None:
             raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
         old = current.pair
@@ -229,15 +224,9 @@ class TokenManager:
             raise
         fault_point("after_answer")
         redactor.register(fresh.access_token, fresh.refresh_token)
-        try:
-            generation = await self.store.store_pair(fresh, reason=reason)
-        except StoreError as exc:
-            # The old refresh token is spent: this pair is the only one that works. Keep it
-            # in memory and serve with it; losing it here would lose the integration.
-            log.error("store_write_failed", error=exc.message, generation=current.generation)
-            generation = current.generation + 1
+        generation = await self._commit(fresh, reason, current.generation + 1)
         stored = StoredPair(fresh, generation, self._clock.time())
-        self._stored = stored
+        self._set_current(stored)
         self._failures_in_row = 0
         self._retry_at = 0.0
         self.stats.refreshes_total += 1
@@ -257,6 +246,41 @@ class TokenManager:
         )
         return stored
 
+    async def _commit(self, fresh: TokenPair, reason: str, expected_generation: int) -> int:
+        """Store a granted pair; if the store refuses, keep it in memory (degraded) instead.
+
+        The old refresh token is spent once amoCRM answered: this pair is the only one that
+        works, and losing it would lose the integration.
+        """
+        try:
+            generation = await self.store.store_pair(fresh, reason=reason)
+        except StoreError as exc:
+            self._unsaved, self._unsaved_reason = fresh, reason
+            self.stats.store_error = exc.message
+            log.error(
+                "store_write_failed",
+                error=exc.message,
+                generation=expected_generation,
+                new_fingerprint=fresh.refresh_fingerprint,
+            )
+            return expected_generation
+        if self._unsaved is not None:
+            log.warning("store_write_recovered", generation=generation)
+        self._unsaved, self.stats.store_error = None, None
+        return generation
+
+    def _set_current(self, stored: StoredPair) -> None:
+        """Make `stored` the pair in use, and schedule it on the monotonic clock.
+
+        Wall time is read once, here, to turn amoCRM's expiry into a countdown; after that a
+        wall clock stepped by NTP or by hand can neither make the pair look expired early
+        (a refresh storm) nor keep it looking fresh after it lapsed (a missed refresh).
+        """
+        now_wall, now_mono = self._clock.time(), self._clock.monotonic()
+        self._stored = stored
+        self._due_mono = now_mono + refresh_due_at(stored.pair, self._margin) - now_wall
+        self._expires_mono = now_mono + stored.pair.expires_at - now_wall
+
     async def _rejected(
         self, exc: GrantRejectedError, reason: str, current: StoredPair, lease: LeaseResult
     ) -> StoredPair:
@@ -265,26 +289,10 @@ class TokenManager:
         if latest is not None and latest.generation > current.generation:
             await self._adopt(latest, announce=True)  # another process won the race
             return latest
-        message = exc.message
-        crashed = lease.taken_over
-        if crashed is not None and crashed.generation == current.generation:
-            message += (
-                f"; a refresh of generation {crashed.generation} by {crashed.holder} did not"
-                " finish (the process died), so amoCRM's answer to it was probably lost"
-            )
+        message = exc.message + lost_answer_note(lease.taken_over, current.generation)
         message += ": re-authorise with `amo-broker exchange-code CODE` or `amo-broker import`"
-        self.stats.refresh_failures_total += 1
-        self.stats.last_error = message
         log.error("token_refresh_failed", reason=reason, error=message, status=exc.status)
-        await _quietly(
-            self.store.record_failure(
-                reason=reason,
-                generation=current.generation,
-                old_refresh=current.pair.refresh_token,
-                error=message,
-                outcome="rejected",
-            )
-        )
+        await self._record_failure(reason, current, message, "rejected")
         await _quietly(self.store.set_state("reauth_required", message, current.generation))
         self._reauth_reason = message
         log.error("reauth_required", reason=message, generation=current.generation)
@@ -295,8 +303,6 @@ class TokenManager:
         delay = backoff_delay(self._failures_in_row)
         self._retry_at = self._clock.monotonic() + delay
         exc.retry_after = delay
-        self.stats.refresh_failures_total += 1
-        self.stats.last_error = exc.message
         self.stats.next_attempt_at = self._clock.time() + delay
         log.warning(
             "token_refresh_failed",
@@ -305,13 +311,20 @@ class TokenManager:
             status=exc.status,
             retry_in_s=round(delay, 1),
         )
+        await self._record_failure(reason, current, exc.message, "failed")
+
+    async def _record_failure(
+        self, reason: str, current: StoredPair, message: str, outcome: str
+    ) -> None:
+        self.stats.refresh_failures_total += 1
+        self.stats.last_error = message
         await _quietly(
             self.store.record_failure(
                 reason=reason,
                 generation=current.generation,
                 old_refresh=current.pair.refresh_token,
-                error=exc.message,
-                outcome="failed",
+                error=message,
+                outcome=outcome,
             )
         )
 
@@ -322,7 +335,7 @@ class TokenManager:
             redactor.register(stored.pair.access_token, stored.pair.refresh_token)
             if announce and stored.generation != self.generation:
                 log.info("token_adopted", generation=stored.generation)
-            self._stored = stored
+            self._set_current(stored)
         if state is not None and state.state == "reauth_required":
             self._reauth_reason = state.reason
         else:
@@ -343,28 +356,29 @@ class TokenManager:
 
     async def tick(self) -> None:
         """Do one round of the proactive loop."""
-        if await self.store.generation() != self.generation or self._reauth_reason:
+        if self._unsaved is not None and self._stored is not None:
+            generation = await self._commit(
+                self._unsaved, self._unsaved_reason, self._stored.generation
+            )
+            if self._unsaved is not None:
+                return  # still failing: never adopt the store's older, spent pair meanwhile
+            self._set_current(StoredPair(self._stored.pair, generation, self._clock.time()))
+        if await self.store.generation() > self.generation or self._reauth_reason:
             await self._adopt(await self.store.load(), announce=True)
         pair = self.pair
         if pair is None or self._reauth_reason is not None or pair.refresh_token is None:
             return
-        now = self._clock.time()
-        if now >= refresh_due_at(pair, self._margin) and self._clock.monotonic() >= self._retry_at:
+        now = self._clock.monotonic()
+        if now >= self._due_mono and now >= self._retry_at:
             await self.refresh("expiry")
 
     def _next_wakeup(self) -> float:
-        pair = self.pair
+        now = self._clock.monotonic()
         delay = self._poll_interval
-        if pair is not None and self._reauth_reason is None:
-            delay = min(delay, refresh_due_at(pair, self._margin) - self._clock.time())
-        delay = max(delay, self._retry_at - self._clock.monotonic())
+        if self._stored is not None and self._reauth_reason is None:
+            delay = min(delay, self._due_mono - now)
+        delay = max(delay, self._retry_at - now)
         return max(delay, 0.05)
-
-
-def backoff_delay(failures: int) -> float:
-    """Exponential backoff with full jitter in its upper half: 1 s, 2 s, 4 s … 5 min."""
-    ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(failures - 1, 0))
-    return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 -- jitter, not crypto
 
 
 def _consume_exception(task: asyncio.Task[StoredPair]) -> None:

@@ -73,13 +73,15 @@ async def live_status(
     doc["generation"] = manager.generation
     if pair is not None:
         doc["access_token_expires_at"] = iso(pair.expires_at)
-        doc["seconds_until_expiry"] = round(pair.expires_at - now)
         doc["access_token_fingerprint"] = pair.access_fingerprint
         doc["refresh_token_fingerprint"] = pair.refresh_fingerprint
     if stats.last_refresh_at is not None:
         doc["last_refresh_at"] = iso(stats.last_refresh_at)
         doc["last_refresh_reason"] = stats.last_refresh_reason
-    doc["last_error"] = manager.reauth_reason or stats.last_error
+    if manager.seconds_until_expiry is not None:
+        doc["seconds_until_expiry"] = round(manager.seconds_until_expiry)
+    doc["last_error"] = manager.reauth_reason or stats.store_error or stats.last_error
+    doc["store_degraded"] = manager.store_degraded
     doc["next_attempt_at"] = iso(stats.next_attempt_at)
     doc["refreshes_total"] = stats.refreshes_total
     doc["refresh_failures_total"] = stats.refresh_failures_total

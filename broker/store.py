@@ -124,6 +124,11 @@ class TokenStore:
                 raise StoreError(f"store {self.path}: cannot lock for writing: {exc}") from None
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                # Disk full, read-only file, I/O error: one error type for every caller, which
+                # the refresher answers by keeping a fresh pair in memory (store_degraded).
+                await self._db.rollback()
+                raise StoreError(f"store {self.path}: write failed: {exc}") from None
             except BaseException:
                 await self._db.rollback()
                 raise

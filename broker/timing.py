@@ -1,0 +1,32 @@
+"""Time for the token manager: an injectable clock, and the backoff between failed refreshes."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Protocol
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+
+
+class Clock(Protocol):
+    """Wall time for token expiry (shared with amoCRM and other processes), monotonic for waits."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def backoff_delay(failures: int) -> float:
+    """Exponential backoff with full jitter in its upper half: 1 s, 2 s, 4 s … 5 min."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(failures - 1, 0))
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 -- jitter, not crypto
