@@ -270,7 +270,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 async def _refresh(config: Config) -> int:
     async with open_runtime(config) as runtime:
         before = runtime.manager.generation
-        stored = await runtime.manager.refresh("manual")
+        stored = await runtime.manager.refresh("manual", bounded=False)
         _print_json(
             {
                 # False when another process rotated first and this command adopted its pair:

@@ -18,6 +18,7 @@ from broker.tokens import TokenPair, expiry_from_grant
 
 TOKEN_PATH = "/oauth2/access_token"  # noqa: S105 -- a URL path, not a password
 MAX_ANSWER_BYTES = 1 << 20
+REQUEST_FACTOR = 4  # a token request may take this many refresh timeouts before it is dropped
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,12 @@ class OAuthClient:
     ) -> None:
         self._session = session
         self._client = client
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # `timeout` bounds how long callers wait for a refresh. The request itself may run
+        # longer: once amoCRM received the grant it spends the old refresh token, so its
+        # answer must not be abandoned early. The refresh lease outlives this limit.
         self.timeout_seconds = timeout
+        self.request_seconds = timeout * REQUEST_FACTOR
+        self._timeout = aiohttp.ClientTimeout(total=self.request_seconds)
 
     async def refresh(self, refresh_token: str, *, now: float) -> TokenPair:
         """Spend `refresh_token` for a new pair."""
@@ -143,7 +148,7 @@ class OAuthClient:
                 return response.status, await _read_capped(response)
         except TimeoutError:
             raise TokenEndpointError(
-                f"token endpoint did not answer within {self.timeout_seconds:g}s"
+                f"token endpoint did not answer within {self.request_seconds:g}s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise TokenEndpointError(

@@ -156,6 +156,13 @@ class Proxy:
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     await response.write(chunk)
+            except aiohttp.ClientConnectionResetError:
+                # aiohttp raises this only on writing, so it comes from the caller's closed
+                # connection, never from amoCRM: counting it as an upstream error sent on-call
+                # after amoCRM whenever a caller timed out. Leaving the `async with` closes the
+                # unfinished upstream connection instead of returning it to the pool.
+                log.info("caller_went_away", status=upstream.status)
+                return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already: the only honest signal left is a cut connection.
                 self.stats.upstream_errors_total += 1

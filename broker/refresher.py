@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from broker.errors import (
@@ -29,6 +29,7 @@ from broker.faults import fault_point
 from broker.lease import LeaseResult, holder_id, lost_answer_note
 from broker.leasing import take_lease
 from broker.logs import get_logger, redactor
+from broker.oauth import REQUEST_FACTOR
 from broker.store import StoredPair, TokenStore
 from broker.timing import Clock, SystemClock, backoff_delay
 from broker.tokens import TokenPair, iso, refresh_due_at
@@ -160,14 +161,31 @@ class TokenManager:
 
     # -- refreshing -------------------------------------------------------------------------
 
-    async def refresh(self, reason: str, *, stale_generation: int | None = None) -> StoredPair:
-        """Refresh once for everyone asking now; every caller awaits the same task."""
+    async def refresh(
+        self, reason: str, *, stale_generation: int | None = None, bounded: bool = True
+    ) -> StoredPair:
+        """Refresh once for everyone asking now; every caller awaits the same task.
+
+        A caller waits at most the refresh timeout, then gets a 503 to retry; the task itself
+        goes on to amoCRM's answer and commits it. Abandoning the request instead would throw
+        away a pair amoCRM has already granted, and with it the spent refresh token.
+        """
         if self._inflight is None or self._inflight.done():
             stale = self.generation if stale_generation is None else stale_generation
             task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
             task.add_done_callback(_consume_exception)
             self._inflight = task
-        return await asyncio.shield(self._inflight)
+        if not bounded or self._refresher is None:
+            return await asyncio.shield(self._inflight)
+        wait = self._refresher.timeout_seconds
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._inflight), wait)
+        except TimeoutError:
+            raise TokenEndpointError(
+                f"amoCRM's token endpoint has not answered within {wait:g}s; the refresh goes "
+                "on, retry shortly",
+                retry_after=2,
+            ) from None
 
     async def _refresh(self, reason: str, stale: int, *, manual: bool) -> StoredPair:
         if self._reauth_reason is not None and not manual:
@@ -184,7 +202,11 @@ class TokenManager:
             raise TokenEndpointError("no OAuth client configured: cannot refresh")
         try:
             lease = await take_lease(
-                self.store, self._holder, stale, refresher.timeout_seconds + 10, self._clock
+                self.store,
+                self._holder,
+                stale,
+                refresher.timeout_seconds * REQUEST_FACTOR + 10,  # outlives the request
+                self._clock,
             )
         except StoreError as exc:
             if self._unsaved is None:
@@ -223,6 +245,8 @@ class TokenManager:
             await self._failed(exc, reason, current)
             raise
         fault_point("after_answer")
+        if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
+            fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)
         redactor.register(fresh.access_token, fresh.refresh_token)
         generation = await self._commit(fresh, reason, current.generation + 1)
         stored = StoredPair(fresh, generation, self._clock.time())

@@ -51,6 +51,7 @@ _COUNTERS = (
     "token_calls",
     "refresh_calls",
     "rejected_refresh_calls",
+    "dropped_token_calls",
     "code_calls",
     "api_calls",
     "unauthorized_api_calls",
@@ -116,8 +117,9 @@ async def _read_form(request: web.Request) -> dict[str, str] | None:
 class Sandbox:
     """An in-memory amoCRM account with one OAuth client, plus knobs and records.
 
-    Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`) are
-    plain attributes so a test can flip them while the server runs.
+    Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, and the
+    token endpoint's faults below) are plain attributes so a test can flip them while
+    the server runs.
     """
 
     def __init__(
@@ -139,9 +141,22 @@ class Sandbox:
         self.token_delay = 0.0
         self.token_fail_status: int | None = None
         self.api_delay = 0.0
+        # Token endpoint faults. `token_gate`: token calls wait until it is set (a stall the
+        # test ends, or a refresh held until every caller is queued). `grant_after_hangup`:
+        # True is amoCRM's own server, which carries out a grant whose client hung up during
+        # the stall (spending the refresh token); False is a queue in front of it that drops
+        # the call. `token_raw`: write exactly these bytes as the answer and close the
+        # connection, spending nothing (garbage JSON, a cut answer). `token_fields`: set
+        # fields of a granted answer, None drops one; without `refresh_token` the grant
+        # does not rotate and the old refresh token stays live (RFC 6749 section 6).
+        self.token_gate: asyncio.Event | None = None
+        self.grant_after_hangup = True
+        self.token_raw: bytes | None = None
+        self.token_fields: dict[str, Any] = {}
         self.token_calls = 0
         self.refresh_calls = 0
         self.rejected_refresh_calls = 0
+        self.dropped_token_calls = 0
         self.code_calls = 0
         self.api_calls = 0
         self.unauthorized_api_calls = 0
@@ -244,20 +259,42 @@ class Sandbox:
             expiry = self._codes.pop(form["code"], None)
             if expiry is None or self._clock() >= expiry:
                 raise crm.Reject(_oauth_problem(400, "Authorization code has been revoked"))
-            return self.issue_pair()
+            return self._shaped(self.issue_pair())
         token = form["refresh_token"]
         if not self.is_refresh_token_live(token):
             known_unspent = token in self._refresh_expiry and token not in self._dead_refresh
             hint = "Token has expired" if known_unspent else "Token has been revoked"
             raise crm.Reject(_oauth_problem(401, hint))
-        self._dead_refresh.add(token)
         self.refresh_calls += 1
-        return self.issue_pair()
+        answer = self._shaped(self.issue_pair())
+        if "refresh_token" in answer:
+            self._dead_refresh.add(token)
+        return answer
+
+    def _shaped(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """Apply `token_fields`; a refresh token the answer leaves out is never issued."""
+        issued = answer["refresh_token"]
+        for name, value in self.token_fields.items():
+            answer[name] = value
+            if value is None:
+                del answer[name]
+        if answer.get("refresh_token") != issued:
+            self._refresh_expiry.pop(issued, None)
+        return answer
 
     async def _token(self, request: web.Request) -> web.Response:
         self.token_calls += 1
         if self.token_delay > 0:
             await asyncio.sleep(self.token_delay)
+        if self.token_gate is not None:
+            await self.token_gate.wait()
+        if not self.grant_after_hangup and request.transport is None:
+            self.dropped_token_calls += 1
+            return web.Response(status=499)  # nobody is left to read it
+        if self.token_raw is not None and request.transport is not None:
+            request.transport.write(self.token_raw)
+            request.transport.close()
+            return web.Response()  # the connection is closed: aiohttp drops this
         form = await _read_form(request)
         grant = form.get("grant_type") if form is not None else None
         if grant == "authorization_code":

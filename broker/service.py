@@ -1,29 +1,26 @@
 """Open what a command needs (store, HTTP session, token manager) and run the server.
 
 `serve`, `demo`, `refresh` and the tests all come through here, so they share one wiring.
+How the server listens, takes signals and stops is in broker/lifecycle.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import socket
-import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from aiohttp import http_parser, web
 
+from broker import lifecycle
 from broker.app import create_app
 from broker.clients import ClientRegistry
 from broker.config import Config
 from broker.crypto import Sealer
 from broker.errors import ConfigError
+from broker.lifecycle import InFlight, Signals, drain, listen
 from broker.logs import get_logger, redactor
 from broker.oauth import OAuthClient
 from broker.refresher import TokenManager
@@ -31,8 +28,6 @@ from broker.store import TokenStore
 from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
 
 log = get_logger()
-
-SHUTDOWN_TIMEOUT = 10.0
 
 
 @asynccontextmanager
@@ -181,96 +176,42 @@ async def serve(
     proactive: bool = True,
     insecure_no_client_auth: bool = False,
 ) -> int:
-    """Run the broker until SIGTERM or SIGINT; return the exit code."""
+    """Run the broker until SIGTERM or SIGINT, then drain and stop; return the exit code."""
     require_c_parser()
     clients = caller_registry(config, insecure_no_client_auth=insecure_no_client_auth)
-    async with open_runtime(config) as runtime:
-        await bootstrap_from_env(config, runtime.store, time.time())
-        await runtime.manager.load()
-        app = build_app(runtime, config, proactive=proactive, clients=clients)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        try:
-            url = await _listen(runner, config)
-            log.info(
-                "listening",
-                url=url,
-                caller_auth=clients is not None,
-                state=runtime.manager.state,
-                generation=runtime.manager.generation,
-            )
-            if on_ready is not None:
-                on_ready(url)
-            await _wait_for_stop()
-            log.info("stopping")
-        finally:
-            await runner.cleanup()
+    with Signals() as signals:
+        async with open_runtime(config) as runtime:
+            await bootstrap_from_env(config, runtime.store, time.time())
+            await runtime.manager.load()
+            app = build_app(runtime, config, proactive=proactive, clients=clients)
+            in_flight = InFlight()
+            app.middlewares.insert(0, in_flight.middleware)
+            # InFlight cuts handlers at DRAIN_SECONDS; aiohttp's timeout is only the backstop
+            # for a response still being written after its handler returned.
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=lifecycle.DRAIN_SECONDS)
+            await runner.setup()
+            try:
+                url = await listen(runner, config)
+                log.info(
+                    "listening",
+                    url=url,
+                    caller_auth=clients is not None,
+                    state=runtime.manager.state,
+                    generation=runtime.manager.generation,
+                )
+                if on_ready is not None:
+                    on_ready(url)
+                await signals.stop.wait()
+            except BaseException:
+                await runner.cleanup()
+                raise
+            await drain(runner, in_flight, signals)
+            if runtime.manager.state == "refreshing":
+                log.info(
+                    "stopping_after_refresh",
+                    message="a token refresh is in flight: waiting until amoCRM's answer is "
+                    "stored before closing the store",
+                )
+        # open_runtime has waited for any refresh in flight and closed the store.
+        log.info("stopped")
     return 0
-
-
-async def _listen(runner: web.AppRunner, config: Config) -> str:
-    """Start the one listener the configuration asks for; return its address."""
-    if config.unix_socket is not None:
-        await _listen_unix(runner, config.unix_socket, config.unix_socket_mode)
-        return f"unix:{config.unix_socket}"
-    site = web.TCPSite(runner, config.host, config.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(
-            f"cannot listen on {config.host}:{config.port}: {reason} "
-            "(choose another with --port / BROKER_PORT)"
-        ) from None
-    return _listening_url(runner, config)
-
-
-async def _listen_unix(runner: web.AppRunner, path: Path, mode: int) -> None:
-    """Listen on a unix socket whose file mode is the access control."""
-    _remove_stale_socket(path)
-    # Created owner-only, then opened to `mode`: no moment where others may connect.
-    previous = os.umask(0o177)
-    try:
-        await web.UnixSite(runner, str(path)).start()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on unix socket {path} (BROKER_UNIX_SOCKET): {exc}"
-        ) from None
-    finally:
-        os.umask(previous)
-    os.chmod(path, mode)
-
-
-def _remove_stale_socket(path: Path) -> None:
-    if not path.exists():
-        return
-    if not stat.S_ISSOCK(path.stat().st_mode):
-        raise ConfigError(f"BROKER_UNIX_SOCKET: {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()  # left by a process that died: nobody listens on it
-            return
-        except OSError:
-            return
-    raise ConfigError(f"BROKER_UNIX_SOCKET: another process is serving on {path}")
-
-
-def _listening_url(runner: web.AppRunner, config: Config) -> str:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return f"http://{config.host}:{address[1]}"
-    return f"http://{config.host}:{config.port}"
-
-
-async def _wait_for_stop() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)

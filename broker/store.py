@@ -29,6 +29,7 @@ import aiosqlite
 
 from broker.crypto import Sealer
 from broker.errors import StoreError, StoreLockedError
+from broker.faults import fault_armed, fault_point
 from broker.lease import Lease, LeaseResult, is_alive
 from broker.store_schema import SCHEMA_VERSION, migrate, schema_version
 from broker.tokens import TokenPair, fingerprint
@@ -236,6 +237,10 @@ class TokenStore:
             else None
         )
         async with self.transaction() as db:
+            if fault_armed("during_commit"):
+                # Test-only: with a one-page cache SQLite spills this transaction's pages into
+                # the WAL before COMMIT, so the crash test sees a reopen discard such frames.
+                await db.execute("PRAGMA cache_size = 1")
             row = await one_row(
                 db,
                 "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = ?",
@@ -269,6 +274,7 @@ class TokenStore:
             await self._append_history(
                 db, now, reason, generation, row[1] if row else None, pair, outcome, None
             )
+            fault_point("during_commit")
         return generation
 
     async def record_failure(

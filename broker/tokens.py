@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 # amoCRM's access tokens live 24 h; used when neither `expires_in` nor a JWT `exp` says.
 DEFAULT_ACCESS_LIFETIME = 86400.0
+# Longer than any access token amoCRM issues: an `expires_in` beyond it is a timestamp sent
+# by mistake, or garbage, and must not stop proactive refresh for decades.
+MAX_ACCESS_LIFETIME = 366 * 86400.0
 
 
 def fingerprint(token: str) -> str:
@@ -93,9 +96,14 @@ def expiry_from_grant(access_token: str, expires_in: object, now: float) -> floa
 
     `expires_in` counts from amoCRM's answer, so it is added to our own `now`, not to
     amoCRM's `server_time`: a wrong local clock then shifts both sides equally. A missing or
-    absurd `expires_in` falls back to the JWT's `exp`, then to the 24 h amoCRM documents.
+    absurd `expires_in` (not positive, not finite, over a year) falls back to the JWT's `exp`,
+    then to the 24 h amoCRM documents.
     """
-    if isinstance(expires_in, int | float) and _positive_finite(expires_in):
+    if (
+        isinstance(expires_in, int | float)
+        and _positive_finite(expires_in)
+        and expires_in <= MAX_ACCESS_LIFETIME
+    ):
         return now + float(expires_in)
     exp = jwt_expiry(access_token)
     if exp is not None and exp > now:

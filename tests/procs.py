@@ -28,6 +28,11 @@ EXIT_TIMEOUT = 10.0
 CLI_TIMEOUT = 20.0
 POLL = 0.05
 _INHERITED = ("PATH", "HOME", "PYTHONPATH")
+# `amo-broker serve` through the real CLI, with DRAIN_SECONDS set from argv[1] first.
+_WITH_DRAIN = (
+    "import sys; import broker.lifecycle; from broker.cli import main; "
+    "broker.lifecycle.DRAIN_SECONDS = float(sys.argv[1]); raise SystemExit(main(['serve']))"
+)
 
 
 def free_port() -> int:
@@ -90,6 +95,20 @@ class Serve:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def named(self, event: str) -> list[dict[str, Any]]:
+        """The logged events called `event`, oldest first."""
+        return [e for e in self.events() if e.get("event") == event]
+
+    async def logged(self, event: str) -> dict[str, Any]:
+        """Wait (bounded) until the process logs `event`; return its first occurrence."""
+        await until(lambda: bool(self.named(event)), f"serve logs {event!r}")
+        return self.named(event)[0]
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to the running process."""
+        assert self.proc.returncode is None, "the process has exited already"
+        self.proc.send_signal(sig)
+
     async def wait(self) -> int:
         """Wait (bounded) for the process to exit; return its exit code."""
         async with asyncio.timeout(EXIT_TIMEOUT):
@@ -125,17 +144,24 @@ class Processes:
         self._count += 1
         return self.tmp_path / f"{self._count:02d}-{name}.log"
 
-    async def spawn(self, env: dict[str, str] | None = None) -> Serve:
-        """Start `serve` on a fresh free port without waiting for it to listen."""
+    async def spawn(
+        self, env: dict[str, str] | None = None, *, drain_seconds: float | None = None
+    ) -> Serve:
+        """Start `serve` on a fresh free port without waiting for it to listen.
+
+        `drain_seconds` replaces lifecycle.DRAIN_SECONDS in the child (a module constant, not a
+        setting), so a test can outlast the drain without waiting the production 10 s.
+        """
         port = free_port()
         full = Env({**(env or self.env()), "BROKER_PORT": str(port)})
         log_path = self._log_path("serve")
+        command = ["-m", "broker", "serve"]
+        if drain_seconds is not None:
+            command = ["-c", _WITH_DRAIN, str(drain_seconds)]
         with log_path.open("wb") as log_file:  # the child keeps its own copy of the fd
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "broker",
-                "serve",
+                *command,
                 env=full,
                 cwd=self.tmp_path,  # no ./broker.toml of the developer's is picked up
                 stdin=asyncio.subprocess.DEVNULL,
@@ -146,9 +172,11 @@ class Processes:
         self.started.append(serve)
         return serve
 
-    async def start(self, env: dict[str, str] | None = None) -> Serve:
+    async def start(
+        self, env: dict[str, str] | None = None, *, drain_seconds: float | None = None
+    ) -> Serve:
         """Start `serve` and return once /healthz answers; fail with the log tail if it exits."""
-        serve = await self.spawn(env)
+        serve = await self.spawn(env, drain_seconds=drain_seconds)
         exited = asyncio.ensure_future(serve.proc.wait())
         ready = asyncio.ensure_future(_healthy(serve.url))
         try:

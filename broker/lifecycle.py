@@ -1,0 +1,199 @@
+"""The server's life: listen (TCP or a unix socket), take signals, drain and stop.
+
+How `serve` ends (its signal handlers stay in place until it returns):
+- SIGTERM or SIGINT: new connections are refused and idle ones closed; requests in flight get
+  DRAIN_SECONDS to finish, then are cut (`requests_cut`); a token refresh in flight is waited
+  for (bounded by its lease and token-endpoint timeouts): amoCRM may have spent the old
+  refresh token, so its answer must reach the store. The store is closed; exit 0, cut or not.
+- The same signal again while stopping: cut the requests now. A refresh still finishes.
+- SIGHUP: no reload (settings are read at start; the clients file is re-read when it changes).
+  `sighup_ignored` says to restart, and serving goes on undisturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from broker.config import Config
+from broker.errors import ConfigError
+from broker.logs import get_logger
+
+log = get_logger()
+
+# After SIGTERM, how long requests in flight may run before they are cut. A constant, not a
+# setting (config.py has no `[server] drain_seconds`). Give the service manager's stop timeout
+# (systemd TimeoutStopSec, docker's stop timeout, a pod's terminationGracePeriodSeconds) this
+# plus the refresh timeout and a margin, so its SIGKILL never lands on a refresh being stored.
+DRAIN_SECONDS = 10.0
+
+
+async def drain(runner: web.AppRunner, in_flight: InFlight, signals: Signals) -> None:
+    """Refuse new connections, let requests in flight finish, cut what outlives the bound."""
+    for site in list(runner.sites):
+        await site.stop()  # the listening socket is closed: new connections are refused
+    log.info(
+        "stopping", signal=signals.received, in_flight=len(in_flight), drain_seconds=DRAIN_SECONDS
+    )
+    cutter = asyncio.create_task(in_flight.cut_after(DRAIN_SECONDS, signals.hurry))
+    try:
+        # Closes idle keep-alive connections at once, waits for busy ones, runs app cleanup.
+        await runner.cleanup()
+    finally:
+        cutter.cancel()
+        await asyncio.gather(cutter, return_exceptions=True)
+    if in_flight.cut:
+        log.warning(
+            "requests_cut",
+            count=in_flight.cut,
+            drain_seconds=DRAIN_SECONDS,
+            message="requests still running when the drain ended were cut: their callers saw "
+            "the connection close without an answer",
+        )
+
+
+class InFlight:
+    """The requests being handled, so that shutdown can wait for them and cut the rest."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.cut = 0
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 -- aiohttp runs each request in a task
+        self._tasks.add(task)
+        try:
+            return await handler(request)
+        finally:
+            self._tasks.discard(task)
+
+    async def cut_after(self, seconds: float, hurry: asyncio.Event) -> None:
+        """After `seconds`, or at once when `hurry` is set, cancel the requests still running.
+
+        A request waiting for a token refresh stops waiting; the refresh itself is shielded
+        and goes on (TokenManager.wait_idle waits for it before the store closes).
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await hurry.wait()
+        for task in list(self._tasks):
+            task.cancel()
+            self.cut += 1
+
+
+class Signals:
+    """SIGTERM and SIGINT ask to stop (twice: to hurry); SIGHUP is logged. Handled while open.
+
+    Python's default for SIGHUP, and for a signal once its handler is gone, ends the process:
+    in the middle of storing a rotation, that could lose amoCRM's answer.
+    """
+
+    _STOP = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.received: str | None = None
+
+    def __enter__(self) -> Signals:
+        loop = asyncio.get_running_loop()
+        for sig in self._STOP:
+            loop.add_signal_handler(sig, self._stop_requested, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (*self._STOP, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def _stop_requested(self, name: str) -> None:
+        if not self.stop.is_set():
+            self.received = name
+            self.stop.set()
+            return
+        log.warning(
+            "stop_signal_repeated",
+            signal=name,
+            message="already stopping: requests still in flight are cut now; a token refresh "
+            "in flight still finishes (only SIGKILL stops it)",
+        )
+        self.hurry.set()
+
+    def _hangup(self) -> None:
+        log.warning(
+            "sighup_ignored",
+            signal="SIGHUP",
+            message="amo-broker does not reload on SIGHUP: restart to apply configuration "
+            "changes (the caller clients file is re-read whenever it changes)",
+        )
+
+
+async def listen(runner: web.AppRunner, config: Config) -> str:
+    """Start the one listener the configuration asks for; return its address."""
+    if config.unix_socket is not None:
+        await _listen_unix(runner, config.unix_socket, config.unix_socket_mode)
+        return f"unix:{config.unix_socket}"
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port}: {reason} "
+            "(choose another with --port / BROKER_PORT)"
+        ) from None
+    return _listening_url(runner, config)
+
+
+async def _listen_unix(runner: web.AppRunner, path: Path, mode: int) -> None:
+    """Listen on a unix socket whose file mode is the access control."""
+    _remove_stale_socket(path)
+    # Created owner-only, then opened to `mode`: no moment where others may connect.
+    previous = os.umask(0o177)
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on unix socket {path} (BROKER_UNIX_SOCKET): {exc}"
+        ) from None
+    finally:
+        os.umask(previous)
+    os.chmod(path, mode)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    if not path.exists():
+        return
+    if not stat.S_ISSOCK(path.stat().st_mode):
+        raise ConfigError(f"BROKER_UNIX_SOCKET: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()  # left by a process that died: nobody listens on it
+            return
+        except OSError:
+            return
+    raise ConfigError(f"BROKER_UNIX_SOCKET: another process is serving on {path}")
+
+
+def _listening_url(runner: web.AppRunner, config: Config) -> str:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return f"http://{config.host}:{address[1]}"
+    return f"http://{config.host}:{config.port}"
