@@ -22,6 +22,12 @@ from broker.service import build_app, open_runtime
 from broker.store import TokenStore
 from broker.tokens import TokenPair, fingerprint
 
+# Fixtures shared across modules: real `amo-broker` processes and the in-process CLI.
+pytest_plugins = ["tests.fixtures_processes", "tests.fixtures_cli"]
+# Their helper modules hold asserts moved out of test modules: keep pytest's assertion
+# rewriting on them (registered before the plugins above import them).
+pytest.register_assert_rewrite("tests.procs", "tests.cli_harness")
+
 ConfigFactory = Callable[..., Config]
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from broker.sandbox import Sandbox
+from broker.tokens import TokenPair, fingerprint
 from tests.conftest import assert_no_leak
 
 READY_TIMEOUT = 10.0
@@ -28,6 +30,7 @@ EXIT_TIMEOUT = 10.0
 CLI_TIMEOUT = 20.0
 POLL = 0.05
 _INHERITED = ("PATH", "HOME", "PYTHONPATH")
+LEADS = "/api/v4/leads"
 # `amo-broker serve` through the real CLI, with DRAIN_SECONDS set from argv[1] first.
 _WITH_DRAIN = (
     "import sys; import broker.lifecycle; from broker.cli import main; "
@@ -262,6 +265,40 @@ async def until(condition: Callable[[], bool], what: str) -> None:
                 await asyncio.sleep(POLL / 5)
     except TimeoutError:
         raise AssertionError(f"timed out waiting until {what}") from None
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Issued(list[str]):
+    """Tokens the sandbox issued; its repr shows fingerprints, so a failure prints none."""
+
+    def __repr__(self) -> str:
+        return f"Issued({[fingerprint(token) for token in self]})"
+
+
+def is_live(sandbox: Sandbox, pair: TokenPair) -> bool:
+    """Ask the sandbox about a pair's refresh token; a failed assert then shows no token."""
+    return pair.refresh_token is not None and sandbox.is_refresh_token_live(pair.refresh_token)
+
+
+async def get(http: aiohttp.ClientSession, serve: Serve, path: str = LEADS) -> Reply:
+    async with http.get(serve.url + path) as response:
+        return Reply(response.status, dict(response.headers), await response.read())
+
+
+async def status_of(http: aiohttp.ClientSession, serve: Serve) -> dict[str, Any]:
+    reply = await get(http, serve, "/status")
+    assert reply.status == 200
+    doc: dict[str, Any] = reply.json()
+    return doc
 
 
 def _write(path: Path, text: str) -> None:

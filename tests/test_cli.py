@@ -19,61 +19,24 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import structlog
 
 from broker.cli import main
-from broker.config import Config, Secret
+from broker.config import Secret
 from broker.crypto import Sealer, new_key
-from broker.logs import redactor
 from broker.sandbox import Sandbox
 from broker.store import StoredPair, TokenStore
 from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
-from tests.conftest import leaked, pair_from_sandbox, seed_store
-
-ConfigFactory = Callable[..., Config]
-ERROR_PREFIX = "amo-broker: error:"
-
-
-@dataclass
-class Run:
-    """What one `main` call returned and printed."""
-
-    code: int
-    out: str
-    err: str
-
-    def __repr__(self) -> str:
-        # Shown by pytest on failure: the exit code and the error lines, scrubbed.
-        return f"Run(code={self.code}, errors={redactor.scrub(self.error_lines())!r})"
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-    def json(self) -> dict[str, Any]:
-        doc = json.loads(self.out)
-        assert isinstance(doc, dict)
-        return doc
-
-    def error_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.startswith(ERROR_PREFIX)]
+from tests.cli_harness import Run, assert_user_error, run
+from tests.conftest import ConfigFactory, leaked, pair_from_sandbox, seed_store
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Keep the machine's AMOCRM_*/BROKER_* settings and ./broker.toml out of every test."""
-    for name in list(os.environ):
-        if name.startswith(("AMOCRM_", "BROKER_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    yield
-    structlog.reset_defaults()
+def _clean_env(clean_env: None) -> None:
+    """Every test here runs with `clean_env` (tests/fixtures_cli.py), set up before the rest."""
 
 
 @pytest.fixture
@@ -102,12 +65,6 @@ def set_tokens(monkeypatch: pytest.MonkeyPatch, pair: TokenPair) -> None:
     monkeypatch.setenv("AMOCRM_REFRESH_TOKEN", str(pair.refresh_token))
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err)
-
-
 async def run_in_thread(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
     code = await asyncio.to_thread(main, list(argv))
     captured = capsys.readouterr()
@@ -130,16 +87,6 @@ def load_store(db_path: Path, key: Secret[str]) -> StoredPair | None:
 
 def _tokens(stored: StoredPair) -> tuple[str, str | None]:
     return stored.pair.access_token, stored.pair.refresh_token
-
-
-def assert_user_error(result: Run) -> str:
-    """Check a user mistake: exit 2, one error line, last on stderr, no traceback."""
-    assert result.code == 2
-    assert "Traceback" not in result.err
-    lines = result.error_lines()
-    assert len(lines) == 1
-    assert result.err.rstrip("\n").endswith(lines[0])
-    return lines[0]
 
 
 def closed_port() -> int:

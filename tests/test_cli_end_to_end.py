@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -15,13 +14,6 @@ from tests.conftest import ConfigFactory, seed_store
 from tests.procs import Processes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def procs(tmp_path: Path, broker_env: dict[str, str]) -> AsyncIterator[Processes]:
-    processes = Processes(tmp_path, broker_env)
-    yield processes
-    await processes.close()
 
 
 async def _status(url: str, headers: dict[str, str] | None = None) -> int:

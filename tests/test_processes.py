@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -23,76 +19,10 @@ import pytest
 from broker.crypto import new_key
 from broker.sandbox import Sandbox
 from broker.service import open_store
-from broker.tokens import TokenPair, fingerprint
 from tests.conftest import ConfigFactory, pair_from_sandbox, seed_store
-from tests.procs import Processes, Serve, until
+from tests.procs import Issued, Processes, Serve, get, is_live, status_of, until
 
 pytestmark = pytest.mark.slow
-
-LEADS = "/api/v4/leads"
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@pytest.fixture
-async def procs(tmp_path: Path, broker_env: dict[str, str]) -> AsyncIterator[Processes]:
-    """Broker processes for this test; any still running at the end is killed."""
-    group = Processes(tmp_path, broker_env)
-    yield group
-    await group.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
-class Issued(list[str]):
-    """Tokens the sandbox issued; its repr shows fingerprints, so a failure prints none."""
-
-    def __repr__(self) -> str:
-        return f"Issued({[fingerprint(token) for token in self]})"
-
-
-@pytest.fixture
-def issued(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Issued:
-    """Every token the sandbox issues during the test, for the leak checks."""
-    tokens = Issued()
-    issue: Callable[[], dict[str, Any]] = sandbox.issue_pair
-
-    def recording() -> dict[str, Any]:
-        pair = issue()
-        tokens.extend((pair["access_token"], pair["refresh_token"]))
-        return pair
-
-    monkeypatch.setattr(sandbox, "issue_pair", recording)
-    return tokens
-
-
-def is_live(sandbox: Sandbox, pair: TokenPair) -> bool:
-    """Ask the sandbox about a pair's refresh token; a failed assert then shows no token."""
-    return pair.refresh_token is not None and sandbox.is_refresh_token_live(pair.refresh_token)
-
-
-async def get(http: aiohttp.ClientSession, serve: Serve, path: str = LEADS) -> Reply:
-    async with http.get(serve.url + path) as response:
-        return Reply(response.status, dict(response.headers), await response.read())
-
-
-async def status_of(http: aiohttp.ClientSession, serve: Serve) -> dict[str, Any]:
-    reply = await get(http, serve, "/status")
-    assert reply.status == 200
-    doc: dict[str, Any] = reply.json()
-    return doc
 
 
 async def crash_at(
@@ -111,10 +41,6 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def named(serve: Serve, event: str) -> list[dict[str, Any]]:
-    return [e for e in serve.events() if e.get("event") == event]
-
-
 async def test_restart_after_kill_ignores_the_spent_bootstrap_token(
     procs: Processes, http: aiohttp.ClientSession, sandbox: Sandbox, issued: Issued
 ) -> None:
@@ -130,7 +56,7 @@ async def test_restart_after_kill_ignores_the_spent_bootstrap_token(
     assert sandbox.refresh_calls == 1
     assert not is_live(sandbox, boot)
     assert (await status_of(http, first))["generation"] == 2
-    assert len(named(first, "tokens_imported")) == 1
+    assert len(first.named("tokens_imported")) == 1
     assert await first.kill() == -signal.SIGKILL
 
     second = await procs.start(env)
@@ -138,10 +64,10 @@ async def test_restart_after_kill_ignores_the_spent_bootstrap_token(
     status = await status_of(http, second)
     assert (status["state"], status["generation"]) == ("ok", 2)
     assert (sandbox.refresh_calls, sandbox.rejected_refresh_calls) == (1, 0)
-    ignored = named(second, "bootstrap_tokens_ignored")
+    ignored = second.named("bootstrap_tokens_ignored")
     assert [e["level"] for e in ignored] == ["warning"]
     assert ignored[0]["env_fingerprint"] == boot.refresh_fingerprint
-    assert named(second, "tokens_imported") == []
+    assert second.named("tokens_imported") == []
     procs.assert_no_leak(issued)
 
 
@@ -198,7 +124,7 @@ async def test_serve_and_refresh_commands_at_once_lose_no_rotation(
     assert counts == {"imported": 1, "rotated": sandbox.refresh_calls}
     # Each rotation amoCRM granted was logged by exactly one process.
     rotations = sum(err.count('"event": "token_refreshed"') for _, _, err in commands)
-    rotations += len(named(serve, "token_refreshed"))
+    rotations += len(serve.named("token_refreshed"))
     assert rotations == sandbox.refresh_calls
     procs.assert_no_leak(issued)
 
@@ -310,5 +236,5 @@ async def test_sigterm_exits_0_and_stops_answering(
     assert await serve.terminate() == 0
     with pytest.raises(aiohttp.ClientConnectionError):
         await get(http, serve, "/healthz")
-    assert len(named(serve, "stopping")) == 1
+    assert len(serve.named("stopping")) == 1
     procs.assert_no_leak(issued)

@@ -11,70 +11,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
-from broker.cli import main
 from broker.config import Config, Secret
 from broker.crypto import Sealer, key_id, new_key
 from broker.errors import StoreLockedError
 from broker.keyfile import read_key_file, write_key_file
-from broker.logs import redactor
 from broker.rekey import reseal
 from broker.sandbox import Sandbox
 from broker.service import open_runtime, serve
 from broker.store import PairInfo, StoredPair, TokenStore
 from broker.tokens import TokenPair
-from tests.conftest import assert_no_leak, pair_from_sandbox
-
-ConfigFactory = Callable[..., Config]
-ERROR_PREFIX = "amo-broker: error:"
-
-
-@dataclass
-class Run:
-    """What one `main` call returned and printed."""
-
-    code: int
-    out: str
-    err: str
-
-    def __repr__(self) -> str:
-        # Shown by pytest on failure: the exit code and the error lines, scrubbed.
-        return f"Run(code={self.code}, errors={redactor.scrub(self.error_lines())!r})"
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-    def json(self) -> dict[str, Any]:
-        doc = json.loads(self.out)
-        assert isinstance(doc, dict)
-        return doc
-
-    def error_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.startswith(ERROR_PREFIX)]
+from tests.cli_harness import Run, assert_user_error, run
+from tests.conftest import ConfigFactory, assert_no_leak, pair_from_sandbox
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Keep the machine's AMOCRM_*/BROKER_* settings and ./broker.toml out of every test."""
-    for name in list(os.environ):
-        if name.startswith(("AMOCRM_", "BROKER_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    yield
-    structlog.reset_defaults()
+def _clean_env(clean_env: None) -> None:
+    """Every test here runs with `clean_env` (tests/fixtures_cli.py), set up before the rest."""
 
 
 @pytest.fixture
@@ -114,12 +76,6 @@ def key_text(path: Path) -> Secret[str]:
     return Secret(path.read_text(encoding="ascii").strip())
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err)
-
-
 def rotate(
     capsys: pytest.CaptureFixture[str], db_path: Path, new: Path, old: Path | None = None
 ) -> Run:
@@ -128,16 +84,6 @@ def rotate(
     if old is not None:
         argv += ["--old-key-file", str(old)]
     return run(capsys, *argv)
-
-
-def assert_user_error(result: Run) -> str:
-    """Check a user mistake: exit 2, one error line, last on stderr, no traceback."""
-    assert result.code == 2
-    assert "Traceback" not in result.err
-    lines = result.error_lines()
-    assert len(lines) == 1
-    assert result.err.rstrip("\n").endswith(lines[0])
-    return lines[0]
 
 
 def load(db_path: Path, key_file: Path, account: str = "default") -> StoredPair | None:

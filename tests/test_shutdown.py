@@ -11,11 +11,9 @@ lets a test outlast the drain quickly.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,62 +24,13 @@ from yarl import URL
 from broker.config import Config
 from broker.sandbox import Sandbox
 from broker.service import open_store
-from broker.tokens import TokenPair, fingerprint
+from broker.tokens import fingerprint
 from tests.conftest import ConfigFactory, seed_store
-from tests.procs import Processes, Serve, until
+from tests.procs import LEADS, Issued, Processes, Reply, Serve, get, is_live, until
 
 pytestmark = pytest.mark.slow
 
-LEADS = "/api/v4/leads"
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 Background = Callable[[Coroutine[Any, Any, Reply]], "asyncio.Task[Reply]"]
-
-
-class Issued(list[str]):
-    """Tokens the sandbox issued; its repr shows fingerprints, so a failure prints none."""
-
-    def __repr__(self) -> str:
-        return f"Issued({[fingerprint(token) for token in self]})"
-
-
-@pytest.fixture
-async def procs(tmp_path: Path, broker_env: dict[str, str]) -> AsyncIterator[Processes]:
-    """Broker processes for this test; any still running at the end is killed."""
-    group = Processes(tmp_path, broker_env)
-    yield group
-    await group.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
-@pytest.fixture
-def issued(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Issued:
-    """Every token the sandbox issues during the test, oldest first, for the leak checks."""
-    tokens = Issued()
-    issue: Callable[[], dict[str, Any]] = sandbox.issue_pair
-
-    def recording() -> dict[str, Any]:
-        pair = issue()
-        tokens.extend((pair["access_token"], pair["refresh_token"]))
-        return pair
-
-    monkeypatch.setattr(sandbox, "issue_pair", recording)
-    return tokens
 
 
 @pytest.fixture
@@ -97,11 +46,6 @@ async def background() -> AsyncIterator[Background]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def get(http: aiohttp.ClientSession, serve: Serve, path: str = LEADS) -> Reply:
-    async with http.get(serve.url + path) as response:
-        return Reply(response.status, dict(response.headers), await response.read())
 
 
 async def post(http: aiohttp.ClientSession, serve: Serve) -> Reply:
@@ -157,11 +101,6 @@ def uncommitted_wal_frames(wal: Path) -> int:
         count = 0 if committed else count + 1
         offset += 24 + page_size
     return count
-
-
-def is_live(sandbox: Sandbox, pair: TokenPair) -> bool:
-    """Ask the sandbox about a pair's refresh token; a failed assert then shows no token."""
-    return pair.refresh_token is not None and sandbox.is_refresh_token_live(pair.refresh_token)
 
 
 async def test_sigterm_lets_a_slow_request_finish_and_refuses_new_connections(
