@@ -8,7 +8,8 @@ from an injected clock so tests expire tokens without sleeping, and every reques
 is recorded raw so tests can assert on exactly what the broker sent.
 
 This module is the public face: tokens, the checks in front of /api/v4, records
-and knobs. The leads and contacts behind those checks live in `_sandbox_crm`.
+and knobs. The token endpoint behind it lives in `_sandbox_oauth`, the leads and
+contacts behind the /api/v4 checks in `_sandbox_crm`.
 
 `/_sandbox/{code,expire,revoke,stats}` expose the same controls over HTTP for
 tests that run the broker in another process. They take no credentials, so only
@@ -21,20 +22,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import secrets
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any
+from typing import Any, Generic, Self, TypeVar, overload
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from broker import _sandbox_crm as crm
-from broker import _sandbox_jwt as jwt
+from broker import _sandbox_oauth as oauth
 from broker._sandbox_crm import ACCOUNT_ID as ACCOUNT_ID
 from broker._sandbox_crm import DEFAULT_LIMIT as DEFAULT_LIMIT
 from broker._sandbox_crm import ENTITIES as ENTITIES
@@ -42,11 +41,11 @@ from broker._sandbox_crm import MAX_LIMIT as MAX_LIMIT
 from broker._sandbox_crm import PIPELINE_ID as PIPELINE_ID
 from broker._sandbox_crm import STATUS_ID as STATUS_ID
 from broker._sandbox_crm import USER_ID as USER_ID
+from broker._sandbox_oauth import CODE_TTL as CODE_TTL
+from broker._sandbox_oauth import REFRESH_TTL as REFRESH_TTL
+from broker._sandbox_oauth import SCOPES as SCOPES
 
-# The account constants above are re-exported: they were always importable from here.
-SCOPES = ("crm", "files", "files_delete", "notifications", "push_notifications")
-REFRESH_TTL = 90 * 86_400
-CODE_TTL = 20 * 60
+# The constants above are re-exported: they were always importable from here.
 _COUNTERS = (
     "token_calls",
     "refresh_calls",
@@ -56,11 +55,8 @@ _COUNTERS = (
     "api_calls",
     "unauthorized_api_calls",
 )
-
-_OAUTH_PROBLEM_TYPE = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson"
-# amoCRM's wording, word for word; its one-letter Cyrillic preposition trips RUF001.
-_BAD_REQUEST_DETAIL = "В запросе отсутствует ряд параметров или параметры невалидны"  # noqa: RUF001
 _RATE_LIMIT_HTML = "<html><body><h1>429 Too Many Requests</h1></body></html>"
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -77,50 +73,53 @@ class RecordedRequest:
 _RECORD = web.RequestKey("sandbox_record", RecordedRequest)
 
 
-def _oauth_problem(
-    status: int,
-    hint: str,
-    title: str = "Некорректный запрос",
-    detail: str = _BAD_REQUEST_DETAIL,
-) -> web.Response:
-    body = dict(hint=hint, title=title, type=_OAUTH_PROBLEM_TYPE, status=status, detail=detail)
-    return crm.problem(body)
+class _OAuthAttribute(Generic[_T]):
+    """Expose an attribute of the sandbox's token server as the sandbox's own, read and write.
 
-
-def _html_error(status: int) -> web.Response:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    html = f"<html><body><h1>{status} {phrase}</h1></body></html>"
-    return web.Response(status=status, text=html, content_type="text/html")
-
-
-async def _read_form(request: web.Request) -> dict[str, str] | None:
-    """Return the token request's string fields, or None if the body is unparsable.
-
-    amoCRM documents JSON bodies but its OAuth server also takes forms, and so
-    do generic OAuth clients; non-string values count as missing.
+    The knobs and counters always were plain `Sandbox` attributes, and tests flip
+    them mid-run (`sandbox.token_delay = 1.0`); this keeps that working.
     """
-    try:
-        if request.content_type == "application/x-www-form-urlencoded":
-            data: Any = dict(await request.post())
-        else:
-            data = json.loads(await request.read())
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    return {str(k): v for k, v in data.items() if isinstance(v, str)}
+
+    def __set_name__(self, owner: type[Sandbox], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, sandbox: None, owner: type[Sandbox]) -> Self: ...
+    @overload
+    def __get__(self, sandbox: Sandbox, owner: type[Sandbox]) -> _T: ...
+    def __get__(self, sandbox: Sandbox | None, owner: type[Sandbox]) -> Self | _T:
+        if sandbox is None:
+            return self
+        value: _T = getattr(sandbox._oauth, self._name)
+        return value
+
+    def __set__(self, sandbox: Sandbox, value: _T) -> None:
+        setattr(sandbox._oauth, self._name, value)
 
 
 class Sandbox:
     """An in-memory amoCRM account with one OAuth client, plus knobs and records.
 
     Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, and the
-    token endpoint's faults below) are plain attributes so a test can flip them while
-    the server runs.
+    token endpoint's faults, described in `_sandbox_oauth`) are attributes a test can
+    flip while the server runs; the token endpoint's are forwarded to its server.
     """
+
+    client_id = _OAuthAttribute[str]()
+    client_secret = _OAuthAttribute[str]()
+    redirect_uri = _OAuthAttribute[str]()
+    access_ttl = _OAuthAttribute[int]()
+    token_delay = _OAuthAttribute[float]()
+    token_fail_status = _OAuthAttribute[int | None]()
+    token_gate = _OAuthAttribute[asyncio.Event | None]()
+    grant_after_hangup = _OAuthAttribute[bool]()
+    token_raw = _OAuthAttribute[bytes | None]()
+    token_fields = _OAuthAttribute[dict[str, Any]]()
+    token_calls = _OAuthAttribute[int]()
+    refresh_calls = _OAuthAttribute[int]()
+    rejected_refresh_calls = _OAuthAttribute[int]()
+    dropped_token_calls = _OAuthAttribute[int]()
+    code_calls = _OAuthAttribute[int]()
 
     def __init__(
         self,
@@ -133,41 +132,21 @@ class Sandbox:
         clock: Callable[[], float] = time.time,
         rate_limit_rps: float | None = None,
     ) -> None:
-        self.client_id = client_id
-        self.client_secret = client_secret
-        self.redirect_uri = redirect_uri
-        self.access_ttl = access_ttl
+        self._oauth = oauth.OAuthServer(
+            client_id=client_id,
+            client_secret=client_secret,
+            redirect_uri=redirect_uri,
+            access_ttl=access_ttl,
+            clock=clock,
+            # Looked up per call: a test may wrap `issue_pair` to see every token issued.
+            issue=lambda: self.issue_pair(),
+        )
         self.rate_limit_rps = rate_limit_rps
-        self.token_delay = 0.0
-        self.token_fail_status: int | None = None
         self.api_delay = 0.0
-        # Token endpoint faults. `token_gate`: token calls wait until it is set (a stall the
-        # test ends, or a refresh held until every caller is queued). `grant_after_hangup`:
-        # True is amoCRM's own server, which carries out a grant whose client hung up during
-        # the stall (spending the refresh token); False is a queue in front of it that drops
-        # the call. `token_raw`: write exactly these bytes as the answer and close the
-        # connection, spending nothing (garbage JSON, a cut answer). `token_fields`: set
-        # fields of a granted answer, None drops one; without `refresh_token` the grant
-        # does not rotate and the old refresh token stays live (RFC 6749 section 6).
-        self.token_gate: asyncio.Event | None = None
-        self.grant_after_hangup = True
-        self.token_raw: bytes | None = None
-        self.token_fields: dict[str, Any] = {}
-        self.token_calls = 0
-        self.refresh_calls = 0
-        self.rejected_refresh_calls = 0
-        self.dropped_token_calls = 0
-        self.code_calls = 0
         self.api_calls = 0
         self.unauthorized_api_calls = 0
         self.requests: list[RecordedRequest] = []
         self._clock = clock
-        # A fresh key per sandbox: tokens from another sandbox must not validate here.
-        self._key = secrets.token_bytes(32)
-        self._live_jtis: set[str] = set()
-        self._refresh_expiry: dict[str, float] = {}
-        self._dead_refresh: set[str] = set()
-        self._codes: dict[str, float] = {}
         self._window: deque[float] = deque()
         self._crm = crm.Crm(clock)
 
@@ -175,140 +154,34 @@ class Sandbox:
 
     def issue_code(self) -> str:
         """Return a fresh authorization code, as the consent screen would redirect with."""
-        code = "def50200" + secrets.token_hex(64)
-        self._codes[code] = self._clock() + CODE_TTL
-        return code
+        return self._oauth.issue_code()
 
     def issue_pair(self) -> dict[str, Any]:
         """Return a fresh token pair without a token call, to seed a broker's store."""
-        now = self._clock()
-        iat = int(now)
-        jti = secrets.token_hex(20)
-        claims = {
-            "aud": self.client_id,
-            "jti": jti,
-            "iat": iat,
-            "nbf": iat,
-            "exp": iat + self.access_ttl,
-            "sub": str(USER_ID),
-            "account_id": ACCOUNT_ID,
-            "scopes": list(SCOPES),
-        }
-        refresh = "def50200" + secrets.token_hex(64)
-        self._live_jtis.add(jti)
-        self._refresh_expiry[refresh] = now + REFRESH_TTL
-        return {
-            "token_type": "Bearer",
-            "expires_in": self.access_ttl,
-            "access_token": jwt.sign(claims, self._key),
-            "refresh_token": refresh,
-            "server_time": iat,
-        }
+        return self._oauth.issue_pair()
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer 401, as if amoCRM dropped them."""
-        self._live_jtis.clear()
+        self._oauth.expire_access_tokens()
 
     def revoke_refresh_tokens(self) -> None:
         """Revoke every refresh token issued so far, as uninstalling the integration does."""
-        self._dead_refresh.update(self._refresh_expiry)
+        self._oauth.revoke_refresh_tokens()
 
     def is_refresh_token_live(self, token: str) -> bool:
         """Tell whether `token` would be accepted by a refresh grant right now."""
-        expiry = self._refresh_expiry.get(token)
-        return expiry is not None and token not in self._dead_refresh and self._clock() < expiry
+        return self._oauth.is_refresh_token_live(token)
 
     @property
     def live_refresh_tokens(self) -> list[str]:
         """List refresh tokens issued and not yet spent, revoked or expired, oldest first."""
-        return [t for t in self._refresh_expiry if self.is_refresh_token_live(t)]
+        return self._oauth.live_refresh_tokens()
 
     def _access_token_valid(self, authorization: str) -> bool:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        claims = jwt.verify(token.strip(), self._key)
-        if claims is None or claims.get("jti") not in self._live_jtis:
-            return False
-        nbf, exp = claims.get("nbf"), claims.get("exp")
-        now = self._clock()
-        return isinstance(nbf, int) and isinstance(exp, int) and nbf <= now < exp
-
-    def _grant(self, form: dict[str, str]) -> dict[str, Any]:
-        """Check a token request in the order amoCRM's OAuth server does; spend on success."""
-        grant = form.get("grant_type")
-        if grant not in ("authorization_code", "refresh_token"):
-            raise crm.Reject(_oauth_problem(400, "Unsupported grant type"))
-        secret_field = "code" if grant == "authorization_code" else "refresh_token"
-        for field in ("client_id", "client_secret", "redirect_uri", secret_field):
-            if not form.get(field):
-                raise crm.Reject(_oauth_problem(400, f"Check the `{field}` parameter"))
-        if form["client_id"] != self.client_id or form["client_secret"] != self.client_secret:
-            raise crm.Reject(
-                _oauth_problem(
-                    401,
-                    "Client authentication failed",
-                    title="Некорректный клиент",
-                    detail="Клиент не найден или секретный ключ неверен",
-                )
-            )
-        if form["redirect_uri"] != self.redirect_uri:
-            raise crm.Reject(_oauth_problem(400, "Redirect URI mismatch"))
-        if grant == "authorization_code":
-            # Popped even when stale: a code is spent by the first attempt.
-            expiry = self._codes.pop(form["code"], None)
-            if expiry is None or self._clock() >= expiry:
-                raise crm.Reject(_oauth_problem(400, "Authorization code has been revoked"))
-            return self._shaped(self.issue_pair())
-        token = form["refresh_token"]
-        if not self.is_refresh_token_live(token):
-            known_unspent = token in self._refresh_expiry and token not in self._dead_refresh
-            hint = "Token has expired" if known_unspent else "Token has been revoked"
-            raise crm.Reject(_oauth_problem(401, hint))
-        self.refresh_calls += 1
-        answer = self._shaped(self.issue_pair())
-        if "refresh_token" in answer:
-            self._dead_refresh.add(token)
-        return answer
-
-    def _shaped(self, answer: dict[str, Any]) -> dict[str, Any]:
-        """Apply `token_fields`; a refresh token the answer leaves out is never issued."""
-        issued = answer["refresh_token"]
-        for name, value in self.token_fields.items():
-            answer[name] = value
-            if value is None:
-                del answer[name]
-        if answer.get("refresh_token") != issued:
-            self._refresh_expiry.pop(issued, None)
-        return answer
-
-    async def _token(self, request: web.Request) -> web.Response:
-        self.token_calls += 1
-        if self.token_delay > 0:
-            await asyncio.sleep(self.token_delay)
-        if self.token_gate is not None:
-            await self.token_gate.wait()
-        if not self.grant_after_hangup and request.transport is None:
-            self.dropped_token_calls += 1
-            return web.Response(status=499)  # nobody is left to read it
-        if self.token_raw is not None and request.transport is not None:
-            request.transport.write(self.token_raw)
-            request.transport.close()
-            return web.Response()  # the connection is closed: aiohttp drops this
-        form = await _read_form(request)
-        grant = form.get("grant_type") if form is not None else None
-        if grant == "authorization_code":
-            self.code_calls += 1
-        if self.token_fail_status is not None:
-            return _html_error(self.token_fail_status)
-        if form is None:
-            return _oauth_problem(400, "The request body must be a JSON object or a form")
-        try:
-            return web.json_response(self._grant(form))
-        except crm.Reject as reject:
-            if grant == "refresh_token":
-                self.rejected_refresh_calls += 1
-            return reject.response
+        return self._oauth.access_token_live(token.strip())
 
     # -- /api/v4 --------------------------------------------------------------
 
@@ -376,7 +249,7 @@ class Sandbox:
     def app(self) -> web.Application:
         """Build the aiohttp application; every app built shares this sandbox's state."""
         app = web.Application(middlewares=[self._record])
-        app.router.add_post("/oauth2/access_token", self._token)
+        app.router.add_post("/oauth2/access_token", self._oauth.handle)
         app.router.add_route("*", "/api/v4{tail:.*}", self._api)
         app.router.add_post("/_sandbox/{action:code|expire|revoke}", self._admin)
         app.router.add_get("/_sandbox/{action:stats}", self._admin)
