@@ -230,6 +230,12 @@ class TokenManager:
     ) -> StoredPair:
         degraded = self._unsaved is not None and self._stored is not None
         current = self._stored if degraded else await self.store.load()
+        if not degraded and reason != "manual":
+            # Under the lease, re-read the shared state too: another process may have been
+            # refused this very token while we waited for the lease.
+            await self._adopt(current, announce=True)
+            if self._reauth_reason is not None:
+                raise ReauthRequiredError(self._reauth_reason)
         if current is None:
             raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
         old = current.pair
@@ -308,10 +314,11 @@ class TokenManager:
     async def _rejected(
         self, exc: GrantRejectedError, reason: str, current: StoredPair, lease: LeaseResult
     ) -> StoredPair:
-        await self.store.release_lease(self._holder)
+        # The lease stays held until reauth_required is persisted (the caller releases it):
+        # released earlier, a process waiting for it would spend the refused token again.
         latest = await self.store.load()
         if latest is not None and latest.generation > current.generation:
-            await self._adopt(latest, announce=True)  # another process won the race
+            await self._adopt(latest, announce=True)  # an import or code exchange landed
             return latest
         message = exc.message + lost_answer_note(lease.taken_over, current.generation)
         message += ": re-authorise with `amo-broker exchange-code CODE` or `amo-broker import`"
