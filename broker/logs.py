@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -39,24 +40,44 @@ _PATTERNS = (
 )
 _OURS = "_amo_broker_handler"
 _MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every line
+_KEEP_TOKENS = 64  # the newest tokens remembered for exact scrubbing
 
 
 class Redactor:
     """A structlog processor that removes secrets from every value of an event."""
 
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
+    def __init__(self, keep: int = _KEEP_TOKENS) -> None:
+        self._keep = keep
+        self._permanent: set[str] = set()
+        self._recent: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
 
-    def register(self, *values: str | None) -> None:
-        """Remember exact secret values to scrub from now on."""
-        fresh = {v for v in values if v and len(v) >= _MIN_SECRET_LEN} - self._secrets
+    def register(self, *values: str | None, permanent: bool = False) -> None:
+        """Remember exact secret values to scrub from now on.
+
+        Tokens rotate, so only the newest `keep` are remembered (the patterns still catch any
+        JWT or refresh token): remembering every token ever seen would grow the pattern, and
+        the cost of each rebuild, for the life of the process. Configured secrets (the client
+        secret) are `permanent`.
+        """
+        fresh = [v for v in values if v and len(v) >= _MIN_SECRET_LEN]
         if not fresh:
             return
         with self._lock:
-            self._secrets |= fresh
-            ordered = sorted(self._secrets, key=len, reverse=True)
+            known = self._permanent | self._recent.keys()
+            if permanent:
+                self._permanent.update(fresh)
+            else:
+                for value in fresh:
+                    self._recent[value] = None
+                    self._recent.move_to_end(value)
+                while len(self._recent) > self._keep:
+                    self._recent.popitem(last=False)
+            secrets = self._permanent | self._recent.keys()
+            if secrets == known:
+                return
+            ordered = sorted(secrets, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
 
     def scrub(self, value: Any) -> Any:

@@ -66,7 +66,7 @@ async def open_runtime(config: Config, *, need_oauth: bool = True) -> AsyncItera
     """Open store, session, OAuth client and token manager; load the stored pair."""
     oauth_config = config.require_oauth() if need_oauth else None
     if config.client_secret is not None:
-        redactor.register(config.client_secret.reveal())
+        redactor.register(config.client_secret.reveal(), permanent=True)
     async with open_store(config) as store, new_session() as session:
         oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
         manager = TokenManager(store, oauth, margin=config.margin_seconds)

@@ -265,3 +265,16 @@ def test_client_response_error_request_headers_are_scrubbed(stream: io.StringIO)
         )
     assert_no_leak(stream.getvalue(), token, JWT)
     assert json_lines(stream)[0]["request_headers"]["Authorization"] == "[redacted]"
+
+
+def test_remembered_tokens_are_bounded_and_configured_secrets_are_kept() -> None:
+    """Only the newest tokens are remembered; a permanent secret outlives any number of them."""
+    redactor = Redactor(keep=3)
+    client_secret = opaque()
+    redactor.register(client_secret, permanent=True)
+    tokens = [opaque() for _ in range(5)]
+    for token in tokens:
+        redactor.register(token)
+    event = redactor(None, "info", {"event": " ".join([client_secret, *tokens])})
+    assert_no_leak(event["event"], client_secret, *tokens[-3:])
+    assert tokens[0] in event["event"]  # forgotten: rotated away long ago
