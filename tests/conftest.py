@@ -3,6 +3,7 @@ broker application wired exactly as `serve` wires it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -140,3 +141,18 @@ def assert_no_leak(text: str | bytes, *secrets: str | None) -> None:
     found = leaked(text, *secrets)
     if found:
         raise AssertionError(f"secrets leaked into the text (fingerprints): {found}")
+
+
+def token_forms(*tokens: str | None) -> list[str]:
+    """Each token as text, as hex of its bytes and as (urlsafe) base64."""
+    forms: list[str] = []
+    for token in tokens:
+        if token:
+            data = token.encode()
+            forms += [
+                token,
+                data.hex(),
+                base64.b64encode(data).decode(),
+                base64.urlsafe_b64encode(data).decode(),
+            ]
+    return forms

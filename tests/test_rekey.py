@@ -9,7 +9,6 @@ files and Secret, tokens as TokenPair, and leak checks go through `assert_no_lea
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
 import sqlite3
@@ -31,7 +30,7 @@ from broker.service import open_runtime, serve
 from broker.store import PairInfo, StoredPair, TokenStore
 from broker.tokens import TokenPair
 from tests.cli_harness import Run, assert_user_error, run
-from tests.conftest import ConfigFactory, assert_no_leak, pair_from_sandbox
+from tests.conftest import ConfigFactory, assert_no_leak, pair_from_sandbox, token_forms
 
 
 @pytest.fixture(autouse=True)
@@ -131,21 +130,6 @@ def digests(db_path: Path) -> dict[str, str]:
     """SHA-256 of broker.db, -wal and -shm, whichever exist."""
     names = (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"))
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in names if p.exists()}
-
-
-def token_forms(pair: TokenPair) -> list[str]:
-    """Each token of `pair` as text, hex of its bytes and (urlsafe) base64."""
-    forms: list[str] = []
-    for token in (pair.access_token, pair.refresh_token):
-        if token:
-            data = token.encode()
-            forms += [
-                token,
-                data.hex(),
-                base64.b64encode(data).decode(),
-                base64.urlsafe_b64encode(data).decode(),
-            ]
-    return forms
 
 
 def with_env_tokens(make_config: ConfigFactory, pair: TokenPair) -> Config:
@@ -254,7 +238,7 @@ def test_store_files_hold_no_token_after_rotation(
     files = [p for p in names if p.exists()]
     assert db_path in files
     for path in files:
-        assert_no_leak(path.read_bytes(), *token_forms(seeded))
+        assert_no_leak(path.read_bytes(), *token_forms(seeded.access_token, seeded.refresh_token))
 
 
 def test_old_key_defaults_to_the_configured_key(

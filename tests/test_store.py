@@ -26,7 +26,7 @@ from broker.sandbox import Sandbox
 from broker.store import TokenStore
 from broker.store_schema import SCHEMA_VERSION
 from broker.tokens import TokenPair
-from tests.conftest import leaked, pair_from_sandbox
+from tests.conftest import leaked, pair_from_sandbox, token_forms
 
 OTHER_HOST_A = "otherhost:1:abc"
 OTHER_HOST_B = "otherhost:2:def"
@@ -56,21 +56,6 @@ def store_files(db_path: Path) -> dict[str, bytes]:
     """The bytes of broker.db, -wal and -shm, whichever exist."""
     names = (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"))
     return {p.name: p.read_bytes() for p in names if p.exists()}
-
-
-def token_forms(*tokens: str | None) -> list[str]:
-    """Each token as text, as hex of its bytes and as (urlsafe) base64."""
-    forms: list[str] = []
-    for token in tokens:
-        if token:
-            data = token.encode()
-            forms += [
-                token,
-                data.hex(),
-                base64.b64encode(data).decode(),
-                base64.urlsafe_b64encode(data).decode(),
-            ]
-    return forms
 
 
 def same_pair(a: TokenPair, b: TokenPair) -> bool:
