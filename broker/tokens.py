@@ -67,9 +67,6 @@ class TokenPair:
     def refresh_fingerprint(self) -> str | None:
         return fingerprint(self.refresh_token) if self.refresh_token else None
 
-    def seconds_left(self, now: float) -> float:
-        return self.expires_at - now
-
 
 def refresh_due_at(pair: TokenPair, margin: float) -> float:
     """Return when to refresh proactively: `margin` before expiry, at most half the lifetime.
@@ -84,11 +81,6 @@ def refresh_due_at(pair: TokenPair, margin: float) -> float:
 def needs_refresh(pair: TokenPair, now: float, margin: float) -> bool:
     """Say whether the pair is due for a proactive refresh."""
     return now >= refresh_due_at(pair, margin)
-
-
-def is_expired(pair: TokenPair, now: float, skew: float = 5.0) -> bool:
-    """Say whether the access token is (about to be) unusable; `skew` covers the trip there."""
-    return now >= pair.expires_at - skew
 
 
 def expiry_from_grant(access_token: str, expires_in: object, now: float) -> float:

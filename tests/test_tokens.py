@@ -15,7 +15,6 @@ from broker.tokens import (
     TokenPair,
     expiry_from_grant,
     fingerprint,
-    is_expired,
     jwt_expiry,
     needs_refresh,
     refresh_due_at,
@@ -151,22 +150,6 @@ def test_needs_refresh_switches_exactly_at_the_due_moment() -> None:
     assert not needs_refresh(subject, due - 0.001, 600)
     assert needs_refresh(subject, due, 600)
     assert needs_refresh(subject, subject.expires_at + 1, 600)
-
-
-def test_is_expired_allows_for_the_trip_to_amocrm() -> None:
-    """A token is treated as expired `skew` seconds (default 5) before its expiry."""
-    subject = pair()
-    assert not is_expired(subject, subject.expires_at - 5.001)
-    assert is_expired(subject, subject.expires_at - 5)
-    assert not is_expired(subject, subject.expires_at - 0.5, skew=0)
-    assert is_expired(subject, subject.expires_at, skew=0)
-
-
-def test_seconds_left_counts_down_to_expiry() -> None:
-    """seconds_left is expires_at minus now (negative once expired)."""
-    subject = pair()
-    assert subject.seconds_left(NOW) == DAY
-    assert subject.seconds_left(NOW + DAY + 10) == -10
 
 
 @settings(max_examples=300, deadline=None)
