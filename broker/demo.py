@@ -89,9 +89,10 @@ Try it from another terminal:
   curl -s -X POST {url}/api/v4/leads -H 'Content-Type: application/json' \\
        -d '[{{"name": "Demo deal", "price": 1000}}]'
   curl -s {url}/status                               # state, generation, expiry
-  BROKER_CONFIG={config_path} {me} refresh      # rotate now: watch "generation" grow
   curl -s -X POST {sandbox_url}/_sandbox/expire      # amoCRM drops the token: the next
   curl -s {url}/api/v4/contacts                      #   call gets a 401, refreshes, replays
+  BROKER_CONFIG={config_path} {me} refresh      # rotate now from another process:
+  curl -s {url}/status                               #   "generation" grows (within 5 s here)
 
 Ctrl-C stops the demo and deletes its temp directory.
 """
