@@ -34,27 +34,22 @@ class TokenRequest:
 
 def build_refresh_request(client: OAuthClientConfig, refresh_token: str) -> TokenRequest:
     """Build the refresh_token grant."""
-    return TokenRequest(
-        client.base_url + TOKEN_PATH,
-        {
-            "client_id": client.client_id,
-            "client_secret": client.client_secret.reveal(),
-            "grant_type": "refresh_token",
-            "refresh_token": refresh_token,
-            "redirect_uri": client.redirect_uri,
-        },
-    )
+    return _grant(client, "refresh_token", refresh_token=refresh_token)
 
 
 def build_code_request(client: OAuthClientConfig, code: str) -> TokenRequest:
     """Build the authorization_code grant."""
+    return _grant(client, "authorization_code", code=code)
+
+
+def _grant(client: OAuthClientConfig, grant_type: str, **credential: str) -> TokenRequest:
     return TokenRequest(
         client.base_url + TOKEN_PATH,
         {
             "client_id": client.client_id,
             "client_secret": client.client_secret.reveal(),
-            "grant_type": "authorization_code",
-            "code": code,
+            "grant_type": grant_type,
+            **credential,
             "redirect_uri": client.redirect_uri,
         },
     )
