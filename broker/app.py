@@ -1,4 +1,4 @@
-"""Assemble the aiohttp application: /healthz, /readyz, /status and the /api/v4 proxy."""
+"""Assemble the aiohttp application: /healthz, /readyz, /status, /metrics and the proxy."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.clients import ClientRegistry, presented_secret
+from broker.config import LimitSettings
 from broker.errors import BrokerError
+from broker.limiter import AccountLimiter
 from broker.logs import get_logger
+from broker.metrics import Metrics
 from broker.proxy import CALLER, Proxy, error_response
 from broker.refresher import TokenManager
 from broker.status import live_status
@@ -24,6 +28,8 @@ CLIENTS = web.AppKey("clients", ClientRegistry)
 # Probes stay open: an orchestrator's kubelet has no caller secret, and they reveal nothing.
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 PROXY = web.AppKey("proxy", Proxy)
+LIMITER = web.AppKey("limiter", AccountLimiter)
+METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +44,7 @@ def create_app(
     max_body_bytes: int = 16 << 20,
     proactive: bool = True,
     clients: ClientRegistry | None = None,
+    limits: LimitSettings | None = None,
 ) -> web.Application:
     """Build the broker's application around an already loaded token manager.
 
@@ -48,13 +55,22 @@ def create_app(
     if clients is not None:
         app[CLIENTS] = clients
     app[MANAGER] = manager
+    app[LIMITER] = limiter = AccountLimiter(limits or LimitSettings())
+    app[METRICS] = metrics = Metrics(manager, limiter)
     app[PROXY] = Proxy(
-        manager, session, base_url, timeout=upstream_timeout, max_body_bytes=max_body_bytes
+        manager,
+        session,
+        base_url,
+        timeout=upstream_timeout,
+        max_body_bytes=max_body_bytes,
+        limiter=limiter,
+        metrics=metrics,
     )
     app[STARTED] = time.time()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics_text)
     app.router.add_route("*", "/{tail:.*}", app[PROXY].handle)
     if proactive:
         app.cleanup_ctx.append(_proactive_loop)
@@ -89,9 +105,10 @@ async def readyz(request: web.Request) -> web.Response:
     """Answer 200 only while a usable token is held."""
     manager = request.app[MANAGER]
     left = manager.seconds_until_expiry
+    state = request.app[LIMITER].state or manager.state
     # Degraded still serves (the pair in memory works); the state and the header say so.
-    ready = manager.state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
-    return web.json_response({"ready": ready, "state": manager.state}, status=200 if ready else 503)
+    ready = state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
+    return web.json_response({"ready": ready, "state": state}, status=200 if ready else 503)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -101,7 +118,16 @@ async def status(request: web.Request) -> web.Response:
         requests_total=request.app[PROXY].stats.requests_total,
         started=request.app[STARTED],
     )
+    limiter = request.app[LIMITER]
+    doc.update(limiter.status())
+    doc["state"] = limiter.state or doc["state"]
     return web.json_response(doc)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    """Serve the Prometheus text format (behind caller authentication, when it is on)."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @web.middleware

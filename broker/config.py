@@ -94,6 +94,16 @@ def _seconds(name: str, raw: Any) -> float:
     return value
 
 
+def _rate(name: str, raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected requests per second, got {raw!r}") from None
+    if isinstance(raw, bool) or not 0 < value <= 1_000_000:
+        raise ConfigError(f"{name}: expected requests per second above 0, got {raw!r}")
+    return value
+
+
 def _choice(*options: str) -> Callable[[str, Any], str]:
     def parse(name: str, raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -165,6 +175,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", _seconds, 15.0),
     Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", _seconds, 60.0),
     Setting("proxy", "max_body_bytes", "BROKER_MAX_BODY_BYTES", _int_in(1, 1 << 31), 16 << 20),
+    Setting("limits", "rps", "BROKER_RPS", _rate, 7.0),
+    Setting("limits", "burst", "BROKER_BURST", _int_in(1, 1_000_000), 7),
+    Setting("limits", "max_queue", "BROKER_MAX_QUEUE", _int_in(0, 1_000_000), 256),
+    Setting("limits", "max_wait_seconds", "BROKER_MAX_WAIT", _seconds, 30.0),
+    Setting("limits", "max_retries", "BROKER_MAX_RETRIES", _int_in(0, 10), 3),
+    Setting("limits", "block_after", "BROKER_BLOCK_AFTER", _int_in(1, 100), 3),
+    Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", _seconds, 600.0),
     Setting("log", "format", "BROKER_LOG_FORMAT", _choice("json", "console"), "json"),
     Setting("log", "level", "BROKER_LOG_LEVEL", _LEVELS, "info"),
 )
@@ -181,6 +198,19 @@ class OAuthClientConfig:
     client_id: str
     client_secret: Secret[str]
     redirect_uri: str
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """The [limits] settings: the account's pace, its queue, 429 retries and block handling."""
+
+    rps: float = 7.0
+    burst: int = 7
+    max_queue: int = 256
+    max_wait: float = 30.0
+    max_retries: int = 3
+    block_after: int = 3
+    block_cooldown: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +233,7 @@ class Config:
     refresh_timeout: float
     upstream_timeout: float
     max_body_bytes: int
+    limits: LimitSettings
     log_format: str
     log_level: str
     bootstrap_access_token: Secret[str] | None
@@ -301,6 +332,15 @@ def load_config(
         refresh_timeout=values["refresh.timeout_seconds"],
         upstream_timeout=values["proxy.timeout_seconds"],
         max_body_bytes=values["proxy.max_body_bytes"],
+        limits=LimitSettings(
+            rps=values["limits.rps"],
+            burst=values["limits.burst"],
+            max_queue=values["limits.max_queue"],
+            max_wait=values["limits.max_wait_seconds"],
+            max_retries=values["limits.max_retries"],
+            block_after=values["limits.block_after"],
+            block_cooldown=values["limits.block_cooldown_seconds"],
+        ),
         log_format=values["log.format"],
         log_level=values["log.level"],
         bootstrap_access_token=_secret_env(env, BOOTSTRAP_ACCESS_ENV),

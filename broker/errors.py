@@ -9,8 +9,10 @@
     ├── TokenEndpointError        token_endpoint_unavailable  503   2   5xx, timeout, refused
     │   └── GrantRejectedError    grant_rejected              503   2   400/401 from the endpoint
     ├── RequestRejected           (per instance)              4xx   1   the proxy refuses a call
-    └── UpstreamError             bad_gateway                 502   1   amoCRM unreachable
-        └── UpstreamTimeout       gateway_timeout             504   1   amoCRM too slow
+    ├── UpstreamError             bad_gateway                 502   1   amoCRM unreachable
+    │   └── UpstreamTimeout       gateway_timeout             504   1   amoCRM too slow
+    ├── RateLimited               rate_limited                503   1   over the account's pace
+    └── AccountBlocked            account_blocked             503   1   amoCRM blocked the account
 
 Messages never carry a token or secret: they are shown to callers and printed on the terminal.
 """
@@ -111,3 +113,19 @@ class UpstreamTimeout(UpstreamError):
 
     code = "gateway_timeout"
     http_status = 504
+
+
+class RateLimited(BrokerError):
+    """The account's request queue is full: come back after `retry_after` seconds."""
+
+    code = "rate_limited"
+    http_status = 503
+    exit_code = 1
+
+
+class AccountBlocked(BrokerError):
+    """amoCRM has blocked the account (403s): nothing is sent until the cool-down ends."""
+
+    code = "account_blocked"
+    http_status = 503
+    exit_code = 1

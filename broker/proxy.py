@@ -1,11 +1,15 @@
-"""Forward /api/v4 calls to amoCRM with the broker's token, replaying once after a 401.
+"""Forward /api/v4 calls to amoCRM with the broker's token, at the account's pace.
 
-The request body is buffered (up to the configured limit) so it can be sent twice; the
-response streams back chunk by chunk and is never held whole in memory.
+Every send waits for the account limiter (first sends, replays and retries alike). A 401 is
+replayed once with a fresh token; a 429 is retried, within a budget, for idempotent calls or
+when the caller says it is safe (`X-Broker-Retry: 1`). The request body is buffered (up to
+the configured limit) so it can be sent again; the response streams back chunk by chunk and
+is never held whole in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -13,8 +17,17 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from broker.errors import BrokerError, RequestRejected, UpstreamError, UpstreamTimeout
+from broker.errors import (
+    AccountBlocked,
+    BrokerError,
+    RateLimited,
+    RequestRejected,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from broker.limiter import AccountLimiter, status_class
 from broker.logs import get_logger
+from broker.metrics import Metrics, method_label, resource_label
 from broker.proxy_rules import (
     check_method,
     check_target,
@@ -28,6 +41,8 @@ log = get_logger()
 
 CHUNK = 64 * 1024
 CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it is on
+# Safe to send twice: the second has the same effect as the first. POST and PATCH are not.
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
 @dataclass
@@ -35,6 +50,16 @@ class ProxyStats:
     requests_total: int = 0
     replays_total: int = 0
     upstream_errors_total: int = 0
+
+
+@dataclass
+class Exchange:
+    """amoCRM's final answer to one call, and how many sends it took."""
+
+    upstream: aiohttp.ClientResponse
+    replayed: bool = False
+    retries: int = 0
+    throttle_pause: float | None = None  # the back-off, when the answer is a 429
 
 
 class Proxy:
@@ -48,8 +73,12 @@ class Proxy:
         *,
         timeout: float,
         max_body_bytes: int,
+        limiter: AccountLimiter,
+        metrics: Metrics,
     ) -> None:
         self._manager = manager
+        self._limiter = limiter
+        self._metrics = metrics
         self._max_body = max_body_bytes
         self._session = session
         self._base = base_url.rstrip("/")
@@ -61,45 +90,84 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Proxy one call; every failure of the broker's own is a JSON error."""
         started = time.monotonic()
-        status, retried = 0, False
+        status, exchange = 0, None
         path = request.raw_path.partition("?")[0]
+        resource = resource_of(path)
         self.stats.requests_total += 1
         try:
             check_method(request.method)
             target = check_target(request.raw_path)
             body = await self._read_body(request)
-            upstream, retried = await self._exchange(request, target, body)
-            status = upstream.status
-            return await self._relay(request, upstream)
+            exchange = await self._exchange(request, target, body, resource_label(resource))
+            status = exchange.upstream.status
+            return await self._relay(request, exchange)
         except BrokerError as exc:
             status = exc.http_status
+            if isinstance(exc, RateLimited | AccountBlocked):
+                self._metrics.refused.labels(exc.code).inc()
             return error_response(exc)
         finally:
+            caller = request.get(CALLER)
+            self._metrics.requests.labels(
+                method_label(request.method), status_class(status), caller or "-"
+            ).inc()
             log.info(
                 "request",
                 method=request.method,
                 path=path[:512],
-                resource=resource_of(path),
+                resource=resource,
                 status=status,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
-                retried=retried,
-                client=request.get(CALLER),
+                retried=exchange is not None and exchange.replayed,
+                retries=exchange.retries if exchange else 0,
+                client=caller,
             )
 
     async def _exchange(
-        self, request: web.Request, target: str, body: bytes
-    ) -> tuple[aiohttp.ClientResponse, bool]:
+        self, request: web.Request, target: str, body: bytes, resource: str
+    ) -> Exchange:
+        # A 429 is retried only where sending twice is harmless, or where the caller says so.
+        may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
+        exchange: Exchange | None = None
+        replayed, retries = False, 0
         token, generation = await self._manager.token()
+        while True:
+            if exchange is not None:
+                exchange.upstream.release()
+            upstream, pause = await self._paced_send(request, target, body, token, resource)
+            exchange = Exchange(upstream, replayed, retries, pause)
+            if upstream.status == 401 and not replayed:
+                # One refresh for everyone who hit this 401, then exactly one replay: a 401
+                # on the replay goes back to the caller as is, never into a loop.
+                upstream.release()
+                await self._manager.unauthorized(generation)
+                token, generation = await self._manager.token()
+                replayed = True
+                self.stats.replays_total += 1
+                self._metrics.retries.labels("unauthorized").inc()
+                continue
+            if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
+                retries += 1
+                self._limiter.upstream.retries_total += 1
+                self._metrics.retries.labels("throttled").inc()
+                continue
+            return exchange
+
+    async def _paced_send(
+        self, request: web.Request, target: str, body: bytes, token: str, resource: str
+    ) -> tuple[aiohttp.ClientResponse, float | None]:
+        """Wait for the account's turn, send, and report amoCRM's answer to the limiter."""
+        waited, sent_at = await self._limiter.admit()
+        self._metrics.queue_wait.observe(waited)
         upstream = await self._send(request, target, body, token)
-        if upstream.status != 401:
-            return upstream, False
-        # One refresh for everyone who hit this 401, then exactly one replay: a 401 on the
-        # replay goes back to the caller as is, never into a loop.
-        upstream.release()
-        await self._manager.unauthorized(generation)
-        token, _ = await self._manager.token()
-        self.stats.replays_total += 1
-        return await self._send(request, target, body, token), True
+        loop = asyncio.get_running_loop()
+        self._metrics.upstream_latency.labels(resource).observe(loop.time() - sent_at)
+        self._metrics.upstream_responses.labels(status_class(upstream.status)).inc()
+        content_type = upstream.headers.get("Content-Type", "")
+        pause = self._limiter.observe(upstream.status, content_type, sent_at)
+        if pause is not None:
+            self._metrics.upstream_throttled.inc()
+        return upstream, pause
 
     async def _send(
         self, request: web.Request, target: str, body: bytes, token: str
@@ -121,11 +189,16 @@ class Proxy:
                 timeout=self._timeout,
             )
         except TimeoutError:
-            self.stats.upstream_errors_total += 1
+            self._upstream_error("timeout")
             raise UpstreamTimeout("amoCRM did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
-            self.stats.upstream_errors_total += 1
+            self._upstream_error("unreachable")
             raise UpstreamError(f"cannot reach amoCRM: {type(exc).__name__}") from None
+
+    def _upstream_error(self, kind: str) -> None:
+        self.stats.upstream_errors_total += 1
+        self._limiter.error(kind)
+        self._metrics.upstream_errors.labels(kind).inc()
 
     async def _read_body(self, request: web.Request) -> bytes:
         if not request.body_exists:
@@ -145,13 +218,15 @@ class Proxy:
             "body_too_large", f"the request body is over the limit of {self._max_body} bytes", 413
         )
 
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        upstream = exchange.upstream
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in response_headers(upstream.headers.items()):
                 response.headers.add(name, value)
+            if exchange.throttle_pause is not None and "Retry-After" not in response.headers:
+                # amoCRM's 429 says nothing of when to come back; the account's back-off does.
+                response.headers["Retry-After"] = str(max(1, round(exchange.throttle_pause)))
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
@@ -165,7 +240,7 @@ class Proxy:
                 return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already: the only honest signal left is a cut connection.
-                self.stats.upstream_errors_total += 1
+                self._upstream_error("broken_stream")
                 log.warning("upstream_stream_broken", error=type(exc).__name__)
                 if request.transport is not None:
                     request.transport.close()

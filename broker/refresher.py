@@ -13,8 +13,9 @@ The rules the whole broker rests on:
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from broker.errors import (
@@ -58,6 +59,8 @@ class RefreshStats:
     last_error: str | None = None
     next_attempt_at: float | None = None  # wall time, for /status only
     store_error: str | None = None  # why the newest pair is held in memory only
+    # (reason, outcome) -> count, for /metrics: outcome is rotated, failed or rejected.
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class TokenManager:
@@ -260,6 +263,7 @@ class TokenManager:
         self._failures_in_row = 0
         self._retry_at = 0.0
         self.stats.refreshes_total += 1
+        self.stats.outcomes[reason, "rotated"] += 1
         self.stats.last_refresh_at = self._clock.time()
         self.stats.last_refresh_reason = reason
         self.stats.last_error = None
@@ -348,6 +352,7 @@ class TokenManager:
         self, reason: str, current: StoredPair, message: str, outcome: str
     ) -> None:
         self.stats.refresh_failures_total += 1
+        self.stats.outcomes[reason, outcome] += 1
         self.stats.last_error = message
         await _quietly(
             self.store.record_failure(

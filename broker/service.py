@@ -138,6 +138,7 @@ def build_app(
         max_body_bytes=config.max_body_bytes,
         proactive=proactive,
         clients=clients,
+        limits=config.limits,
     )
 
 

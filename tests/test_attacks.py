@@ -974,11 +974,13 @@ UPSTREAM_ERRORS = [
 async def test_upstream_error_bodies_are_relayed_byte_identical(
     over_fake: OverFake, status: int, content_type: str, body: bytes
 ) -> None:
-    """amoCRM's own error statuses and bodies reach the caller exactly as amoCRM sent them."""
+    """amoCRM's own error statuses and bodies reach the caller exactly as amoCRM sent them.
+
+    A POST, so the 429 is relayed rather than retried (a POST is never retried on its own).
+    """
     over_fake.amo.answers["/api/v4/leads"] = (status, [("Content-Type", content_type)], body)
-    exchange = await send_raw(
-        over_fake.client.host, over_fake.client.port, http("GET /api/v4/leads HTTP/1.1")
-    )
+    request = http("POST /api/v4/leads HTTP/1.1", "Content-Length: 2", body=b"[]")
+    exchange = await send_raw(over_fake.client.host, over_fake.client.port, request)
     assert exchange.statuses == [status]
     assert exchange.replies[0].body == body
     assert exchange.replies[0].header("Content-Type") == content_type

@@ -1,0 +1,154 @@
+"""Expose the broker's counters in the Prometheus text format, through prometheus-client.
+
+Each application gets its own registry (tests run many brokers in one process). Event
+counts (requests, latencies, retries) are recorded as they happen; values that already
+live elsewhere (token expiry, state, queue depth, refresh outcomes) are read at scrape time
+by a collector, so there is one source of truth for each.
+
+Labels stay bounded: methods from a fixed set, status classes, registered caller names,
+and amoCRM's resource names from a fixed list (anything else is `other`) — never a raw path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.limiter import AccountLimiter
+from broker.refresher import TokenManager
+
+# Every state /status can show; one gauge series each, 1 for the current one.
+STATES = ("ok", "refreshing", "store_degraded", "reauth_required", "no_tokens", "blocked")
+# amoCRM's /api/v4 top-level resources; a path outside them counts as `other`.
+RESOURCES = frozenset(
+    {
+        "account", "calls", "catalogs", "chats", "companies", "contacts", "customers",
+        "events", "files", "leads", "roles", "short_links", "sources", "talks", "tasks",
+        "users", "webhooks", "websites", "widgets",
+    }
+)  # fmt: skip
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_WAIT_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def resource_label(resource: str) -> str:
+    return resource if resource in RESOURCES else "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+class Metrics:
+    """The broker's metrics in one registry; `render()` gives the text for /metrics."""
+
+    def __init__(self, manager: TokenManager, limiter: AccountLimiter) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "amo_broker_requests",
+            "Calls answered by the broker, by method, status class and caller.",
+            ["method", "status_class", "caller"],
+            registry=reg,
+        )
+        self.upstream_latency = Histogram(
+            "amo_broker_upstream_latency_seconds",
+            "Time from sending a call to amoCRM until its response headers arrived.",
+            ["resource"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_responses = Counter(
+            "amo_broker_upstream_responses",
+            "Answers from amoCRM, by status class (429 and 403 included).",
+            ["status_class"],
+            registry=reg,
+        )
+        self.upstream_throttled = Counter(
+            "amo_broker_upstream_throttled", "429 answers from amoCRM.", registry=reg
+        )
+        self.upstream_errors = Counter(
+            "amo_broker_upstream_errors",
+            "Calls that got no (whole) answer from amoCRM, by kind.",
+            ["kind"],
+            registry=reg,
+        )
+        self.retries = Counter(
+            "amo_broker_retries",
+            "Calls sent again: after a 401 (with a fresh token) or after a 429.",
+            ["reason"],
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "amo_broker_queue_wait_seconds",
+            "Time a call waited for the account's pace before it was sent.",
+            buckets=_WAIT_BUCKETS,
+            registry=reg,
+        )
+        self.refused = Counter(
+            "amo_broker_refused",
+            "Calls answered 503 without sending: rate_limited (queue full) or account_blocked.",
+            ["reason"],
+            registry=reg,
+        )
+        reg.register(_LiveCollector(manager, limiter))
+        ProcessCollector(registry=reg)
+
+    def render(self) -> bytes:
+        """Return the registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Read the values that live in the token manager and the limiter, at scrape time."""
+
+    def __init__(self, manager: TokenManager, limiter: AccountLimiter) -> None:
+        self._manager = manager
+        self._limiter = limiter
+
+    def collect(self) -> Iterator[Metric]:
+        manager, limiter = self._manager, self._limiter
+        current = limiter.state or manager.state
+        state = GaugeMetricFamily(
+            "amo_broker_state", "The broker's state: 1 for the current one.", labels=["state"]
+        )
+        for name in STATES:
+            state.add_metric([name], 1.0 if name == current else 0.0)
+        yield state
+        left = manager.seconds_until_expiry
+        expiry = GaugeMetricFamily(
+            "amo_broker_access_token_expires_in_seconds",
+            "Seconds until the access token in use expires (absent without one).",
+        )
+        if left is not None:
+            expiry.add_metric([], left)
+        yield expiry
+        yield GaugeMetricFamily(
+            "amo_broker_token_generation", "Generation of the pair in use.", manager.generation
+        )
+        refreshes = CounterMetricFamily(
+            "amo_broker_refreshes",
+            "Refresh attempts by this process, by reason and outcome.",
+            labels=["reason", "outcome"],
+        )
+        for (reason, outcome), count in sorted(manager.stats.outcomes.items()):
+            refreshes.add_metric([reason, outcome], count)
+        yield refreshes
+        yield GaugeMetricFamily(
+            "amo_broker_queue_depth",
+            "Calls waiting for the account's pace now.",
+            limiter.pacer.depth,
+        )
+        yield GaugeMetricFamily(
+            "amo_broker_rate_limit_rps", "The configured pace.", limiter.settings.rps
+        )
