@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_rotate_key)
 
+    p = sub.add_parser(
+        "backup", parents=[common], help="copy the store to a new file (safe while serving)"
+    )
+    p.add_argument("path", type=Path, help="the new backup file (never overwritten)")
+    p.set_defaults(func=cmd_backup)
+
     cli_clients.register(sub, common, _config)
     return parser
 
@@ -312,6 +318,15 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     config = _config(args)
     old, new = rotation_keys(config, args.old_key_file, args.new_key_file)
     _print_json(asyncio.run(rotate_key(config, old, new)))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from broker.backup import backup_store
+
+    # Like `status`, no key is needed: the copy holds ciphertexts, never a token.
+    config = _config(args)
+    print(backup_store(config.db_path, args.path).summary())
     return 0
 
 
