@@ -10,21 +10,19 @@ import argparse
 import asyncio
 import getpass
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from broker import __version__, cli_clients
+from broker import __version__, cli_clients, cli_status
 from broker.config import Config, load_config
-from broker.crypto import Sealer, new_key
-from broker.errors import BrokerError, ConfigError, StoreLockedError
+from broker.crypto import new_key
+from broker.errors import BrokerError, ConfigError
 from broker.keyfile import write_key_file
 from broker.logs import configure_logging
 from broker.service import import_pair, open_runtime, open_store, pair_from_import, serve
-from broker.status import store_status
 from broker.store import TokenStore
 from broker.tokens import iso
 
@@ -104,9 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refresh", parents=[common], help="rotate the pair now (safe while serving)")
     p.set_defaults(func=cmd_refresh)
 
-    p = sub.add_parser("status", parents=[common], help="print the status JSON from the store")
-    p.set_defaults(func=cmd_status)
-
     # Not `common`: its --key-file would be ambiguous next to the old and the new key.
     p = sub.add_parser("rotate-key", help="re-seal the store under a new encryption key")
     p.add_argument(
@@ -130,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="the new backup file (never overwritten)")
     p.set_defaults(func=cmd_backup)
 
+    cli_status.register(sub, common, _config)
     cli_clients.register(sub, common, _config)
     return parser
 
@@ -291,27 +287,6 @@ async def _refresh(config: Config) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    config = _config(args)
-    return asyncio.run(_status(config))
-
-
-async def _status(config: Config) -> int:
-    # Status describes the store without opening ciphertexts, so it works without the key;
-    # with the key it also says whether that key opens the pair.
-    key = config.key.reveal() if config.key is not None else os.urandom(32)
-    if not config.db_path.exists():
-        raise ConfigError(f"no store at {config.db_path} (BROKER_DB / [store] path)")
-    store = await TokenStore.open(config.db_path, Sealer(key), account=config.account)
-    try:
-        doc = await store_status(store)
-        doc["key_check"] = await _key_check(store) if config.key is not None else "no key given"
-    finally:
-        await store.close()
-    _print_json(doc)
-    return 0
-
-
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     from broker.rekey import rotate_key, rotation_keys
 
@@ -332,11 +307,3 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 async def _check_key(store: TokenStore) -> None:
     await store.load()
-
-
-async def _key_check(store: TokenStore) -> str:
-    try:
-        await store.load()
-    except StoreLockedError as exc:
-        return f"failed: {exc.message}"
-    return "ok"

@@ -11,7 +11,7 @@ This module is the public face: tokens, the checks in front of /api/v4, records
 and knobs. The token endpoint behind it lives in `_sandbox_oauth`, the leads and
 contacts behind the /api/v4 checks in `_sandbox_crm`.
 
-`/_sandbox/{code,expire,revoke,stats}` expose the same controls over HTTP for
+`/_sandbox/{code,expire,revoke,block,unblock,stats}` expose the same controls over HTTP for
 tests that run the broker in another process. They take no credentials, so only
 ever bind the sandbox to loopback.
 """
@@ -54,8 +54,11 @@ _COUNTERS = (
     "code_calls",
     "api_calls",
     "unauthorized_api_calls",
+    "throttled_api_calls",
+    "blocked_api_calls",
 )
 _RATE_LIMIT_HTML = "<html><body><h1>429 Too Many Requests</h1></body></html>"
+_BLOCKED_HTML = "<html><body><h1>403 Forbidden</h1><p>Account is blocked</p></body></html>"
 _T = TypeVar("_T")
 
 
@@ -100,9 +103,11 @@ class _OAuthAttribute(Generic[_T]):
 class Sandbox:
     """An in-memory amoCRM account with one OAuth client, plus knobs and records.
 
-    Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, and the
-    token endpoint's faults, described in `_sandbox_oauth`) are attributes a test can
-    flip while the server runs; the token endpoint's are forwarded to its server.
+    Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, `blocked`,
+    `api_script`, and the token endpoint's faults, described in `_sandbox_oauth`) are
+    attributes a test can flip while the server runs; the token endpoint's are forwarded to
+    its server. `arrivals` holds the monotonic time each /api/v4 call arrived, throttled or
+    not, so a test can count what amoCRM would have seen in any one second.
     """
 
     client_id = _OAuthAttribute[str]()
@@ -143,8 +148,13 @@ class Sandbox:
         )
         self.rate_limit_rps = rate_limit_rps
         self.api_delay = 0.0
+        self.blocked = False  # every /api/v4 call answers 403 HTML, as a blocked account does
+        self.api_script: deque[int] = deque()  # 429 or 403 answers for the next calls
         self.api_calls = 0
         self.unauthorized_api_calls = 0
+        self.throttled_api_calls = 0
+        self.blocked_api_calls = 0
+        self.arrivals: list[float] = []
         self.requests: list[RecordedRequest] = []
         self._clock = clock
         self._window: deque[float] = deque()
@@ -203,13 +213,19 @@ class Sandbox:
         return False
 
     async def _api(self, request: web.Request) -> web.Response:
+        self.arrivals.append(time.monotonic())
         self.api_calls += 1
         authorized = self._access_token_valid(request.headers.get("Authorization", ""))
         request[_RECORD].authorized = authorized
         if self.api_delay > 0:
             await asyncio.sleep(self.api_delay)
-        # nginx throttles in front of the application, before anyone looks at tokens.
-        if self._rate_limited():
+        scripted = self.api_script.popleft() if self.api_script else None
+        # nginx throttles and blocks in front of the application, before any token check.
+        if self.blocked or scripted == 403:
+            self.blocked_api_calls += 1
+            return web.Response(status=403, text=_BLOCKED_HTML, content_type="text/html")
+        if scripted == 429 or self._rate_limited():
+            self.throttled_api_calls += 1
             return web.Response(status=429, text=_RATE_LIMIT_HTML, content_type="text/html")
         if not authorized:
             self.unauthorized_api_calls += 1
@@ -242,6 +258,8 @@ class Sandbox:
             self.expire_access_tokens()
         elif action == "revoke":
             self.revoke_refresh_tokens()
+        elif action in ("block", "unblock"):
+            self.blocked = action == "block"
         stats = {name: getattr(self, name) for name in _COUNTERS}
         stats.update(requests=len(self.requests), live_refresh_tokens=len(self.live_refresh_tokens))
         return web.json_response(stats)
@@ -251,7 +269,7 @@ class Sandbox:
         app = web.Application(middlewares=[self._record])
         app.router.add_post("/oauth2/access_token", self._oauth.handle)
         app.router.add_route("*", "/api/v4{tail:.*}", self._api)
-        app.router.add_post("/_sandbox/{action:code|expire|revoke}", self._admin)
+        app.router.add_post("/_sandbox/{action:code|expire|revoke|block|unblock}", self._admin)
         app.router.add_get("/_sandbox/{action:stats}", self._admin)
         return app
 

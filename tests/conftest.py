@@ -4,11 +4,13 @@ broker application wired exactly as `serve` wires it."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -126,6 +128,29 @@ async def broker(
         app = build_app(runtime, config, proactive=False)
         client = await aiohttp_client(app)  # type: ignore[operator]
         yield Broker(client, runtime.manager, runtime.store, sandbox, config)
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The broker's JSON log lines, written to a string for the test to read."""
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    yield stream
+    configure_logging("console", "info")
+
+
+def log_events(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
+    """The logged events named `event`, parsed."""
+    lines = (json.loads(line) for line in stream.getvalue().splitlines())
+    return [e for e in lines if e.get("event") == event]
+
+
+def most_in_one_second(times: list[float]) -> int:
+    """The largest number of `times` within any window of one second, closed at both ends."""
+    ordered = sorted(times)
+    return max(
+        (sum(1 for t in ordered if start <= t <= start + 1.0) for start in ordered), default=0
+    )
 
 
 def leaked(text: str | bytes, *secrets: str | None) -> list[str]:

@@ -31,7 +31,14 @@ from broker.sandbox import Sandbox
 from broker.store import StoredPair, TokenStore
 from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
 from tests.cli_harness import Run, assert_user_error, run
-from tests.conftest import ConfigFactory, leaked, pair_from_sandbox, seed_store
+from tests.conftest import (
+    Broker,
+    ConfigFactory,
+    assert_no_leak,
+    leaked,
+    pair_from_sandbox,
+    seed_store,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -276,7 +283,7 @@ def test_import_with_a_wrong_key_keeps_the_store(
     assert "BROKER_ENCRYPTION_KEY" in line
 
     monkeypatch.setenv("BROKER_ENCRYPTION_KEY", secret_key.reveal())
-    status = run(capsys, "status")
+    status = run(capsys, "status", "--json")
     assert status.code == 0
     doc = status.json()
     assert doc["generation"] == 1
@@ -359,7 +366,7 @@ def imported(
 def test_status_after_import(capsys: pytest.CaptureFixture[str], imported: TokenPair) -> None:
     """status prints state ok, generation 1, the expiry and a passing key check, no token."""
     expected_expiry = iso(jwt_expiry(imported.access_token))
-    result = run(capsys, "status")
+    result = run(capsys, "status", "--json")
     found = leaked(result.text, imported.access_token, imported.refresh_token)
     assert not found
     assert result.code == 0
@@ -376,7 +383,7 @@ def test_status_with_a_wrong_key_fails_the_key_check(
 ) -> None:
     """status under a wrong key still describes the store, with key_check 'failed: …'."""
     monkeypatch.setenv("BROKER_ENCRYPTION_KEY", new_key())
-    result = run(capsys, "status")
+    result = run(capsys, "status", "--json")
     found = leaked(result.text, imported.access_token, imported.refresh_token)
     assert not found
     assert result.code == 0
@@ -390,7 +397,7 @@ def test_status_without_a_key(
 ) -> None:
     """status with no key configured describes the store and says no key was given."""
     monkeypatch.delenv("BROKER_ENCRYPTION_KEY")
-    result = run(capsys, "status")
+    result = run(capsys, "status", "--json")
     found = leaked(result.text, imported.access_token, imported.refresh_token)
     assert not found
     assert result.code == 0
@@ -450,7 +457,7 @@ async def test_exchange_code_refused_from_argv(
     line = assert_user_error(result)
     assert "refused" in line
     assert sandbox.code_calls == 1
-    status = await run_in_thread(capsys, "status")
+    status = await run_in_thread(capsys, "status", "--json")
     assert status.json()["state"] == "no_tokens"
 
 
@@ -496,7 +503,7 @@ async def test_refresh_with_a_revoked_token_requires_reauth(
     assert sandbox.rejected_refresh_calls == 1
     assert sandbox.refresh_calls == 0
 
-    status = await run_in_thread(capsys, "status")
+    status = await run_in_thread(capsys, "status", "--json")
     found = leaked(status.text, seeded.access_token, seeded.refresh_token)
     assert not found
     assert status.code == 0
@@ -525,7 +532,7 @@ def test_refresh_with_amocrm_unreachable(
     line = assert_user_error(result)
     assert "cannot reach" in line
 
-    status = run(capsys, "status")
+    status = run(capsys, "status", "--json")
     doc = status.json()
     assert doc["state"] == "ok"  # a transient failure does not demand re-authorisation
     assert doc["generation"] == 1
@@ -548,3 +555,42 @@ def test_serve_refuses_the_pure_python_http_parser(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "C HTTP parser is not in use" in lines[0]
     assert not (tmp_path / "b.db").exists()  # refused before anything was opened
+
+
+def test_status_prints_a_summary_by_default(
+    capsys: pytest.CaptureFixture[str], imported: TokenPair
+) -> None:
+    """Without --json, status prints a few lines a person reads: state, expiry, key, store."""
+    result = run(capsys, "status")
+    assert_no_leak(result.text, imported.access_token, imported.refresh_token)
+    assert result.code == 0
+    lines = result.text.splitlines()
+    assert lines[0].endswith("· account default · ok")
+    assert any(line.split()[:2] == ["access", "token"] and "expires in" in line for line in lines)
+    assert any(imported.refresh_fingerprint in line for line in lines)
+    assert any(line.split()[:2] == ["key", "ok"] for line in lines)
+    assert "→" not in result.text  # nothing to do
+
+
+async def test_status_url_summarises_a_running_broker(
+    capsys: pytest.CaptureFixture[str], broker: Broker
+) -> None:
+    """status --url reads a running broker's /status: pace, queue and amoCRM's answers too."""
+    await broker.client.get("/api/v4/leads")
+    url = str(broker.client.make_url("/"))
+    text = await run_in_thread(capsys, "status", "--url", url)
+    assert text.code == 0
+    assert any(line.split()[:1] == ["pace"] for line in text.text.splitlines())
+    assert any("last 200" in line for line in text.text.splitlines())
+    doc = (await run_in_thread(capsys, "status", "--url", url, "--json")).json()
+    assert doc["upstream"]["responses"] == {"2xx": 1}
+
+
+def test_status_url_names_an_unreachable_broker(
+    capsys: pytest.CaptureFixture[str], unused_tcp_port: int
+) -> None:
+    """status --url with nothing listening prints one line naming the address, exit 1."""
+    result = run(capsys, "status", "--url", f"http://127.0.0.1:{unused_tcp_port}")
+    assert result.code == 1
+    assert f"127.0.0.1:{unused_tcp_port}/status" in result.text
+    assert "Traceback" not in result.text

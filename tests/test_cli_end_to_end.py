@@ -92,7 +92,7 @@ async def test_rotate_key_then_serve_on_the_new_key(
     assert await _status(serve.url) == 200  # refreshed and stored under the new key
     assert sandbox.refresh_calls == 1
     assert await serve.terminate() == 0
-    code, out, _ = await procs.cli("status", env=on_new_key)
+    code, out, _ = await procs.cli("status", "--json", env=on_new_key)
     assert code == 0
     status = json.loads(out)
     assert (status["generation"], status["key_check"]) == (2, "ok")

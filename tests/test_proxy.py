@@ -6,14 +6,12 @@ import asyncio
 import io
 import json
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from broker.app import create_app
-from broker.logs import configure_logging
 from broker.service import new_session, open_runtime
 from broker.tokens import TokenPair
 from tests.conftest import Broker, assert_no_leak
@@ -289,14 +287,6 @@ async def test_health_and_readiness(broker: Broker) -> None:
     ready = await broker.client.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["ready"] is True
-
-
-@pytest.fixture
-def log_stream() -> AsyncIterator[io.StringIO]:
-    stream = io.StringIO()
-    configure_logging("json", "info", stream=stream)
-    yield stream  # type: ignore[misc]
-    configure_logging("console", "info")
 
 
 async def test_logs_carry_audit_events_and_no_secret(

@@ -213,9 +213,9 @@ def test_status_opens_with_the_new_key_only(
     assert rotate(capsys, db_path, new_key_file, old_key_file).code == 0
     monkeypatch.setenv("BROKER_DB", str(db_path))
     monkeypatch.setenv("BROKER_KEY_FILE", str(new_key_file))
-    with_new = run(capsys, "status")
+    with_new = run(capsys, "status", "--json")
     monkeypatch.setenv("BROKER_KEY_FILE", str(old_key_file))
-    with_old = run(capsys, "status")
+    with_old = run(capsys, "status", "--json")
     for result in (with_new, with_old):
         assert_no_leak(result.text, seeded.access_token, seeded.refresh_token)
         assert result.code == 0

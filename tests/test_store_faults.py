@@ -187,7 +187,7 @@ def test_status_explains_a_corrupted_ciphertext(
     _corrupt_refresh_ciphertext(db_path)
     for name, value in broker_env.items():
         monkeypatch.setenv(name, value)
-    assert main(["status"]) == 0
+    assert main(["status", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["key_check"].startswith("failed:")
     assert "altered" in doc["key_check"]

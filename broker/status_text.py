@@ -1,0 +1,119 @@
+"""Render the /status document as a short summary for a person at a terminal.
+
+`amo-broker status` prints this by default (`--json` gives the document itself). It reads
+either shape: the store-only one (no `limits`) or a running broker's (`--url`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What a person should do about each state that needs one.
+_ADVICE = {
+    "no_tokens": "store a pair: `amo-broker import` or `amo-broker exchange-code CODE`",
+    "reauth_required": "amoCRM refused the refresh token: re-authorise with "
+    "`amo-broker exchange-code CODE` (see docs/oauth-setup.md)",
+    "store_degraded": "the newest pair is held in memory only: fix the store (disk, "
+    "permissions) before this process stops",
+    "blocked": "amoCRM blocked the account for exceeding its request limit; the broker sends "
+    "nothing until the cool-down ends. If it persists, write to amoCRM support",
+}
+
+
+def duration(seconds: float | None) -> str:
+    """Say a span of seconds the way people read it: `23h 59m`, `4m 10s`, `expired 5m ago`."""
+    if seconds is None:
+        return "unknown"
+    if seconds < 0:
+        return f"expired {duration(-seconds)} ago"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """Return a few aligned lines: state first, then what an operator checks next."""
+    state = doc.get("state", "unknown")
+    rows: list[tuple[str, str]] = []
+    if doc.get("access_token_expires_at"):
+        rows.append(
+            (
+                "access token",
+                f"expires in {duration(doc.get('seconds_until_expiry'))} "
+                f"({doc['access_token_expires_at']}) · {doc.get('access_token_fingerprint')}",
+            )
+        )
+    if doc.get("refresh_token_fingerprint"):
+        rows.append(
+            (
+                "refresh token",
+                f"{doc['refresh_token_fingerprint']} · obtained "
+                f"{doc.get('refresh_token_obtained_at')}",
+            )
+        )
+    last = doc.get("last_refresh_at")
+    rows.append(
+        (
+            "generation",
+            f"{doc.get('generation', 0)} · last refresh "
+            + (f"{last} ({doc.get('last_refresh_reason')})" if last else "never"),
+        )
+    )
+    rows.append(
+        (
+            "refreshes",
+            f"{doc.get('refreshes_total', 0)} ok · {doc.get('refresh_failures_total', 0)} failed",
+        )
+    )
+    if "key_check" in doc:
+        rows.append(("key", str(doc["key_check"])))
+    rows += _live_rows(doc)
+    if doc.get("last_error"):
+        rows.append(("last error", str(doc["last_error"])))
+    rows.append(("store", str(doc.get("store"))))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"amo-broker {doc.get('version', '')} · account {doc.get('account')} · {state}"]
+    lines += [f"  {label.ljust(width)}  {value}" for label, value in rows]
+    if state in _ADVICE:
+        lines.append(f"  → {_ADVICE[state]}")
+    return "\n".join(lines)
+
+
+def _live_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows only a running broker knows: pace, queue, amoCRM's answers, a block."""
+    limits, upstream = doc.get("limits"), doc.get("upstream")
+    rows: list[tuple[str, str]] = []
+    if limits:
+        rows.append(
+            (
+                "pace",
+                f"{limits['rps']:g}/s (burst {limits['burst']}) · queue "
+                f"{limits['queue_depth']}/{limits['max_queue']} · waited {limits['waited_total']}"
+                f" (max {limits['wait_seconds_max']}s) · refused {limits['rejected_total']}",
+            )
+        )
+    if upstream:
+        answers = ", ".join(f"{k} {v}" for k, v in upstream["responses"].items()) or "none yet"
+        errors = ", ".join(f"{k} {v}" for k, v in upstream["errors"].items()) or "none"
+        rows.append(
+            (
+                "amoCRM",
+                f"last {upstream['last_status']} · {answers} · 429s "
+                f"{upstream['throttled_total']} · errors {errors}",
+            )
+        )
+    if doc.get("blocked_until"):
+        rows.append(("blocked until", str(doc["blocked_until"])))
+    if "requests_total" in doc:
+        rows.append(
+            ("served", f"{doc['requests_total']} calls · up {duration(doc['uptime_seconds'])}")
+        )
+    return rows
