@@ -16,6 +16,7 @@ from broker.errors import BrokerError
 from broker.limiter import AccountLimiter
 from broker.logs import get_logger
 from broker.metrics import Metrics
+from broker.pacing_share import sharing_pace
 from broker.proxy import CALLER, Proxy, error_response
 from broker.refresher import TokenManager
 from broker.status import live_status
@@ -74,6 +75,8 @@ def create_app(
     app.router.add_route("*", "/{tail:.*}", app[PROXY].handle)
     if proactive:
         app.cleanup_ctx.append(_proactive_loop)
+    if limiter.settings.shared:
+        app.cleanup_ctx.append(_shared_pace)
     app.on_response_prepare.append(_warn_when_degraded)
     return app
 
@@ -84,6 +87,12 @@ async def _warn_when_degraded(request: web.Request, response: web.StreamResponse
         response.headers["X-Broker-Warning"] = (
             "store_degraded: the current token pair is held in memory only (see /status)"
         )
+
+
+async def _shared_pace(app: web.Application) -> AsyncIterator[None]:
+    limiter = app[LIMITER]
+    async with sharing_pace(app[MANAGER].store, limiter.settings, limiter.take_share):
+        yield
 
 
 async def _proactive_loop(app: web.Application) -> AsyncIterator[None]:

@@ -104,6 +104,17 @@ def _rate(name: str, raw: Any) -> float:
     return value
 
 
+def _flag(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
 def _choice(*options: str) -> Callable[[str, Any], str]:
     def parse(name: str, raw: Any) -> str:
         value = str(raw).strip().lower()
@@ -182,6 +193,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_retries", "BROKER_MAX_RETRIES", _int_in(0, 10), 3),
     Setting("limits", "block_after", "BROKER_BLOCK_AFTER", _int_in(1, 100), 3),
     Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", _seconds, 600.0),
+    Setting("limits", "shared", "BROKER_SHARED_LIMITS", _flag, False),
     Setting("log", "format", "BROKER_LOG_FORMAT", _choice("json", "console"), "json"),
     Setting("log", "level", "BROKER_LOG_LEVEL", _LEVELS, "info"),
 )
@@ -211,6 +223,7 @@ class LimitSettings:
     max_retries: int = 3
     block_after: int = 3
     block_cooldown: float = 600.0
+    shared: bool = False  # divide the pace among the processes sharing the store
 
 
 @dataclass(frozen=True)
@@ -340,6 +353,7 @@ def load_config(
             max_retries=values["limits.max_retries"],
             block_after=values["limits.block_after"],
             block_cooldown=values["limits.block_cooldown_seconds"],
+            shared=values["limits.shared"],
         ),
         log_format=values["log.format"],
         log_level=values["log.level"],

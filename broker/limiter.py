@@ -18,6 +18,7 @@ from broker.config import LimitSettings
 from broker.errors import AccountBlocked
 from broker.logs import get_logger
 from broker.pacing import Pacer, Schedule
+from broker.pacing_share import Share
 from broker.tokens import iso
 
 log = get_logger()
@@ -52,6 +53,21 @@ class AccountLimiter:
             block_after=settings.block_after, cooldown=settings.block_cooldown
         )
         self.upstream = UpstreamStats()
+        self.share: Share | None = None  # in shared mode, once this process has checked in
+
+    def take_share(self, share: Share) -> None:
+        """Pace at this process's share of the account (shared mode)."""
+        if share != self.share:
+            self.pacer.retune(share.rate, share.burst)
+            if self.share is None or share.members != self.share.members:
+                log.info(
+                    "pace_shared",
+                    members=share.members,
+                    rank=share.rank,
+                    rps=round(share.rate, 3),
+                    burst=share.burst,
+                )
+            self.share = share
 
     @property
     def state(self) -> str | None:
@@ -113,8 +129,11 @@ class AccountLimiter:
         limits = {
             "rps": self.settings.rps,
             "burst": self.settings.burst,
+            "scope": "shared" if self.settings.shared else "process",
+            "members": self.share.members if self.share else 1,
+            "process_rps": pacer.schedule.rate,
+            "process_burst": pacer.schedule.burst,
             "per_second_cap": pacer.schedule.cap,
-            "scope": "process",
             "queue_depth": pacer.depth,
             "max_queue": pacer.max_queue,
             "max_wait_seconds": pacer.max_wait,

@@ -34,17 +34,22 @@ class Schedule:
     """
 
     def __init__(self, rate: float, burst: int, *, guard: float = WINDOW_GUARD) -> None:
+        self.window = WINDOW + guard
+        self._tat = -math.inf  # theoretical arrival time of the next call (GCRA)
+        self._starts: deque[float] = deque()
+        self._paused_until = -math.inf
+        self.retune(rate, burst)
+
+    def retune(self, rate: float, burst: int) -> None:
+        """Change the rate and burst from now on; the calls already started still count."""
         if not rate > 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate = rate
         self.burst = burst
         self.cap = max(1, math.floor(rate)) if rate <= WINDOW_CAP_MAX else None
-        self.window = WINDOW + guard
         self._interval = 1.0 / rate
         self._tolerance = (burst - 1) * self._interval
-        self._tat = -math.inf  # theoretical arrival time of the next call (GCRA)
-        self._starts: deque[float] = deque(maxlen=self.cap or 1)
-        self._paused_until = -math.inf
+        self._starts = deque(self._starts, maxlen=self.cap or 1)
 
     @property
     def paused_until(self) -> float:
@@ -139,6 +144,14 @@ class Pacer:
             self._timer.cancel()
             self._timer = None
         self._arm(loop)
+
+    def retune(self, rate: float, burst: int) -> None:
+        """Pace at a new rate from now on (this process's share of the account changed)."""
+        self.schedule.retune(rate, burst)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._arm(asyncio.get_running_loop())
 
     def retry_after(self) -> float:
         """Seconds until a new caller would be admitted, if nobody else arrived meanwhile."""

@@ -55,6 +55,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             generation INTEGER NOT NULL
         )""",
     ),
+    2: (
+        # The processes that divide the account's pace between them ([limits] shared): each
+        # checks in every few seconds; a row not renewed for a while is a process gone.
+        """CREATE TABLE pacers (
+            account TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            seen_at REAL NOT NULL,
+            PRIMARY KEY (account, holder)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
