@@ -25,6 +25,7 @@ from tests.conftest import (
     most_in_one_second,
     seed_store,
 )
+from tests.procs import until
 
 AiohttpClient = Callable[..., object]
 
@@ -126,8 +127,7 @@ async def test_a_429_backs_the_whole_account_off_and_a_get_is_retried(
     sandbox.api_script.extend([429, 429])
     async with paced_broker(make_config, sandbox, aiohttp_client) as broker:
         first = asyncio.create_task(broker.client.get("/api/v4/leads"))
-        while not sandbox.arrivals:
-            await asyncio.sleep(0.01)
+        await until(lambda: bool(sandbox.arrivals), "the first call reached amoCRM")
         await asyncio.sleep(0.3)  # the first 429 is in: the account is backing off
         second = await broker.client.get("/api/v4/contacts")
         assert (await first).status == 200
