@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from broker.config import (
+    SETTINGS,
     Config,
     ConfigError,
+    LimitSettings,
     OAuthClientConfig,
     Secret,
     load_config,
@@ -520,3 +522,16 @@ def test_secret_hides_its_value_in_repr_str_and_format() -> None:
     for text in (repr(secret), str(secret), f"{secret}", f"{secret!r}", format(secret)):
         assert_no_leak(text, CLIENT_SECRET)
     assert fingerprint(secret.reveal()) == fingerprint(CLIENT_SECRET)
+
+
+def test_the_example_config_loads_and_documents_every_setting() -> None:
+    """config.example.toml loads, names every setting and its env variable, holds the defaults."""
+    example = Path(__file__).parent.parent / "config.example.toml"
+    text = example.read_text(encoding="utf-8")
+    config = load_config(example, environ={"BROKER_ENCRYPTION_KEY": new_key()})
+    for setting in SETTINGS:
+        assert f"[{setting.section}]" in text
+        assert setting.key in text, setting.dotted
+        if setting.env:
+            assert setting.env in text, setting.env
+    assert config.limits == LimitSettings()
