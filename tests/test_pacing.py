@@ -25,9 +25,7 @@ def run_fifo(schedule: Schedule, arrivals: list[float]) -> list[float]:
 
 def most_in_one_second(starts: list[float]) -> int:
     """The largest number of starts in any window of one second, closed at both ends."""
-    return max(
-        (sum(1 for s in starts if start <= s <= start + 1.0) for start in starts), default=0
-    )
+    return max((sum(1 for s in starts if start <= s <= start + 1.0) for start in starts), default=0)
 
 
 rates = st.integers(min_value=1, max_value=20)
