@@ -24,7 +24,8 @@ from broker.service import import_pair, open_runtime, serve
 async def run_demo(port: int, sandbox_port: int, token_ttl: int, log_format: str) -> int:
     """Run sandbox and broker until Ctrl-C; clean up the temp directory after."""
     workdir = Path(tempfile.mkdtemp(prefix="amo-broker-demo-"))
-    sandbox = Sandbox(access_ttl=token_ttl)
+    # amoCRM's own limit, enforced: the broker's pacing is what keeps the demo out of 429s.
+    sandbox = Sandbox(access_ttl=token_ttl, rate_limit_rps=7)
     runner, sandbox_url = await start_sandbox(sandbox, port=sandbox_port)
     try:
         config_path = _write_config(workdir, sandbox, sandbox_url, port, token_ttl, log_format)
@@ -67,6 +68,10 @@ key_file = "broker.key"
 [refresh]
 margin_seconds = {max(ttl // 3, 1)}
 
+[limits]
+# A short cool-down, so a demo that plays a blocked account recovers in half a minute.
+block_cooldown_seconds = 30
+
 [log]
 format = "{log_format}"
 """,
@@ -93,6 +98,15 @@ Try it from another terminal:
   curl -s {url}/api/v4/contacts                      #   call gets a 401, refreshes, replays
   BROKER_CONFIG={config_path} {me} refresh      # rotate now from another process:
   curl -s {url}/status                               #   "generation" grows (within 5 s here)
+
+amoCRM's limit (7 calls a second, enforced by the sandbox too):
+  for i in $(seq 30); do curl -s -o /dev/null -w '%{{http_code}} ' {url}/api/v4/leads & done; wait
+                                                     # 30 at once: paced in a queue, all 200
+  {me} status --url {url}             # the summary: state, pace, queue, amoCRM's answers
+  curl -s {url}/metrics | grep -E '^amo_broker_(queue|requests)'   # Prometheus metrics
+  curl -s -X POST {sandbox_url}/_sandbox/block       # amoCRM blocks the account: three
+  curl -s {url}/api/v4/leads                         #   403s, then 503 account_blocked
+  curl -s -X POST {sandbox_url}/_sandbox/unblock     #   lifted 30 s later, by a probe call
 
 Ctrl-C stops the demo and deletes its temp directory.
 """
