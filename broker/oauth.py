@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from broker import __version__
 from broker.config import OAuthClientConfig
 from broker.errors import GrantRejectedError, TokenEndpointError
 from broker.tokens import TokenPair, expiry_from_grant
@@ -138,7 +139,12 @@ class OAuthClient:
                 json=request.body,
                 timeout=self._timeout,
                 allow_redirects=False,
-                headers={"Accept": "application/json"},
+                # Named here: the shared session adds no default headers (see new_session).
+                headers={
+                    "Accept": "application/json",
+                    "Content-Type": "application/json",
+                    "User-Agent": f"amo-broker/{__version__}",
+                },
             ) as response:
                 return response.status, await _read_capped(response)
         except TimeoutError:

@@ -39,7 +39,9 @@ from broker.refresher import TokenManager
 
 log = get_logger()
 
-CHUNK = 64 * 1024
+# An answer with a Content-Length up to this is read whole and sent in one write (headers and
+# body together); a longer or unsized one streams through in whatever pieces arrive.
+SMALL_ANSWER = 64 * 1024
 CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it is on
 # Safe to send twice: the second has the same effect as the first. POST and PATCH are not.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -85,6 +87,10 @@ class Proxy:
         self._origin = URL(self._base).origin()
         # No total timeout: a large body may take long. A stalled connection may not.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
+        # One slot per pooled connection, taken before the token is read: calls waiting for
+        # a connection must not hold a token that a 401 in front of them is about to replace.
+        limit = session.connector.limit if session.connector is not None else 0
+        self._slots = asyncio.Semaphore(limit or 1024)
         self.stats = ProxyStats()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -98,9 +104,10 @@ class Proxy:
             check_method(request.method)
             target = check_target(request.raw_path)
             body = await self._read_body(request)
-            exchange = await self._exchange(request, target, body, resource_label(resource))
-            status = exchange.upstream.status
-            return await self._relay(request, exchange)
+            async with self._slots:
+                exchange = await self._exchange(request, target, body, resource_label(resource))
+                status = exchange.upstream.status
+                return await self._relay(request, exchange)
         except BrokerError as exc:
             status = exc.http_status
             if isinstance(exc, RateLimited | AccountBlocked):
@@ -130,18 +137,17 @@ class Proxy:
         may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
         exchange: Exchange | None = None
         replayed, retries = False, 0
-        token, generation = await self._manager.token()
+        await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
         while True:
             if exchange is not None:
                 exchange.upstream.release()
-            upstream, pause = await self._paced_send(request, target, body, token, resource)
+            upstream, pause, generation = await self._paced_send(request, target, body, resource)
             exchange = Exchange(upstream, replayed, retries, pause)
             if upstream.status == 401 and not replayed:
                 # One refresh for everyone who hit this 401, then exactly one replay: a 401
                 # on the replay goes back to the caller as is, never into a loop.
                 upstream.release()
                 await self._manager.unauthorized(generation)
-                token, generation = await self._manager.token()
                 replayed = True
                 self.stats.replays_total += 1
                 self._metrics.retries.labels("unauthorized").inc()
@@ -154,11 +160,15 @@ class Proxy:
             return exchange
 
     async def _paced_send(
-        self, request: web.Request, target: str, body: bytes, token: str, resource: str
-    ) -> tuple[aiohttp.ClientResponse, float | None]:
-        """Wait for the account's turn, send, and report amoCRM's answer to the limiter."""
+        self, request: web.Request, target: str, body: bytes, resource: str
+    ) -> tuple[aiohttp.ClientResponse, float | None, int]:
+        """Wait for the account's turn, send, and report amoCRM's answer to the limiter.
+
+        The token is read after the wait: a refresh may have happened meanwhile.
+        """
         waited, sent_at = await self._limiter.admit()
         self._metrics.queue_wait.observe(waited)
+        token, generation = await self._manager.token()
         upstream = await self._send(request, target, body, token)
         loop = asyncio.get_running_loop()
         self._metrics.upstream_latency.labels(resource).observe(loop.time() - sent_at)
@@ -167,7 +177,7 @@ class Proxy:
         pause = self._limiter.observe(upstream.status, content_type, sent_at)
         if pause is not None:
             self._metrics.upstream_throttled.inc()
-        return upstream, pause
+        return upstream, pause, generation
 
     async def _send(
         self, request: web.Request, target: str, body: bytes, token: str
@@ -184,8 +194,6 @@ class Proxy:
                 data=body if body else None,
                 allow_redirects=False,
                 auto_decompress=False,
-                # Send only what the caller sent: no aiohttp defaults in its name.
-                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
                 timeout=self._timeout,
             )
         except TimeoutError:
@@ -221,32 +229,60 @@ class Proxy:
     async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         upstream = exchange.upstream
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in response_headers(upstream.headers.items()):
-                response.headers.add(name, value)
-            if exchange.throttle_pause is not None and "Retry-After" not in response.headers:
+            headers = response_headers(upstream.headers.items())
+            if exchange.throttle_pause is not None and upstream.headers.get("Retry-After") is None:
                 # amoCRM's 429 says nothing of when to come back; the account's back-off does.
-                response.headers["Retry-After"] = str(max(1, round(exchange.throttle_pause)))
+                headers.append(("Retry-After", str(max(1, round(exchange.throttle_pause)))))
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= SMALL_ANSWER
+                and request.method != "HEAD"
+                and upstream.status not in (204, 304)
+            ):
+                return await self._whole(upstream, headers)
+            return await self._stream(request, upstream, headers)
+
+    async def _whole(
+        self, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+    ) -> web.Response:
+        """Read a small answer whole: a cut one is still a clean 502, and it goes in one write."""
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._upstream_error("broken_stream")
+            raise UpstreamError(f"amoCRM broke off its answer: {type(exc).__name__}") from None
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+        response.headers.extend(headers)
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        """Pass a large or unsized answer through piece by piece, in constant memory."""
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(headers)
+        try:
             await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-            except aiohttp.ClientConnectionResetError:
-                # aiohttp raises this only on writing, so it comes from the caller's closed
-                # connection, never from amoCRM: counting it as an upstream error sent on-call
-                # after amoCRM whenever a caller timed out. Leaving the `async with` closes the
-                # unfinished upstream connection instead of returning it to the pool.
-                log.info("caller_went_away", status=upstream.status)
-                return response
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Headers are gone already: the only honest signal left is a cut connection.
-                self._upstream_error("broken_stream")
-                log.warning("upstream_stream_broken", error=type(exc).__name__)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
             await response.write_eof()
-            return response
+        except aiohttp.ClientConnectionResetError:
+            # aiohttp raises this only on writing, so it comes from the caller's closed
+            # connection, never from amoCRM: counting it as an upstream error sent on-call
+            # after amoCRM whenever a caller timed out. Leaving the `async with` closes the
+            # unfinished upstream connection instead of returning it to the pool.
+            log.info("caller_went_away", status=upstream.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is a cut connection.
+            self._upstream_error("broken_stream")
+            log.warning("upstream_stream_broken", error=type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
 
 def error_response(exc: BrokerError) -> web.Response:

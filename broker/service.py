@@ -29,6 +29,9 @@ from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
 
 log = get_logger()
 
+# Connections to amoCRM held open at once; calls beyond them wait for one (see Proxy._slots).
+UPSTREAM_CONNECTIONS = 64
+
 
 @asynccontextmanager
 async def open_store(config: Config) -> AsyncIterator[TokenStore]:
@@ -48,8 +51,10 @@ def new_session() -> aiohttp.ClientSession:
     No cookie jar: cookies amoCRM sets must never ride along on other callers' requests.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300),
         cookie_jar=aiohttp.DummyCookieJar(),
+        # Send only what the caller sent: no aiohttp defaults in its name.
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
     )
 
 
