@@ -9,6 +9,8 @@ held), which catches opaque tokens no pattern knows.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -32,12 +34,19 @@ _SECRET_KEYS = frozenset(
         "x-broker-key",
     }
 )
-_PATTERNS = (
-    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
-    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted-jwt]"),
-    (re.compile(r"def50200[0-9a-fA-F]{16,}"), "[redacted-refresh-token]"),
-    (re.compile(r"amb_[A-Za-z0-9_-]{16,}"), "[redacted-caller-secret]"),
+# The shapes of secrets, in one pattern so each string is scanned once per event.
+_SHAPES = re.compile(
+    r"(?P<bearer>(?i:\bbearer)\s+[A-Za-z0-9._~+/=-]+)"
+    r"|(?P<jwt>eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*)"
+    r"|(?P<refresh>def50200[0-9a-fA-F]{16,})"
+    r"|(?P<caller>amb_[A-Za-z0-9_-]{16,})"
 )
+_SHAPE_REPLACEMENTS = {
+    "bearer": "Bearer [redacted]",
+    "jwt": "[redacted-jwt]",
+    "refresh": "[redacted-refresh-token]",
+    "caller": "[redacted-caller-secret]",
+}
 _OURS = "_amo_broker_handler"
 _MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every line
 _KEEP_TOKENS = 64  # the newest tokens remembered for exact scrubbing
@@ -95,19 +104,29 @@ class Redactor:
         return value
 
     def _scrub_text(self, text: str) -> str:
+        if len(text) < _MIN_SECRET_LEN:  # too short to hold a secret or a shape of one
+            return text
         pattern = self._pattern
         if pattern is not None:
             text = pattern.sub("[redacted]", text)
-        for regex, replacement in _PATTERNS:
-            text = regex.sub(replacement, text)
-        return text
+        return _SHAPES.sub(_shape_replacement, text)
 
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in list(event_dict.items()):
-            event_dict[key] = "[redacted]" if _secret_key(key) else self.scrub(value)
+            if _secret_key(key):
+                event_dict[key] = "[redacted]"
+            elif not isinstance(value, _PLAIN):  # numbers and flags hold no secret
+                event_dict[key] = self.scrub(value)
         return event_dict
+
+
+_PLAIN = (int, float, type(None))  # bool is an int
+
+
+def _shape_replacement(match: re.Match[str]) -> str:
+    return _SHAPE_REPLACEMENTS[match.lastgroup or ""]
 
 
 def _secret_key(key: object) -> bool:
@@ -115,6 +134,53 @@ def _secret_key(key: object) -> bool:
 
 
 redactor = Redactor()
+
+
+# The one line per proxied call is written in batches: flushing each is a system call per call.
+_BATCHED = '"event": "request",'
+FLUSH_EVERY = 0.1
+
+
+class LineOutput:
+    """Write rendered events as lines; flush at once, except `request` lines, within 0.1 s.
+
+    Any other line (an audit event, a warning, `stopped`) flushes everything before it, so
+    what auditors and on-call read is never held back; a SIGKILL loses at most 0.1 s of
+    `request` lines.
+    """
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def msg(self, message: str) -> None:
+        self._pending.append(message + "\n")
+        if _BATCHED in message and self._flush_later():
+            return
+        self.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+    def flush(self) -> None:
+        """Write what is pending in one write (stderr flushes once per write, not per line)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lines, self._pending = "".join(self._pending), []
+        with contextlib.suppress(ValueError, OSError):  # closed at interpreter exit
+            self._file.write(lines)
+            self._file.flush()
+
+    def _flush_later(self) -> bool:
+        if self._timer is not None:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._timer = loop.call_later(FLUSH_EVERY, self.flush)
+        return True
 
 
 def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
@@ -136,10 +202,20 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        # Batched only on stderr, the service's log: a stream given here is read back at once.
+        logger_factory=_output_factory(
+            stream or sys.stderr, batched=stream is None and fmt == "json"
+        ),
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(stream or sys.stderr, numeric_level, stamp, renderer)
+
+
+def _output_factory(stream: TextIO, *, batched: bool) -> Any:
+    if not batched:
+        return structlog.PrintLoggerFactory(file=stream)
+    output = LineOutput(stream)
+    return lambda *args: output
 
 
 def _route_stdlib_logging(stream: TextIO, level: int, stamp: Any, renderer: Any) -> None:

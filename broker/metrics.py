@@ -12,6 +12,7 @@ and amoCRM's resource names from a fixed list (anything else is `other`) — nev
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -101,8 +102,32 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._response_children: dict[str, Any] = {}
         reg.register(_LiveCollector(manager, limiter))
         ProcessCollector(registry=reg)
+
+    def count_request(self, method: str, status_class: str, caller: str) -> None:
+        """Count one answered call (label children cached: `.labels()` locks and allocates)."""
+        key = (method_label(method), status_class, caller)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
+
+    def observe_upstream(self, resource: str, status_class: str, seconds: float) -> None:
+        """Record one answer from amoCRM: its latency by resource, its status class."""
+        latency = self._latency_children.get(resource)
+        if latency is None:
+            latency = self._latency_children[resource] = self.upstream_latency.labels(resource)
+        latency.observe(seconds)
+        responses = self._response_children.get(status_class)
+        if responses is None:
+            responses = self._response_children[status_class] = self.upstream_responses.labels(
+                status_class
+            )
+        responses.inc()
 
     def render(self) -> bytes:
         """Return the registry in the Prometheus text format."""

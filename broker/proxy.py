@@ -27,7 +27,7 @@ from broker.errors import (
 )
 from broker.limiter import AccountLimiter, status_class
 from broker.logs import get_logger
-from broker.metrics import Metrics, method_label, resource_label
+from broker.metrics import Metrics, resource_label
 from broker.proxy_rules import (
     check_method,
     check_target,
@@ -115,9 +115,7 @@ class Proxy:
             return error_response(exc)
         finally:
             caller = request.get(CALLER)
-            self._metrics.requests.labels(
-                method_label(request.method), status_class(status), caller or "-"
-            ).inc()
+            self._metrics.count_request(request.method, status_class(status), caller or "-")
             log.info(
                 "request",
                 method=request.method,
@@ -171,8 +169,9 @@ class Proxy:
         token, generation = await self._manager.token()
         upstream = await self._send(request, target, body, token)
         loop = asyncio.get_running_loop()
-        self._metrics.upstream_latency.labels(resource).observe(loop.time() - sent_at)
-        self._metrics.upstream_responses.labels(status_class(upstream.status)).inc()
+        self._metrics.observe_upstream(
+            resource, status_class(upstream.status), loop.time() - sent_at
+        )
         content_type = upstream.headers.get("Content-Type", "")
         pause = self._limiter.observe(upstream.status, content_type, sent_at)
         if pause is not None:

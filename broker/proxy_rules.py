@@ -109,12 +109,12 @@ def request_headers(headers: Iterable[tuple[str, str]], token: str) -> list[tupl
     Every header named in a `Connection` header is dropped too, so `Connection: close,
     Authorization` cannot make a hop strip the token we set (or smuggle one through).
     """
-    items = list(headers)
+    items = [(name.lower(), name, value) for name, value in headers]
     named = _connection_named(items)
     kept = [
         (name, value)
-        for name, value in items
-        if (lower := name.lower()) not in _DROP_REQUEST
+        for lower, name, value in items
+        if lower not in _DROP_REQUEST
         and lower not in named
         and not lower.startswith("x-forwarded-")
         # X-Broker-* is addressed to the broker (the caller key, any control header to come),
@@ -127,9 +127,9 @@ def request_headers(headers: Iterable[tuple[str, str]], token: str) -> list[tupl
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Filter amoCRM's response headers for the caller (Content-Encoding stays as sent)."""
-    items = list(headers)
+    items = [(name.lower(), name, value) for name, value in headers]
     named = _connection_named(items)
-    return [(n, v) for n, v in items if n.lower() not in _DROP_RESPONSE and n.lower() not in named]
+    return [(n, v) for lower, n, v in items if lower not in _DROP_RESPONSE and lower not in named]
 
 
 def resource_of(path: str) -> str:
@@ -141,14 +141,14 @@ def resource_of(path: str) -> str:
     return first if first.isidentifier() and len(first) <= 40 else "other"
 
 
-def _connection_named(items: list[tuple[str, str]]) -> set[str]:
-    return {
-        token.strip().lower()
-        for name, value in items
-        if name.lower() in ("connection", "proxy-connection")
-        for token in value.split(",")
-        if token.strip()
-    }
+def _connection_named(items: list[tuple[str, str, str]]) -> frozenset[str]:
+    """The header names listed in Connection / Proxy-Connection (`items`: lowered, name, value)."""
+    named = [value for lower, _, value in items if lower in ("connection", "proxy-connection")]
+    if not named:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in named for token in value.split(",") if token.strip()
+    )
 
 
 def _not_found(message: str) -> RequestRejected:

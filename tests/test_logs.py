@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import secrets
@@ -15,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 import broker.logs
-from broker.logs import Redactor, configure_logging, get_logger
+from broker.logs import FLUSH_EVERY, LineOutput, Redactor, configure_logging, get_logger
 from tests.conftest import assert_no_leak
 
 BEARER_VALUE = "bearer-value-" + secrets.token_hex(8)
@@ -278,3 +279,35 @@ def test_remembered_tokens_are_bounded_and_configured_secrets_are_kept() -> None
     event = redactor(None, "info", {"event": " ".join([client_secret, *tokens])})
     assert_no_leak(event["event"], client_secret, *tokens[-3:])
     assert tokens[0] in event["event"]  # forgotten: rotated away long ago
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes: each would be a system call on stderr."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_request_lines_are_batched_and_any_other_line_flushes_them() -> None:
+    """`request` lines wait (≤ 0.1 s) to go out together; an audit line takes them along at once."""
+    stream = CountingStream()
+    output = LineOutput(stream)
+    for n in range(10):
+        output.info(json.dumps({"n": n, "event": "request", "status": 200}))
+    assert stream.writes == 0
+    output.info(json.dumps({"event": "token_refreshed", "generation": 2}))
+    assert stream.writes == 1
+    assert len(stream.getvalue().splitlines()) == 11
+    output.info(json.dumps({"event": "request", "status": 200}))
+    await asyncio.sleep(FLUSH_EVERY * 2)
+    assert stream.writes == 2  # the timer flushed the lone request line
+
+
+def test_without_an_event_loop_every_line_goes_out_at_once() -> None:
+    """Outside the event loop (CLI commands), nothing waits for a timer that will not run."""
+    stream = CountingStream()
+    LineOutput(stream).info(json.dumps({"event": "request", "status": 200}))
+    assert stream.writes == 1
