@@ -11,11 +11,12 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+from broker.accounts import AccountConfig, parse_accounts
 from broker.errors import ConfigError
 from broker.keyfile import decode_key, read_key_file
 
@@ -175,6 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("amocrm", "client_id", "AMOCRM_CLIENT_ID", _text),
     Setting("amocrm", "client_secret", "AMOCRM_CLIENT_SECRET", _text),
     Setting("amocrm", "redirect_uri", "AMOCRM_REDIRECT_URI", _text),
+    # A private integration's long-lived token, instead of a pair (AMOCRM_LONG_LIVED_TOKEN).
+    Setting("amocrm", "long_lived_token_file", None, _path),
     Setting("server", "host", "BROKER_HOST", _text, "127.0.0.1"),
     Setting("server", "port", "BROKER_PORT", _int_in(0, 65535), 8787),
     Setting("server", "client_tokens_file", "BROKER_CLIENT_TOKENS_FILE", _path),
@@ -200,6 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
 KEY_ENV = "BROKER_ENCRYPTION_KEY"
 BOOTSTRAP_ACCESS_ENV = "AMOCRM_ACCESS_TOKEN"
 BOOTSTRAP_REFRESH_ENV = "AMOCRM_REFRESH_TOKEN"
+LONG_LIVED_ENV = "AMOCRM_LONG_LIVED_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -253,11 +257,35 @@ class Config:
     bootstrap_refresh_token: Secret[str] | None
     source: Path | None
     account: str = DEFAULT_ACCOUNT
+    long_lived_token: Secret[str] | None = None
+    accounts: tuple[AccountConfig, ...] = ()
 
     @property
     def loopback_only(self) -> bool:
         """Say whether only this host can reach the broker (a unix socket, or a loopback host)."""
         return self.unix_socket is not None or _is_loopback(self.host)
+
+    def for_account(self, name: str | None) -> Config:
+        """See this configuration as one account does (its URL, client, limits); None: default."""
+        if name is None or name == self.account:
+            return self
+        for account in self.accounts:
+            if account.name == name:
+                return replace(
+                    self,
+                    account=account.name,
+                    base_url=account.base_url,
+                    client_id=account.client_id,
+                    client_secret=account.client_secret,
+                    redirect_uri=account.redirect_uri,
+                    limits=account.limits,
+                    long_lived_token=account.long_lived_token,
+                    # AMOCRM_* tokens in the environment are the default account's only.
+                    bootstrap_access_token=None,
+                    bootstrap_refresh_token=None,
+                )
+        known = ", ".join(a.name for a in self.accounts)
+        raise ConfigError(f"--account: no account named {name!r} (configured: {known})")
 
     def require_key(self) -> bytes:
         """Return the store key, or say which settings provide one."""
@@ -322,7 +350,7 @@ def load_config(
     )
     assert db_path is not None  # noqa: S101 -- store.path has a default
     secret = values["amocrm.client_secret"]
-    return Config(
+    config = Config(
         base_url=values["amocrm.base_url"],
         client_id=values["amocrm.client_id"],
         client_secret=Secret(secret) if secret is not None else None,
@@ -361,6 +389,77 @@ def load_config(
         bootstrap_refresh_token=_secret_env(env, BOOTSTRAP_REFRESH_ENV),
         source=source,
     )
+    token_file = _beside(source, values["amocrm.long_lived_token_file"], from_file=True)
+    long_lived = _secret_env(env, LONG_LIVED_ENV) or (
+        _read_token_file(token_file) if token_file else None
+    )
+    return _with_accounts(config, table.get("accounts"), env, long_lived)
+
+
+def _with_accounts(
+    config: Config, tables: Any, env: Mapping[str, str], long_lived: Secret[str] | None
+) -> Config:
+    """Attach the account list: `[[accounts]]`, or the one `default` account of [amocrm]."""
+    if tables is None:
+        single = AccountConfig(
+            DEFAULT_ACCOUNT,
+            config.base_url,
+            config.client_id,
+            config.client_secret,
+            config.redirect_uri,
+            config.limits,
+            long_lived,
+            default=True,
+        )
+        return replace(config, long_lived_token=long_lived, accounts=(single,))
+    stray = [name for name in _SINGLE_ACCOUNT_ENV if name in env]
+    if config.base_url or config.client_id or config.client_secret or long_lived or stray:
+        raise ConfigError(
+            f"{config.source}: give accounts either in [amocrm] / AMOCRM_* or as [[accounts]], "
+            "not both" + (f" (set: {', '.join(stray)})" if stray else "")
+        )
+    parsers = {s.key: s.parse for s in SETTINGS if s.section in ("amocrm", "limits", "store")}
+    accounts = parse_accounts(
+        tables,
+        parsers={**parsers, "path": _path},
+        limits=config.limits,
+        source=config.source,
+        secret=Secret,
+        read_token_file=_read_token_file,
+    )
+    default = next(a for a in accounts if a.default)
+    return replace(config, accounts=accounts).for_account(default.name)
+
+
+# The single account's variables: with [[accounts]] they would be ambiguous.
+_SINGLE_ACCOUNT_ENV = (
+    "AMOCRM_BASE_URL",
+    "AMOCRM_CLIENT_ID",
+    "AMOCRM_CLIENT_SECRET",
+    "AMOCRM_REDIRECT_URI",
+    "AMOCRM_ACCESS_TOKEN",
+    "AMOCRM_REFRESH_TOKEN",
+    LONG_LIVED_ENV,
+)
+
+
+def _read_token_file(path: Path) -> Secret[str]:
+    """Read a long-lived token file, refusing one other users of the machine can read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"long-lived token file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"long-lived token file {path} cannot be read: {exc}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"long-lived token file {path} is open to group or others "
+            f"(mode {mode & 0o777:04o}); run: chmod 600 {path}"
+        )
+    if not text:
+        raise ConfigError(f"long-lived token file {path} is empty")
+    return Secret(text)
 
 
 def _beside(source: Path | None, path: Path | None, *, from_file: bool) -> Path | None:
@@ -405,6 +504,8 @@ def _reject_unknown(table: Mapping[str, Any], source: Path | None) -> None:
         known.setdefault(setting.section, set()).add(setting.key)
     unknown: list[str] = []
     for section, body in table.items():
+        if section == "accounts":  # a list of tables, checked by broker/accounts.py
+            continue
         if section not in known or not isinstance(body, dict):
             unknown.append(f"[{section}]")
             continue
