@@ -7,6 +7,7 @@ one consistent snapshot through SQLite itself, and in WAL mode it never blocks t
 
 The copy holds what the store holds: ciphertexts and fingerprints, never a plaintext token. So
 it needs no key to make, and is useless without the key, which must be backed up separately.
+A PostgreSQL store is not copied here: pg_dump does that (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.config import Config, masked_url
 from broker.errors import ConfigError, StoreError
 
 # SQLite files that may sit beside a database: a stale one next to a new backup could be
@@ -48,6 +50,16 @@ class BackupResult:
             f"backed up {held} (schema {self.schema_version}, {self.size} bytes) to {self.path}; "
             "it holds ciphertext only: back up the encryption key separately"
         )
+
+
+def require_sqlite(config: Config) -> int:
+    """Refuse a PostgreSQL store (return 0 otherwise): the server's own tools back it up."""
+    if config.store_url is not None:
+        raise ConfigError(
+            f"the store is PostgreSQL ({masked_url(config.store_url)}): back it up with "
+            "pg_dump --schema=amo_broker, not `amo-broker backup`"
+        )
+    return 0
 
 
 def backup_store(source: Path, dest: Path) -> BackupResult:

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from broker import __version__, cli_clients, cli_status
+from broker import __version__, cli_clients, cli_migrate, cli_status
 from broker.config import Config, load_config
 from broker.crypto import new_key
 from broker.errors import BrokerError, ConfigError
 from broker.keyfile import write_key_file
 from broker.logs import configure_logging
 from broker.service import import_pair, open_runtime, open_store, pair_from_import, serve
-from broker.store import TokenStore
+from broker.store_api import Store
 from broker.tokens import iso
 
 
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_status.register(sub, common, _config)
     cli_clients.register(sub, common, _config)
+    cli_migrate.register(sub, common, _config)
     return parser
 
 
@@ -305,5 +306,5 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _check_key(store: TokenStore) -> None:
+async def _check_key(store: Store) -> None:
     await store.load()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -169,6 +170,22 @@ def _path(name: str, raw: Any) -> Path:
     return Path(_text(name, raw)).expanduser()
 
 
+def _store_url(name: str, raw: Any) -> str:
+    url = _text(name, raw)
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{name}: expected postgresql://user@host/db, got {masked_url(url)!r}")
+    return url
+
+
+def masked_url(url: str) -> str:
+    """Show a URL with its password (user:…@ or ?password=) replaced by ***, for messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        url = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
+    return re.sub(r"(password=)[^&]*", r"\1***", url)
+
+
 _LEVELS = _choice("debug", "info", "warning", "error")
 
 SETTINGS: tuple[Setting, ...] = (
@@ -185,6 +202,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "unix_socket_mode", "BROKER_UNIX_SOCKET_MODE", _octal_mode, 0o660),
     Setting("store", "path", "BROKER_DB", _path, Path("broker.db")),
     Setting("store", "key_file", "BROKER_KEY_FILE", _path),
+    Setting("store", "url", "BROKER_STORE_URL", _store_url),
     Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", _seconds, 600.0),
     Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", _seconds, 15.0),
     Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", _seconds, 60.0),
@@ -196,7 +214,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_retries", "BROKER_MAX_RETRIES", _int_in(0, 10), 3),
     Setting("limits", "block_after", "BROKER_BLOCK_AFTER", _int_in(1, 100), 3),
     Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", _seconds, 600.0),
-    Setting("limits", "shared", "BROKER_SHARED_LIMITS", _flag, False),
+    # Unset: shared on a PostgreSQL store (its replicas are one account's callers), else not.
+    Setting("limits", "shared", "BROKER_SHARED_LIMITS", _flag),
     Setting("log", "format", "BROKER_LOG_FORMAT", _choice("json", "console"), "json"),
     Setting("log", "level", "BROKER_LOG_LEVEL", _LEVELS, "info"),
 )
@@ -259,6 +278,8 @@ class Config:
     account: str = DEFAULT_ACCOUNT
     long_lived_token: Secret[str] | None = None
     accounts: tuple[AccountConfig, ...] = ()
+    # A PostgreSQL store instead of the SQLite file; may hold a password, so not in the repr.
+    store_url: str | None = field(default=None, repr=False)
 
     @property
     def loopback_only(self) -> bool:
@@ -381,13 +402,16 @@ def load_config(
             max_retries=values["limits.max_retries"],
             block_after=values["limits.block_after"],
             block_cooldown=values["limits.block_cooldown_seconds"],
-            shared=values["limits.shared"],
+            shared=values["store.url"] is not None
+            if values["limits.shared"] is None
+            else values["limits.shared"],
         ),
         log_format=values["log.format"],
         log_level=values["log.level"],
         bootstrap_access_token=_secret_env(env, BOOTSTRAP_ACCESS_ENV),
         bootstrap_refresh_token=_secret_env(env, BOOTSTRAP_REFRESH_ENV),
         source=source,
+        store_url=values["store.url"],
     )
     token_file = _beside(source, values["amocrm.long_lived_token_file"], from_file=True)
     long_lived = _secret_env(env, LONG_LIVED_ENV) or (

@@ -29,7 +29,11 @@ class LeaseResult:
 
 
 def is_alive(holder: str) -> bool:
-    """Say whether a lease holder may still be running: only a local, dead pid is known dead."""
+    """Say whether a lease holder may still be running: only a local, dead pid is known dead.
+
+    The SQLite store's shortcut (one host, one pid namespace). The PostgreSQL store never asks:
+    across hosts and containers a pid proves nothing, so its leases end only by expiry.
+    """
     host, _, rest = holder.partition(":")
     pid_text = rest.partition(":")[0]
     if host != _HOST or not pid_text.isdigit():

@@ -6,14 +6,14 @@ import asyncio
 
 from broker.errors import TokenEndpointError
 from broker.lease import LeaseResult
-from broker.store import TokenStore
+from broker.store_api import Store
 from broker.timing import Clock
 
 LEASE_POLL = 0.05  # seconds between looks at the lease row while another process holds it
 
 
 async def take_lease(
-    store: TokenStore, holder: str, stale: int, lease_seconds: float, clock: Clock
+    store: Store, holder: str, stale: int, lease_seconds: float, clock: Clock
 ) -> LeaseResult | None:
     """Take the lease for generation `stale`; None when the store already moved past it."""
     deadline = clock.monotonic() + lease_seconds

@@ -6,6 +6,8 @@ seconds and takes its share of the rate: the per-second calls are dealt out whol
 earliest holders getting one more when they do not divide evenly, so the shares add up to
 exactly the account's rate. The price: a share is reserved whether its process is busy or
 idle, and for a few seconds after a process joins the others still pace at their old share.
+The members are rows of the store, so this works across hosts on a PostgreSQL store as well
+(their wall clocks must agree within a second or so: NTP).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from broker.config import LimitSettings
 from broker.errors import StoreError
 from broker.lease import holder_id
 from broker.logs import get_logger
-from broker.store import TokenStore
+from broker.store_api import Store
 
 log = get_logger()
 
@@ -50,36 +52,19 @@ def share_of(rate: float, burst: int, rank: int, members: int) -> Share:
     return Share(mine, max(1, math.floor(burst * mine / rate)), rank, members)
 
 
-async def check_in(store: TokenStore, holder: str, now: float) -> tuple[int, int]:
+async def check_in(store: Store, holder: str, now: float) -> tuple[int, int]:
     """Record `holder` as pacing the account now; return its rank and the live member count."""
-    async with store.transaction() as db:
-        await db.execute(
-            "INSERT OR REPLACE INTO pacers (account, holder, seen_at) VALUES (?, ?, ?)",
-            (store.account, holder, now),
-        )
-        await db.execute(
-            "DELETE FROM pacers WHERE account = ? AND seen_at < ?",
-            (store.account, now - GONE_AFTER),
-        )
-        cursor = await db.execute(
-            "SELECT holder FROM pacers WHERE account = ? ORDER BY holder", (store.account,)
-        )
-        holders = [row[0] for row in await cursor.fetchall()]
-        await cursor.close()
-    return holders.index(holder), len(holders)
+    return await store.check_in(holder, now, GONE_AFTER)
 
 
-async def check_out(store: TokenStore, holder: str) -> None:
+async def check_out(store: Store, holder: str) -> None:
     """Give this process's share back at once (a clean stop)."""
-    async with store.transaction() as db:
-        await db.execute(
-            "DELETE FROM pacers WHERE account = ? AND holder = ?", (store.account, holder)
-        )
+    await store.check_out(holder)
 
 
 @contextlib.asynccontextmanager
 async def sharing_pace(
-    store: TokenStore, settings: LimitSettings, take: Callable[[Share], None]
+    store: Store, settings: LimitSettings, take: Callable[[Share], None]
 ) -> AsyncIterator[None]:
     """Check in before serving, keep checking in while serving, check out when stopping.
 

@@ -31,7 +31,7 @@ from broker.lease import LeaseResult, holder_id, lost_answer_note
 from broker.leasing import take_lease
 from broker.logs import get_logger, redactor
 from broker.oauth import REQUEST_FACTOR
-from broker.store import StoredPair, TokenStore
+from broker.store_api import Store, StoredPair
 from broker.timing import Clock, SystemClock, backoff_delay
 from broker.tokens import TokenPair, iso, refresh_due_at
 
@@ -68,7 +68,7 @@ class TokenManager:
 
     def __init__(
         self,
-        store: TokenStore,
+        store: Store,
         refresher: Refresher | None,
         *,
         margin: float,
@@ -380,9 +380,10 @@ class TokenManager:
     # -- proactive loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Refresh before expiry with no traffic at all, and follow other processes' rotations."""
+        """Refresh before expiry with no traffic, and follow other processes' rotations: at once
+        on PostgreSQL (a commit wakes the store's wait), by polling on SQLite."""
         while True:
-            await asyncio.sleep(self._next_wakeup())
+            await self.store.wait_for_change(self._next_wakeup())
             try:
                 await self.tick()
             except BrokerError:

@@ -2,8 +2,8 @@
 
 Keys come only from files (or, for the old key, the configured key), never from argv, which
 every user of the machine can see; both files go through `read_key_file`, so a key file others
-can read is refused before the store is touched. The store does the re-sealing itself
-(`TokenStore.reseal`), in one transaction, so a wrong key changes nothing.
+can read is refused before the store is touched. The store (either backend) re-seals every
+row in one transaction (`Store.reseal`), so a wrong key changes nothing.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from broker.config import Config
 from broker.crypto import DecryptError, Sealer, key_id
-from broker.errors import ConfigError, StoreError, StoreLockedError
+from broker.errors import ConfigError, StoreLockedError
 from broker.keyfile import read_key_file
-from broker.lease import is_alive
 from broker.logs import get_logger
-from broker.store import TokenStore
+from broker.service import open_store
+from broker.store_api import SealedRow, Store
 
 log = get_logger()
 
@@ -53,26 +51,24 @@ async def rotate_key(config: Config, old: bytes, new: bytes) -> dict[str, Any]:
 
     The summary carries key ids (hashes), never a key or a token.
     """
-    if not config.db_path.exists():
+    if config.store_url is None and not config.db_path.exists():
         # Opening would create an empty store: a wrong path must not look like a success.
         raise ConfigError(f"no store at {config.db_path} (--db / BROKER_DB / [store] path)")
     target = Sealer(new)
-    store = await TokenStore.open(config.db_path, Sealer(old), account=config.account)
-    try:
+    async with open_store(config, sealer=Sealer(old)) as store:
         rekeyed = await reseal(store, target)
-    finally:
-        await store.close()
+        location = store.location
     summary = {
         "rekeyed": rekeyed,
         "old_key_id": key_id(old),
         "new_key_id": target.current_key_id,
-        "store": str(config.db_path),
+        "store": location,
     }
     log.info("store_rekeyed", **summary)
     return summary
 
 
-async def reseal(store: TokenStore, target: Sealer, *, now: float | None = None) -> int:
+async def reseal(store: Store, target: Sealer, *, now: float | None = None) -> int:
     """Re-seal every account's pair under `target`'s current key; return how many rows.
 
     Rows are opened with this store's sealer (the old key) and sealed with `target` (the
@@ -82,39 +78,20 @@ async def reseal(store: TokenStore, target: Sealer, *, now: float | None = None)
     key. Generation, expiry and fingerprints stay: the tokens are the same, only their
     sealing changed, and the history records that as `rekey` / `rekeyed`.
     """
-    now = time.time() if now is None else now
-    async with store.transaction() as db:
-        await _refuse_live_lease(db, now)
-        cursor = await db.execute(
-            "SELECT account, key_id, generation, access_ct, refresh_ct, access_fp, "
-            "refresh_fp FROM tokens ORDER BY account"
+
+    def resealed(row: SealedRow) -> tuple[bytes, bytes | None] | None:
+        opener = _sealer_for(store.sealer, row.account, row.key_id, target)
+        access = _reseal(opener, target, row.access_ct, row.account, "access_token")
+        refresh = (
+            _reseal(opener, target, row.refresh_ct, row.account, "refresh_token")
+            if row.refresh_ct is not None
+            else None
         )
-        rows = await cursor.fetchall()
-        await cursor.close()
-        resealed = 0
-        for account, kid, generation, access_ct, refresh_ct, access_fp, refresh_fp in rows:
-            opener = _sealer_for(store.sealer, account, kid, target)
-            access = _reseal(opener, target, access_ct, account, "access_token")
-            refresh = (
-                _reseal(opener, target, refresh_ct, account, "refresh_token")
-                if refresh_ct is not None
-                else None
-            )
-            if kid == target.current_key_id:
-                continue  # already under the new key, and it opens: leave it as it is
-            await db.execute(
-                "UPDATE tokens SET key_id = ?, access_ct = ?, refresh_ct = ?, updated_at = ? "
-                "WHERE account = ?",
-                (target.current_key_id, access, refresh, now, account),
-            )
-            await db.execute(
-                "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
-                "new_fingerprint, outcome, error) VALUES (?, ?, 'rekey', ?, ?, ?, 'rekeyed', "
-                "NULL)",
-                (account, now, generation, refresh_fp or access_fp, refresh_fp or access_fp),
-            )
-            resealed += 1
-    return resealed
+        if row.key_id == target.current_key_id:
+            return None  # already under the new key, and it opens: leave it as it is
+        return access, refresh
+
+    return await store.reseal(resealed, target.current_key_id, time.time() if now is None else now)
 
 
 def _sealer_for(current: Sealer, account: str, kid: str, target: Sealer) -> Sealer:
@@ -137,20 +114,3 @@ def _reseal(opener: Sealer, target: Sealer, blob: bytes, account: str, field: st
     except DecryptError as exc:
         raise DecryptError(f"account {account!r}: {exc.message}") from None
     return target.seal(plain, account=account, field=field)
-
-
-async def _refuse_live_lease(db: aiosqlite.Connection, now: float) -> None:
-    """Refuse to re-key while a refresh is under way.
-
-    The lease holder has spent (or is spending) the refresh token and will store the new pair
-    under the key it loaded with; re-keying under it would make that write fail.
-    """
-    cursor = await db.execute("SELECT account, holder, expires_at FROM leases")
-    leases = await cursor.fetchall()
-    await cursor.close()
-    for account, holder, expires_at in leases:
-        if expires_at > now and is_alive(holder):
-            raise StoreError(
-                f"account {account!r}: {holder} holds the refresh lease (a refresh is under "
-                "way); retry when it has finished"
-            )

@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -25,7 +27,11 @@ from broker.logs import get_logger, redactor
 from broker.oauth import OAuthClient
 from broker.refresher import TokenManager
 from broker.store import TokenStore
+from broker.store_api import Store
 from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
+
+if TYPE_CHECKING:
+    from broker.store_pg import PgTokenStore
 
 log = get_logger()
 
@@ -34,15 +40,36 @@ UPSTREAM_CONNECTIONS = 64
 
 
 @asynccontextmanager
-async def open_store(config: Config) -> AsyncIterator[TokenStore]:
-    """Open the configured store with the configured key."""
-    store = await TokenStore.open(
-        config.db_path, Sealer(config.require_key()), account=config.account
-    )
+async def open_store(config: Config, *, sealer: Sealer | None = None) -> AsyncIterator[Store]:
+    """Open the configured store (SQLite file, or PostgreSQL with a store URL) and its key.
+
+    `sealer` replaces the configured key: `rotate-key` opens with the old one.
+    """
+    sealer = sealer or Sealer(config.require_key())
+    store: Store
+    if config.store_url is None:
+        store = await TokenStore.open(config.db_path, sealer, account=config.account)
+    else:
+        store = await open_pg_store(config.store_url, sealer, config.account)
     try:
         yield store
     finally:
         await store.close()
+
+
+async def open_pg_store(url: str, sealer: Sealer, account: str) -> PgTokenStore:
+    """Open a PostgreSQL store; psycopg is an extra, imported only when a store URL asks for it."""
+    password = urlsplit(url).password
+    if password:
+        redactor.register(password, permanent=True)  # a driver error might quote the URL
+    try:
+        from broker.store_pg import PgTokenStore
+    except ImportError:
+        raise ConfigError(
+            "BROKER_STORE_URL / [store] url names PostgreSQL, but psycopg is not installed: "
+            "pip install 'amo-broker[postgres]'"
+        ) from None
+    return await PgTokenStore.open(url, sealer, account=account)
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -60,7 +87,7 @@ def new_session() -> aiohttp.ClientSession:
 
 @dataclass
 class Runtime:
-    store: TokenStore
+    store: Store
     session: aiohttp.ClientSession
     oauth: OAuthClient | None
     manager: TokenManager
@@ -82,7 +109,7 @@ async def open_runtime(config: Config, *, need_oauth: bool = True) -> AsyncItera
             await manager.wait_idle()
 
 
-async def import_pair(store: TokenStore, pair: TokenPair, *, reason: str, outcome: str) -> int:
+async def import_pair(store: Store, pair: TokenPair, *, reason: str, outcome: str) -> int:
     """Store a pair given by a person (import, code exchange); return its generation."""
     redactor.register(pair.access_token, pair.refresh_token)
     generation = await store.store_pair(pair, reason=reason, outcome=outcome)
@@ -97,7 +124,7 @@ async def import_pair(store: TokenStore, pair: TokenPair, *, reason: str, outcom
     return generation
 
 
-async def bootstrap_from_env(config: Config, store: TokenStore, now: float) -> None:
+async def bootstrap_from_env(config: Config, store: Store, now: float) -> None:
     """Import AMOCRM_* tokens from the environment, only while the store holds no pair."""
     refresh = config.bootstrap_refresh_token
     if refresh is None:

@@ -11,13 +11,13 @@ from typing import Any
 
 from broker import __version__
 from broker.refresher import TokenManager
-from broker.store import TokenStore
+from broker.store_api import Store
 from broker.tokens import iso
 
 _SUCCESS = ("rotated", "imported", "exchanged")
 
 
-async def store_status(store: TokenStore, *, now: float | None = None) -> dict[str, Any]:
+async def store_status(store: Store, *, now: float | None = None) -> dict[str, Any]:
     """Describe the account from the store only, without opening any ciphertext."""
     now = time.time() if now is None else now
     info = await store.info()
@@ -56,7 +56,7 @@ async def store_status(store: TokenStore, *, now: float | None = None) -> dict[s
         "refreshes_total": counts.get("rotated", 0),
         "refresh_failures_total": counts.get("failed", 0) + counts.get("rejected", 0),
         "key_id": info.key_id if info else None,
-        "store": str(store.path),
+        "store": store.location,
         "version": __version__,
         "recent_rotations": [{**h, "at": iso(h["at"])} for h in history[:10]],
     }

@@ -10,6 +10,9 @@ Why these choices:
   seconds, and a lease shows who is refreshing what generation, so a restart after a crash can
   tell that a refresh was under way when it died.
 - The rotation history is append-only, enforced by triggers, for auditors.
+
+The smaller tables (pacing members, OAuth states) and re-keying are in
+broker/store_sqlite_side.py; the PostgreSQL backend is broker/store_pg.py.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,45 +33,24 @@ from broker.crypto import Sealer
 from broker.errors import StoreError, StoreLockedError
 from broker.faults import fault_armed, fault_point
 from broker.lease import Lease, LeaseResult, is_alive
+from broker.store_api import (
+    AccountState,
+    PairInfo,
+    StoredPair,
+    history_entry,
+    open_pair,
+    seal_pair,
+)
 from broker.store_schema import SCHEMA_VERSION, migrate, schema_version
+from broker.store_sqlite_side import SideTables
 from broker.tokens import TokenPair, fingerprint
 
-
-@dataclass(frozen=True)
-class StoredPair:
-    """The pair as the store holds it: decrypted, with its generation."""
-
-    pair: TokenPair
-    generation: int
-    updated_at: float
+# The pair's types are defined with the interface; callers have long imported them from here.
+__all__ = ["AccountState", "PairInfo", "StoredPair", "TokenStore", "one_row"]
 
 
-@dataclass(frozen=True)
-class PairInfo:
-    """What the store knows about the pair without opening it (for status)."""
-
-    generation: int
-    key_id: str
-    expires_at: float
-    obtained_at: float
-    refresh_obtained_at: float | None
-    access_fingerprint: str
-    refresh_fingerprint: str | None
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class AccountState:
-    """A persisted state that every process must honour (today only `reauth_required`)."""
-
-    state: str
-    reason: str
-    since: float
-    generation: int
-
-
-class TokenStore:
-    """One account's sealed token pair in one SQLite file."""
+class TokenStore(SideTables):
+    """One account's sealed token pair in one SQLite file (the `Store` of one host)."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path, sealer: Sealer, account: str) -> None:
         self._db = db
@@ -94,8 +75,16 @@ class TokenStore:
             raise
         return store
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     async def close(self) -> None:
         await self._db.close()
+
+    async def wait_for_change(self, seconds: float) -> None:
+        """Sleep `seconds`: SQLite cannot announce a commit, so the caller polls the store."""
+        await asyncio.sleep(seconds)
 
     async def _setup(self) -> None:
         try:
@@ -166,17 +155,7 @@ class TokenStore:
             "refresh_obtained_at, updated_at FROM tokens WHERE account = ?",
             (self.account,),
         )
-        if row is None:
-            return None
-        generation, access_ct, refresh_ct, expires_at, obtained_at, refresh_at, updated_at = row
-        access = self.sealer.open(access_ct, account=self.account, field="access_token")
-        refresh = (
-            self.sealer.open(refresh_ct, account=self.account, field="refresh_token")
-            if refresh_ct is not None
-            else None
-        )
-        pair = TokenPair(access, refresh, expires_at, obtained_at, refresh_at)
-        return StoredPair(pair, generation, updated_at)
+        return open_pair(self.sealer, self.account, tuple(row)) if row is not None else None
 
     async def state(self) -> AccountState | None:
         row = await one_row(
@@ -201,8 +180,7 @@ class TokenStore:
             "FROM rotations WHERE account = ? ORDER BY id DESC LIMIT ?",
             (self.account, limit),
         )
-        keys = ("at", "reason", "generation", "old_fingerprint", "new_fingerprint", "outcome")
-        return [dict(zip((*keys, "error"), row, strict=True)) for row in await cursor.fetchall()]
+        return [history_entry(tuple(row)) for row in await cursor.fetchall()]
 
     async def outcome_counts(self) -> dict[str, int]:
         """Count the history's events by outcome."""
@@ -229,13 +207,7 @@ class TokenStore:
         StoreLockedError instead (the refresher then keeps the pair in memory).
         """
         now = time.time() if now is None else now
-        seal = self.sealer.seal
-        access_ct = seal(pair.access_token, account=self.account, field="access_token")
-        refresh_ct = (
-            seal(pair.refresh_token, account=self.account, field="refresh_token")
-            if pair.refresh_token is not None
-            else None
-        )
+        access_ct, refresh_ct = seal_pair(self.sealer, self.account, pair)
         async with self.transaction() as db:
             if fault_armed("during_commit"):
                 # Test-only: with a one-page cache SQLite spills this transaction's pages into

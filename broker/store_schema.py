@@ -65,6 +65,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (account, holder)
         )""",
     ),
+    3: (
+        # OAuth `state` values the authorization callback issued, by hash: single use, and
+        # shared, so the replica that gets the callback need not be the one that sent the user.
+        """CREATE TABLE oauth_states (
+            state_hash TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

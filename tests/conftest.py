@@ -26,7 +26,7 @@ from broker.store import TokenStore
 from broker.tokens import TokenPair, fingerprint
 
 # Fixtures shared across modules: real `amo-broker` processes and the in-process CLI.
-pytest_plugins = ["tests.fixtures_processes", "tests.fixtures_cli"]
+pytest_plugins = ["tests.fixtures_processes", "tests.fixtures_cli", "tests.fixtures_pg"]
 # Their helper modules hold asserts moved out of test modules: keep pytest's assertion
 # rewriting on them (registered before the plugins above import them).
 pytest.register_assert_rewrite("tests.procs", "tests.cli_harness")

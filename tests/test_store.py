@@ -1,6 +1,9 @@
 """Tests for the TokenStore on a real SQLite file: sealing at rest, durability settings,
 generations, failing closed, append-only history, schema checks, the refresh lease.
 
+Tests taking `any_store` run on both backends (SQLite, and PostgreSQL: tests/fixtures_pg.py);
+PostgreSQL's own are in tests/test_store_pg.py.
+
 No raw token is ever an argument of a call inside an `assert` or of a test function: pytest
 prints both on failure. Leak checks bind `leaked(...)` to a name first, and pairs travel as
 TokenPair, whose repr hides the tokens.
@@ -24,6 +27,7 @@ from broker.crypto import DecryptError, Sealer
 from broker.errors import StoreError, StoreLockedError
 from broker.sandbox import Sandbox
 from broker.store import TokenStore
+from broker.store_api import Store
 from broker.store_schema import SCHEMA_VERSION
 from broker.tokens import TokenPair
 from tests.conftest import leaked, pair_from_sandbox, token_forms
@@ -133,16 +137,16 @@ async def test_wal_journal_and_full_synchronous(db_path: Path, store: TokenStore
 
 
 async def test_generations_count_up_and_load_returns_last_pair(
-    store: TokenStore, sandbox: Sandbox
+    any_store: Store, sandbox: Sandbox
 ) -> None:
     """store_pair returns generations 1, 2, 3 and load gives back the last pair exactly."""
-    assert await store.generation() == 0
-    assert await store.load() is None
+    assert await any_store.generation() == 0
+    assert await any_store.load() is None
     pairs = [pair_from_sandbox(sandbox) for _ in range(3)]
-    generations = [await store.store_pair(p, reason="import") for p in pairs]
+    generations = [await any_store.store_pair(p, reason="import") for p in pairs]
     assert generations == [1, 2, 3]
-    assert await store.generation() == 3
-    loaded = await store.load()
+    assert await any_store.generation() == 3
+    loaded = await any_store.load()
     assert loaded is not None
     assert loaded.generation == 3
     assert same_pair(loaded.pair, pairs[-1])
@@ -304,12 +308,12 @@ async def test_rotation_history_is_append_only(
     assert rows == [(1, "imported"), (2, "rotated")]
 
 
-async def test_history_is_newest_first_with_failures(store: TokenStore, sandbox: Sandbox) -> None:
+async def test_history_is_newest_first_with_failures(any_store: Store, sandbox: Sandbox) -> None:
     """history() lists rotations and recorded failures newest first; outcome_counts adds up."""
     first, second = pair_from_sandbox(sandbox), pair_from_sandbox(sandbox)
-    await store.store_pair(first, reason="import", outcome="imported")
-    await store.store_pair(second, reason="expiry")
-    await store.record_failure(
+    await any_store.store_pair(first, reason="import", outcome="imported")
+    await any_store.store_pair(second, reason="expiry")
+    await any_store.record_failure(
         reason="unauthorized",
         generation=2,
         old_refresh=second.refresh_token,
@@ -317,7 +321,7 @@ async def test_history_is_newest_first_with_failures(store: TokenStore, sandbox:
         outcome="failed",
     )
 
-    history = await store.history()
+    history = await any_store.history()
     assert [(h["reason"], h["generation"], h["outcome"]) for h in history] == [
         ("unauthorized", 2, "failed"),
         ("expiry", 2, "rotated"),
@@ -332,8 +336,8 @@ async def test_history_is_newest_first_with_failures(store: TokenStore, sandbox:
     assert rotated["error"] is None
     assert imported["old_fingerprint"] is None
     assert imported["new_fingerprint"] == first.refresh_fingerprint
-    assert [h["reason"] for h in await store.history(limit=1)] == ["unauthorized"]
-    assert await store.outcome_counts() == {"imported": 1, "rotated": 1, "failed": 1}
+    assert [h["reason"] for h in await any_store.history(limit=1)] == ["unauthorized"]
+    assert await any_store.outcome_counts() == {"imported": 1, "rotated": 1, "failed": 1}
 
 
 # -- schema --------------------------------------------------------------------------------
@@ -382,38 +386,38 @@ async def test_a_missing_directory_is_named(tmp_path: Path, sealer: Sealer) -> N
 # -- the refresh lease ---------------------------------------------------------------------
 
 
-async def test_lease_is_taken_when_free(store: TokenStore, sandbox: Sandbox) -> None:
+async def test_lease_is_taken_when_free(any_store: Store, sandbox: Sandbox) -> None:
     """try_lease on a free lease acquires it for the current generation."""
-    await store.store_pair(pair_from_sandbox(sandbox), reason="import")
-    result = await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
+    result = await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
     assert result.acquired
     assert result.generation == 1
     assert result.current is not None
     assert (result.current.holder, result.current.expires_at) == (OTHER_HOST_A, T0 + 30)
     assert result.taken_over is None
-    assert await store.lease() == result.current
+    assert await any_store.lease() == result.current
 
 
-async def test_a_live_lease_refuses_another_holder(store: TokenStore) -> None:
+async def test_a_live_lease_refuses_another_holder(any_store: Store) -> None:
     """A second holder is refused while the first holder's lease has not expired."""
-    await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
-    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 29)
+    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    result = await any_store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 29)
     assert not result.acquired
     assert result.current is not None
     assert result.current.holder == OTHER_HOST_A
-    lease = await store.lease()
+    lease = await any_store.lease()
     assert lease is not None
     assert lease.holder == OTHER_HOST_A
 
 
-async def test_an_expired_lease_is_taken_over(store: TokenStore) -> None:
+async def test_an_expired_lease_is_taken_over(any_store: Store) -> None:
     """An expired lease goes to the next holder and is reported as taken over."""
-    await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
-    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 31)
+    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    result = await any_store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 31)
     assert result.acquired
     assert result.taken_over is not None
     assert result.taken_over.holder == OTHER_HOST_A
-    lease = await store.lease()
+    lease = await any_store.lease()
     assert lease is not None
     assert lease.holder == OTHER_HOST_B
 
@@ -430,37 +434,37 @@ async def test_a_dead_local_holder_is_taken_over_at_once(store: TokenStore) -> N
     assert result.taken_over.holder == dead
 
 
-async def test_a_live_local_holder_keeps_its_lease(store: TokenStore) -> None:
+async def test_a_live_local_holder_keeps_its_lease(any_store: Store) -> None:
     """A lease held by a running pid on this host is not taken over before it expires."""
     alive = f"{os.uname().nodename}:{os.getpid()}:x"
-    await store.try_lease(alive, ttl=30, now=T0)
-    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 1)
+    await any_store.try_lease(alive, ttl=30, now=T0)
+    result = await any_store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 1)
     assert not result.acquired
     assert result.current is not None
     assert result.current.holder == alive
 
 
-async def test_store_pair_clears_lease_and_state(store: TokenStore, sandbox: Sandbox) -> None:
+async def test_store_pair_clears_lease_and_state(any_store: Store, sandbox: Sandbox) -> None:
     """Storing a pair releases the lease and clears reauth_required."""
-    await store.store_pair(pair_from_sandbox(sandbox), reason="import")
-    await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
-    await store.set_state("reauth_required", "amoCRM refused the grant", 1)
-    assert await store.lease() is not None
-    assert await store.state() is not None
-    assert await store.store_pair(pair_from_sandbox(sandbox), reason="expiry") == 2
-    assert await store.lease() is None
-    assert await store.state() is None
+    await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
+    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    await any_store.set_state("reauth_required", "amoCRM refused the grant", 1)
+    assert await any_store.lease() is not None
+    assert await any_store.state() is not None
+    assert await any_store.store_pair(pair_from_sandbox(sandbox), reason="expiry") == 2
+    assert await any_store.lease() is None
+    assert await any_store.state() is None
 
 
-async def test_release_lease_only_releases_our_own(store: TokenStore) -> None:
+async def test_release_lease_only_releases_our_own(any_store: Store) -> None:
     """release_lease by another holder leaves the lease; by its holder removes it."""
-    await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
-    await store.release_lease(OTHER_HOST_B)
-    lease = await store.lease()
+    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    await any_store.release_lease(OTHER_HOST_B)
+    lease = await any_store.lease()
     assert lease is not None
     assert lease.holder == OTHER_HOST_A
-    await store.release_lease(OTHER_HOST_A)
-    assert await store.lease() is None
+    await any_store.release_lease(OTHER_HOST_A)
+    assert await any_store.lease() is None
 
 
 # -- account state -------------------------------------------------------------------------
@@ -484,11 +488,24 @@ async def test_state_round_trips(store: TokenStore) -> None:
         await reopened.close()
 
 
-async def test_fingerprints_in_history_are_not_tokens(store: TokenStore, sandbox: Sandbox) -> None:
+async def test_fingerprints_in_history_are_not_tokens(any_store: Store, sandbox: Sandbox) -> None:
     """History rows name tokens by fingerprint only."""
     pair = pair_from_sandbox(sandbox)
-    await store.store_pair(pair, reason="import")
-    history = await store.history()
+    await any_store.store_pair(pair, reason="import")
+    history = await any_store.history()
     found = leaked(repr(history), *token_forms(pair.access_token, pair.refresh_token))
     assert not found
     assert history[0]["new_fingerprint"] == pair.refresh_fingerprint
+
+
+# -- OAuth states ----------------------------------------------------------------------------
+
+
+async def test_an_oauth_state_is_taken_once_and_expires(any_store: Store) -> None:
+    """take_oauth_state returns the account once; a second take or an expired one is None."""
+    await any_store.put_oauth_state("a" * 64, "default", T0)
+    await any_store.put_oauth_state("b" * 64, "other", T0)
+    assert await any_store.take_oauth_state("a" * 64, T0 + 10, ttl=600) == "default"
+    assert await any_store.take_oauth_state("a" * 64, T0 + 11, ttl=600) is None
+    assert await any_store.take_oauth_state("b" * 64, T0 + 601, ttl=600) is None
+    assert await any_store.take_oauth_state("c" * 64, T0, ttl=600) is None
