@@ -1,39 +1,38 @@
-"""Assemble the aiohttp application: /healthz, /readyz, /status, /metrics and the proxy."""
+"""Assemble the aiohttp application: /healthz, /readyz, /status, /metrics and the proxy.
+
+One application serves every configured account: each gets its token manager, limiter and
+proxy (broker/routing.py picks one per call); the HTTP session and the metrics are shared.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker.clients import ClientRegistry, presented_secret
+from broker.clients import ClientRegistry
 from broker.config import LimitSettings
-from broker.errors import BrokerError
 from broker.limiter import AccountLimiter
-from broker.logs import get_logger
 from broker.metrics import Metrics
+from broker.middlewares import CLIENTS, caller_auth, json_errors
 from broker.pacing_share import sharing_pace
-from broker.proxy import CALLER, Proxy, error_response
+from broker.proxy import Proxy
 from broker.refresher import TokenManager
+from broker.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
 from broker.status import live_status
-from broker.tokens import fingerprint
-
-log = get_logger()
 
 MANAGER = web.AppKey("manager", TokenManager)
-CLIENTS = web.AppKey("clients", ClientRegistry)
-# Probes stay open: an orchestrator's kubelet has no caller secret, and they reveal nothing.
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", AccountLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(
@@ -46,63 +45,85 @@ def create_app(
     proactive: bool = True,
     clients: ClientRegistry | None = None,
     limits: LimitSettings | None = None,
+    account: str = "default",
+    others: Sequence[AccountSetup] = (),
 ) -> web.Application:
-    """Build the broker's application around an already loaded token manager.
+    """Build the broker's application around already loaded token managers.
 
+    `manager` is the default account's (plain /api/v4 calls), `others` any further accounts.
     With `clients`, every call but the probes must present a caller secret.
     """
     middlewares = [json_errors] if clients is None else [json_errors, caller_auth]
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     if clients is not None:
         app[CLIENTS] = clients
-    app[MANAGER] = manager
-    app[LIMITER] = limiter = AccountLimiter(limits or LimitSettings())
-    app[METRICS] = metrics = Metrics(manager, limiter)
-    app[PROXY] = Proxy(
-        manager,
-        session,
-        base_url,
-        timeout=upstream_timeout,
-        max_body_bytes=max_body_bytes,
-        limiter=limiter,
-        metrics=metrics,
-    )
+    setups = [AccountSetup(account, manager, base_url, limits or LimitSettings()), *others]
+    accounts: dict[str, Account] = {}
+    metrics = Metrics(lambda: list(accounts.values()))
+    for setup in setups:
+        limiter = AccountLimiter(setup.limits)
+        proxy = Proxy(
+            setup.manager,
+            session,
+            setup.base_url,
+            timeout=upstream_timeout,
+            max_body_bytes=max_body_bytes,
+            limiter=limiter,
+            metrics=metrics,
+            account=setup.name,
+        )
+        accounts[setup.name] = Account(setup.name, setup.manager, limiter, proxy)
+    default = accounts[account]
+    app[ACCOUNTS], app[DEFAULT] = accounts, account
+    app[MANAGER], app[LIMITER], app[PROXY] = manager, default.limiter, default.proxy
+    app[METRICS] = metrics
     app[STARTED] = time.time()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics_text)
-    app.router.add_route("*", "/{tail:.*}", app[PROXY].handle)
-    if proactive:
-        app.cleanup_ctx.append(_proactive_loop)
-    if limiter.settings.shared:
-        app.cleanup_ctx.append(_shared_pace)
+    app.router.add_route("*", "/{tail:.*}", route_call)
+    app.cleanup_ctx.append(_background(proactive))
     app.on_response_prepare.append(_warn_when_degraded)
     return app
 
 
 async def _warn_when_degraded(request: web.Request, response: web.StreamResponse) -> None:
-    """Tell every caller when the pair in use is not persisted: never answer as if all is well."""
-    if request.app[MANAGER].store_degraded:
+    """Tell every caller when a pair in use is not persisted: never answer as if all is well."""
+    degraded = [a.name for a in request.app[ACCOUNTS].values() if a.manager.store_degraded]
+    if degraded:
         response.headers["X-Broker-Warning"] = (
-            "store_degraded: the current token pair is held in memory only (see /status)"
+            f"store_degraded: the current token pair of {', '.join(degraded)} is held in "
+            "memory only (see /status)"
         )
 
 
-async def _shared_pace(app: web.Application) -> AsyncIterator[None]:
-    limiter = app[LIMITER]
-    async with sharing_pace(app[MANAGER].store, limiter.settings, limiter.take_share):
-        yield
+def _background(proactive: bool) -> Any:
+    """Run each account's proactive refresh loop and, in shared mode, its pace check-ins."""
+
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            tasks = []
+            for account in app[ACCOUNTS].values():
+                if proactive:
+                    tasks.append(asyncio.create_task(_run(account), name=f"refresh-{account.name}"))
+                if account.limiter.settings.shared:
+                    limiter = account.limiter
+                    await stack.enter_async_context(
+                        sharing_pace(account.manager.store, limiter.settings, limiter.take_share)
+                    )
+            yield
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return background
 
 
-async def _proactive_loop(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[MANAGER].run(), name="proactive-refresh")
-    yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+async def _run(account: Account) -> None:
+    # The task's own context: every event of this account's loop carries its name.
+    structlog.contextvars.bind_contextvars(account=account.name)
+    await account.manager.run()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -111,83 +132,51 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Answer 200 only while a usable token is held."""
-    manager = request.app[MANAGER]
-    left = manager.seconds_until_expiry
-    state = request.app[LIMITER].state or manager.state
+    """Answer 200 only while a usable token is held (the default account, or `?account=`)."""
+    account = queried(request)
+    left = account.manager.seconds_until_expiry
     # Degraded still serves (the pair in memory works); the state and the header say so.
-    ready = state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
-    return web.json_response({"ready": ready, "state": state}, status=200 if ready else 503)
+    ready = account.state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
+    return web.json_response(
+        {"ready": ready, "state": account.state, "account": account.name},
+        status=200 if ready else 503,
+    )
 
 
 async def status(request: web.Request) -> web.Response:
-    """Describe the broker's state as JSON; never a token or secret."""
+    """Describe the default account (or `?account=`) and list every account; never a secret."""
+    chosen = queried(request)
+    docs = {name: await _account_status(request, a) for name, a in request.app[ACCOUNTS].items()}
+    doc = dict(docs[chosen.name])
+    doc["accounts"] = [{key: d[key] for key in _SUMMARY if key in d} for d in docs.values()]
+    return web.json_response(doc)
+
+
+# What /status lists of each account; the whole document is one ?account= away.
+_SUMMARY = (
+    "account",
+    "state",
+    "generation",
+    "seconds_until_expiry",
+    "access_token_expires_at",
+    "last_error",
+    "blocked_until",
+    "warnings",
+)
+
+
+async def _account_status(request: web.Request, account: Account) -> dict[str, Any]:
     doc = await live_status(
-        request.app[MANAGER],
-        requests_total=request.app[PROXY].stats.requests_total,
+        account.manager,
+        requests_total=account.proxy.stats.requests_total,
         started=request.app[STARTED],
     )
-    limiter = request.app[LIMITER]
-    doc.update(limiter.status())
-    doc["state"] = limiter.state or doc["state"]
-    return web.json_response(doc)
+    doc.update(account.limiter.status())
+    doc["state"] = account.state
+    return doc
 
 
 async def metrics_text(request: web.Request) -> web.Response:
     """Serve the Prometheus text format (behind caller authentication, when it is on)."""
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-@web.middleware
-async def caller_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Let through only callers that present a registered secret; nothing else goes upstream."""
-    if request.raw_path.partition("?")[0] in _OPEN_PATHS:
-        return await handler(request)
-    secret = presented_secret(
-        request.headers.get("Authorization"), request.headers.get("X-Broker-Key")
-    )
-    client = request.app[CLIENTS].authenticate(secret)
-    if client is None:
-        reason = "missing" if secret is None else "invalid"
-        log.warning(
-            "client_rejected",
-            client=None,
-            reason=reason,
-            remote=request.remote,
-            presented_fingerprint=fingerprint(secret) if secret else None,
-            path=request.raw_path.partition("?")[0][:512],
-        )
-        return web.json_response(
-            {
-                "error": "unauthorized",
-                "message": "send a caller secret as `Authorization: Bearer …` or `X-Broker-Key`"
-                if reason == "missing"
-                else "the caller secret is not registered",
-            },
-            status=401,
-            headers={"WWW-Authenticate": 'Bearer realm="amo-broker"'},
-        )
-    request[CALLER] = client.name
-    return await handler(request)
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error the broker makes itself as JSON `{"error", "message"}`."""
-    try:
-        return await handler(request)
-    except BrokerError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = exc.reason.lower().replace(" ", "_")
-        return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("internal_error", path=request.raw_path.partition("?")[0][:512])
-        return web.json_response(
-            {"error": "internal_error", "message": "the broker failed; see its log"}, status=500
-        )

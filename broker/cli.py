@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config", type=Path, help="TOML file (default: $BROKER_CONFIG, ./broker.toml)"
     )
+    common.add_argument(
+        "--account", metavar="NAME", help="act on this one of [[accounts]] (default: the default)"
+    )
     common.add_argument("--db", help="store file (BROKER_DB)")
     common.add_argument("--key-file", help="encryption key file (BROKER_KEY_FILE)")
     common.add_argument("--log-format", choices=("json", "console"), help="BROKER_LOG_FORMAT")
@@ -141,7 +144,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> Config:
     }
     config = load_config(getattr(args, "config", None), overrides=overrides)
     configure_logging(config.log_format, config.log_level)
-    return config
+    return config.for_account(getattr(args, "account", None))
 
 
 def _print_json(doc: dict[str, Any]) -> None:

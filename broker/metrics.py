@@ -11,8 +11,8 @@ and amoCRM's resource names from a fixed list (anything else is `other`) — nev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -42,6 +42,14 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _WAIT_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+class LiveAccount(Protocol):
+    """What the scrape-time collector reads of each account (broker/routing.py's Account)."""
+
+    name: str
+    manager: TokenManager
+    limiter: AccountLimiter
+
+
 def resource_label(resource: str) -> str:
     return resource if resource in RESOURCES else "other"
 
@@ -53,80 +61,83 @@ def method_label(method: str) -> str:
 class Metrics:
     """The broker's metrics in one registry; `render()` gives the text for /metrics."""
 
-    def __init__(self, manager: TokenManager, limiter: AccountLimiter) -> None:
+    def __init__(self, accounts: Callable[[], list[Any]]) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Counter(
             "amo_broker_requests",
             "Calls answered by the broker, by method, status class and caller.",
-            ["method", "status_class", "caller"],
+            ["account", "method", "status_class", "caller"],
             registry=reg,
         )
         self.upstream_latency = Histogram(
             "amo_broker_upstream_latency_seconds",
             "Time from sending a call to amoCRM until its response headers arrived.",
-            ["resource"],
+            ["account", "resource"],
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         )
         self.upstream_responses = Counter(
             "amo_broker_upstream_responses",
             "Answers from amoCRM, by status class (429 and 403 included).",
-            ["status_class"],
+            ["account", "status_class"],
             registry=reg,
         )
         self.upstream_throttled = Counter(
-            "amo_broker_upstream_throttled", "429 answers from amoCRM.", registry=reg
+            "amo_broker_upstream_throttled", "429 answers from amoCRM.", ["account"], registry=reg
         )
         self.upstream_errors = Counter(
             "amo_broker_upstream_errors",
             "Calls that got no (whole) answer from amoCRM, by kind.",
-            ["kind"],
+            ["account", "kind"],
             registry=reg,
         )
         self.retries = Counter(
             "amo_broker_retries",
             "Calls sent again: after a 401 (with a fresh token) or after a 429.",
-            ["reason"],
+            ["account", "reason"],
             registry=reg,
         )
         self.queue_wait = Histogram(
             "amo_broker_queue_wait_seconds",
             "Time a call waited for the account's pace before it was sent.",
+            ["account"],
             buckets=_WAIT_BUCKETS,
             registry=reg,
         )
         self.refused = Counter(
             "amo_broker_refused",
             "Calls answered 503 without sending: rate_limited (queue full) or account_blocked.",
-            ["reason"],
+            ["account", "reason"],
             registry=reg,
         )
-        self._request_children: dict[tuple[str, str, str], Any] = {}
-        self._latency_children: dict[str, Any] = {}
-        self._response_children: dict[str, Any] = {}
-        reg.register(_LiveCollector(manager, limiter))
+        self._request_children: dict[tuple[str, str, str, str], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
+        self._response_children: dict[tuple[str, str], Any] = {}
+        reg.register(_LiveCollector(accounts))
         ProcessCollector(registry=reg)
 
-    def count_request(self, method: str, status_class: str, caller: str) -> None:
+    def count_request(self, account: str, method: str, status_class: str, caller: str) -> None:
         """Count one answered call (label children cached: `.labels()` locks and allocates)."""
-        key = (method_label(method), status_class, caller)
+        key = (account, method_label(method), status_class, caller)
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(*key)
         child.inc()
 
-    def observe_upstream(self, resource: str, status_class: str, seconds: float) -> None:
+    def observe_upstream(
+        self, account: str, resource: str, status_class: str, seconds: float
+    ) -> None:
         """Record one answer from amoCRM: its latency by resource, its status class."""
-        latency = self._latency_children.get(resource)
+        latency = self._latency_children.get((account, resource))
         if latency is None:
-            latency = self._latency_children[resource] = self.upstream_latency.labels(resource)
+            latency = self.upstream_latency.labels(account, resource)
+            self._latency_children[account, resource] = latency
         latency.observe(seconds)
-        responses = self._response_children.get(status_class)
+        responses = self._response_children.get((account, status_class))
         if responses is None:
-            responses = self._response_children[status_class] = self.upstream_responses.labels(
-                status_class
-            )
+            responses = self.upstream_responses.labels(account, status_class)
+            self._response_children[account, status_class] = responses
         responses.inc()
 
     def render(self) -> bytes:
@@ -135,45 +146,50 @@ class Metrics:
 
 
 class _LiveCollector(Collector):
-    """Read the values that live in the token manager and the limiter, at scrape time."""
+    """Read the values that live in each account's token manager and limiter, at scrape time."""
 
-    def __init__(self, manager: TokenManager, limiter: AccountLimiter) -> None:
-        self._manager = manager
-        self._limiter = limiter
+    def __init__(self, accounts: Callable[[], list[LiveAccount]]) -> None:
+        self._accounts = accounts
 
     def collect(self) -> Iterator[Metric]:
-        manager, limiter = self._manager, self._limiter
-        current = limiter.state or manager.state
+        accounts = self._accounts()
         state = GaugeMetricFamily(
-            "amo_broker_state", "The broker's state: 1 for the current one.", labels=["state"]
+            "amo_broker_state",
+            "The account's state: 1 for the current one.",
+            labels=["account", "state"],
         )
-        for name in STATES:
-            state.add_metric([name], 1.0 if name == current else 0.0)
-        yield state
-        left = manager.seconds_until_expiry
         expiry = GaugeMetricFamily(
             "amo_broker_access_token_expires_in_seconds",
             "Seconds until the access token in use expires (absent without one).",
+            labels=["account"],
         )
-        if left is not None:
-            expiry.add_metric([], left)
-        yield expiry
-        yield GaugeMetricFamily(
-            "amo_broker_token_generation", "Generation of the pair in use.", manager.generation
+        generation = GaugeMetricFamily(
+            "amo_broker_token_generation", "Generation of the pair in use.", labels=["account"]
         )
         refreshes = CounterMetricFamily(
             "amo_broker_refreshes",
             "Refresh attempts by this process, by reason and outcome.",
-            labels=["reason", "outcome"],
+            labels=["account", "reason", "outcome"],
         )
-        for (reason, outcome), count in sorted(manager.stats.outcomes.items()):
-            refreshes.add_metric([reason, outcome], count)
-        yield refreshes
-        yield GaugeMetricFamily(
+        depth = GaugeMetricFamily(
             "amo_broker_queue_depth",
             "Calls waiting for the account's pace now.",
-            limiter.pacer.depth,
+            labels=["account"],
         )
-        yield GaugeMetricFamily(
-            "amo_broker_rate_limit_rps", "The configured pace.", limiter.settings.rps
+        rate = GaugeMetricFamily(
+            "amo_broker_rate_limit_rps", "The configured pace.", labels=["account"]
         )
+        for account in accounts:
+            name, manager, limiter = account.name, account.manager, account.limiter
+            current = limiter.state or manager.state
+            for each in STATES:
+                state.add_metric([name, each], 1.0 if each == current else 0.0)
+            left = manager.seconds_until_expiry
+            if left is not None:
+                expiry.add_metric([name], left)
+            generation.add_metric([name], manager.generation)
+            for (reason, outcome), count in sorted(manager.stats.outcomes.items()):
+                refreshes.add_metric([name, reason, outcome], count)
+            depth.add_metric([name], limiter.pacer.depth)
+            rate.add_metric([name], limiter.settings.rps)
+        yield from (state, expiry, generation, refreshes, depth, rate)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+import structlog
 from aiohttp import web
 from yarl import URL
 
@@ -77,7 +78,10 @@ class Proxy:
         max_body_bytes: int,
         limiter: AccountLimiter,
         metrics: Metrics,
+        account: str = "default",
     ) -> None:
+        self.account = account
+        self._queue_wait = metrics.queue_wait.labels(account)
         self._manager = manager
         self._limiter = limiter
         self._metrics = metrics
@@ -93,16 +97,22 @@ class Proxy:
         self._slots = asyncio.Semaphore(limit or 1024)
         self.stats = ProxyStats()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Proxy one call; every failure of the broker's own is a JSON error."""
+    async def handle(
+        self, request: web.Request, raw_target: str | None = None
+    ) -> web.StreamResponse:
+        """Proxy one call (to `raw_target`, or the request's own); errors are JSON."""
+        with structlog.contextvars.bound_contextvars(account=self.account):
+            return await self._handle(request, raw_target or request.raw_path)
+
+    async def _handle(self, request: web.Request, raw_target: str) -> web.StreamResponse:
         started = time.monotonic()
         status, exchange = 0, None
-        path = request.raw_path.partition("?")[0]
+        path = raw_target.partition("?")[0]
         resource = resource_of(path)
         self.stats.requests_total += 1
         try:
             check_method(request.method)
-            target = check_target(request.raw_path)
+            target = check_target(raw_target)
             body = await self._read_body(request)
             async with self._slots:
                 exchange = await self._exchange(request, target, body, resource_label(resource))
@@ -111,11 +121,13 @@ class Proxy:
         except BrokerError as exc:
             status = exc.http_status
             if isinstance(exc, RateLimited | AccountBlocked):
-                self._metrics.refused.labels(exc.code).inc()
+                self._metrics.refused.labels(self.account, exc.code).inc()
             return error_response(exc)
         finally:
             caller = request.get(CALLER)
-            self._metrics.count_request(request.method, status_class(status), caller or "-")
+            self._metrics.count_request(
+                self.account, request.method, status_class(status), caller or "-"
+            )
             log.info(
                 "request",
                 method=request.method,
@@ -148,12 +160,12 @@ class Proxy:
                 await self._manager.unauthorized(generation)
                 replayed = True
                 self.stats.replays_total += 1
-                self._metrics.retries.labels("unauthorized").inc()
+                self._metrics.retries.labels(self.account, "unauthorized").inc()
                 continue
             if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
                 retries += 1
                 self._limiter.upstream.retries_total += 1
-                self._metrics.retries.labels("throttled").inc()
+                self._metrics.retries.labels(self.account, "throttled").inc()
                 continue
             return exchange
 
@@ -165,17 +177,17 @@ class Proxy:
         The token is read after the wait: a refresh may have happened meanwhile.
         """
         waited, sent_at = await self._limiter.admit()
-        self._metrics.queue_wait.observe(waited)
+        self._queue_wait.observe(waited)
         token, generation = await self._manager.token()
         upstream = await self._send(request, target, body, token)
         loop = asyncio.get_running_loop()
         self._metrics.observe_upstream(
-            resource, status_class(upstream.status), loop.time() - sent_at
+            self.account, resource, status_class(upstream.status), loop.time() - sent_at
         )
         content_type = upstream.headers.get("Content-Type", "")
         pause = self._limiter.observe(upstream.status, content_type, sent_at)
         if pause is not None:
-            self._metrics.upstream_throttled.inc()
+            self._metrics.upstream_throttled.labels(self.account).inc()
         return upstream, pause, generation
 
     async def _send(
@@ -205,7 +217,7 @@ class Proxy:
     def _upstream_error(self, kind: str) -> None:
         self.stats.upstream_errors_total += 1
         self._limiter.error(kind)
-        self._metrics.upstream_errors.labels(kind).inc()
+        self._metrics.upstream_errors.labels(self.account, kind).inc()
 
     async def _read_body(self, request: web.Request) -> bytes:
         if not request.body_exists:

@@ -41,6 +41,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "x-original-url",
     "x-rewrite-url",
     "x-broker-key",
+    "x-amo-account",  # chooses the account here; amoCRM has no use for it
 }
 # Set-Cookie is dropped: callers never hold amoCRM's session, the broker does.
 _DROP_RESPONSE = HOP_BY_HOP | {"set-cookie"}

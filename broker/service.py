@@ -6,6 +6,7 @@ How the server listens, takes signals and stops is in broker/lifecycle.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,8 +25,10 @@ from broker.crypto import Sealer
 from broker.errors import ConfigError
 from broker.lifecycle import InFlight, Signals, drain, listen
 from broker.logs import get_logger, redactor
+from broker.long_lived import LongLivedManager
 from broker.oauth import OAuthClient
 from broker.refresher import TokenManager
+from broker.routing import AccountSetup
 from broker.store import TokenStore
 from broker.store_api import Store
 from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
@@ -86,27 +89,88 @@ def new_session() -> aiohttp.ClientSession:
 
 
 @dataclass
-class Runtime:
+class AccountRuntime:
+    """One account's open parts: its view of the config, store, OAuth client and manager."""
+
+    config: Config
     store: Store
-    session: aiohttp.ClientSession
     oauth: OAuthClient | None
     manager: TokenManager
 
 
+@dataclass
+class Runtime:
+    """The default account's parts (as before accounts), the session, and every account."""
+
+    store: Store
+    session: aiohttp.ClientSession
+    oauth: OAuthClient | None
+    manager: TokenManager
+    accounts: dict[str, AccountRuntime]
+
+
 @asynccontextmanager
-async def open_runtime(config: Config, *, need_oauth: bool = True) -> AsyncIterator[Runtime]:
-    """Open store, session, OAuth client and token manager; load the stored pair."""
-    oauth_config = config.require_oauth() if need_oauth else None
+async def open_runtime(
+    config: Config, *, need_oauth: bool = True, every_account: bool = False
+) -> AsyncIterator[Runtime]:
+    """Open the session and the configured account's store, OAuth client and manager.
+
+    `every_account` opens all of `[[accounts]]` (serve); commands act on one account.
+    """
+    names = [a.name for a in config.accounts] if every_account else []
+    names = names or [config.account]
+    async with new_session() as session, contextlib.AsyncExitStack() as stack:
+        accounts = {
+            name: await stack.enter_async_context(
+                _open_account(config.for_account(name), session, need_oauth=need_oauth)
+            )
+            for name in names
+        }
+        main = accounts[config.account]
+        try:
+            yield Runtime(main.store, session, main.oauth, main.manager, accounts)
+        finally:
+            for account in accounts.values():
+                await account.manager.wait_idle()
+
+
+@asynccontextmanager
+async def _open_account(
+    config: Config, session: aiohttp.ClientSession, *, need_oauth: bool
+) -> AsyncIterator[AccountRuntime]:
+    long_lived = config.long_lived_token
+    oauth_config = config.require_oauth() if need_oauth and long_lived is None else None
     if config.client_secret is not None:
         redactor.register(config.client_secret.reveal(), permanent=True)
-    async with open_store(config) as store, new_session() as session:
+    async with open_store(config) as store:
         oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
-        manager = TokenManager(store, oauth, margin=config.margin_seconds)
+        manager: TokenManager
+        if long_lived is not None:
+            await install_long_lived(store, long_lived.reveal(), time.time())
+            manager = LongLivedManager(store, None, margin=config.margin_seconds)
+        else:
+            manager = TokenManager(store, oauth, margin=config.margin_seconds)
         await manager.load()
-        try:
-            yield Runtime(store, session, oauth, manager)
-        finally:
-            await manager.wait_idle()
+        yield AccountRuntime(config, store, oauth, manager)
+
+
+async def install_long_lived(store: Store, token: str, now: float) -> None:
+    """Store the configured long-lived token as the account's pair, unless it is there already.
+
+    A new token replaces the old and lifts reauth_required: configuring it is the person's act.
+    """
+    redactor.register(token, permanent=True)
+    info = await store.info()
+    if info is not None and info.access_fingerprint == fingerprint(token):
+        return
+    expires_at = jwt_expiry(token)
+    if expires_at is None:
+        raise ConfigError(
+            f"account {store.account}: the long-lived token is not a JWT with an expiry "
+            "(`exp`): copy the whole token from the integration's Keys and scopes tab"
+        )
+    pair = TokenPair(token, None, expires_at, now, None)
+    await import_pair(store, pair, reason="long_lived", outcome="imported")
 
 
 async def import_pair(store: Store, pair: TokenPair, *, reason: str, outcome: str) -> int:
@@ -161,17 +225,30 @@ def build_app(
     proactive: bool = True,
     clients: ClientRegistry | None = None,
 ) -> web.Application:
-    """The broker's application over an opened runtime, with the configured proxy limits."""
+    """The broker's application over an opened runtime: every account it opened."""
+    others = [
+        AccountSetup(name, account.manager, _base_url(account.config), account.config.limits)
+        for name, account in runtime.accounts.items()
+        if name != config.account
+    ]
     return create_app(
         runtime.manager,
         runtime.session,
-        base_url=str(config.base_url),
+        base_url=_base_url(config),
         upstream_timeout=config.upstream_timeout,
         max_body_bytes=config.max_body_bytes,
         proactive=proactive,
         clients=clients,
         limits=config.limits,
+        account=config.account,
+        others=others,
     )
+
+
+def _base_url(config: Config) -> str:
+    if config.base_url is None:
+        raise ConfigError(f"account {config.account}: no base_url (AMOCRM_BASE_URL)")
+    return config.base_url
 
 
 def require_c_parser() -> None:
@@ -213,7 +290,7 @@ async def serve(
     require_c_parser()
     clients = caller_registry(config, insecure_no_client_auth=insecure_no_client_auth)
     with Signals() as signals:
-        async with open_runtime(config) as runtime:
+        async with open_runtime(config, every_account=True) as runtime:
             await bootstrap_from_env(config, runtime.store, time.time())
             await runtime.manager.load()
             app = build_app(runtime, config, proactive=proactive, clients=clients)
@@ -239,7 +316,7 @@ async def serve(
                 await runner.cleanup()
                 raise
             await drain(runner, in_flight, signals)
-            if runtime.manager.state == "refreshing":
+            if any(a.manager.state == "refreshing" for a in runtime.accounts.values()):
                 log.info(
                     "stopping_after_refresh",
                     message="a token refresh is in flight: waiting until amoCRM's answer is "

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from broker import __version__
+from broker.long_lived import expiry_warning
 from broker.refresher import TokenManager
 from broker.store_api import Store
 from broker.tokens import iso
@@ -85,6 +86,9 @@ async def live_status(
     doc["next_attempt_at"] = iso(stats.next_attempt_at)
     doc["refreshes_total"] = stats.refreshes_total
     doc["refresh_failures_total"] = stats.refresh_failures_total
+    doc["long_lived"] = pair is not None and pair.refresh_token is None
+    warning = expiry_warning(manager.seconds_until_expiry) if doc["long_lived"] else None
+    doc["warnings"] = [warning] if warning else []
     doc["requests_total"] = requests_total
     doc["uptime_seconds"] = round(now - started, 1)
     return doc
