@@ -98,7 +98,9 @@ def pair_from_sandbox(sandbox: Sandbox) -> TokenPair:
 async def seed_store(config: Config, sandbox: Sandbox) -> TokenPair:
     """Store a live sandbox pair as generation 1 of the configured store."""
     pair = pair_from_sandbox(sandbox)
-    store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
+    store = await TokenStore.open(
+        config.db_path, Sealer(config.require_key()), account=config.account
+    )
     try:
         await store.store_pair(pair, reason="import", outcome="imported")
     finally:
