@@ -20,9 +20,10 @@ import aiohttp
 from broker.config import Config
 from broker.crypto import Sealer
 from broker.errors import ConfigError, StoreLockedError, UpstreamError
+from broker.service import open_store
 from broker.status import store_status
 from broker.status_text import summary
-from broker.store import TokenStore
+from broker.store_api import Store
 
 # The caller secret for --url, when the broker checks callers; never a flag (ps shows argv).
 SECRET_ENV = "BROKER_CALLER_SECRET"  # noqa: S105 -- the name of a variable, not a secret
@@ -62,18 +63,15 @@ async def store_document(config: Config) -> dict[str, Any]:
     """Describe the account from the store alone."""
     # No ciphertext is opened, so any key will do for reading; the real one is only checked.
     key = config.key.reveal() if config.key is not None else os.urandom(32)
-    if not config.db_path.exists():
+    if config.store_url is None and not config.db_path.exists():
         raise ConfigError(f"no store at {config.db_path} (BROKER_DB / [store] path)")
-    store = await TokenStore.open(config.db_path, Sealer(key), account=config.account)
-    try:
+    async with open_store(config, sealer=Sealer(key)) as store:
         doc = await store_status(store)
         doc["key_check"] = await key_check(store) if config.key is not None else "no key given"
-    finally:
-        await store.close()
     return doc
 
 
-async def key_check(store: TokenStore) -> str:
+async def key_check(store: Store) -> str:
     """Say whether the configured key opens the stored pair."""
     try:
         await store.load()

@@ -28,6 +28,7 @@ from broker.cli import main
 from broker.config import Secret
 from broker.crypto import Sealer, new_key
 from broker.sandbox import Sandbox
+from broker.service import open_store
 from broker.store import StoredPair, TokenStore
 from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
 from tests.cli_harness import Run, assert_user_error, run
@@ -594,3 +595,23 @@ def test_status_url_names_an_unreachable_broker(
     assert result.code == 1
     assert f"127.0.0.1:{unused_tcp_port}/status" in result.text
     assert "Traceback" not in result.text
+
+
+@pytest.mark.usefixtures("store_env")
+async def test_status_reads_a_postgresql_store(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: ConfigFactory,
+    sandbox: Sandbox,
+    pg_url: str,
+) -> None:
+    """status (no --url) describes a PostgreSQL store as it does a SQLite file."""
+    monkeypatch.setenv("BROKER_STORE_URL", pg_url)
+    pair = pair_from_sandbox(sandbox)
+    async with open_store(make_config(BROKER_STORE_URL=pg_url)) as store:
+        await store.store_pair(pair, reason="import", outcome="imported")
+    result = await run_in_thread(capsys, "status", "--json")
+    assert_no_leak(result.text, pair.access_token, pair.refresh_token)
+    doc = result.json()
+    assert (doc["generation"], doc["key_check"], doc["state"]) == (1, "ok", "ok")
+    assert doc["refresh_token_fingerprint"] == pair.refresh_fingerprint
