@@ -17,11 +17,12 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker.authorize import CALLBACK_PATH
 from broker.clients import ClientRegistry
 from broker.config import LimitSettings
 from broker.limiter import AccountLimiter
 from broker.metrics import Metrics
-from broker.middlewares import CLIENTS, caller_auth, json_errors
+from broker.middlewares import CLIENTS, Handler, caller_auth, json_errors
 from broker.pacing_share import sharing_pace
 from broker.proxy import Proxy
 from broker.refresher import TokenManager
@@ -47,6 +48,7 @@ def create_app(
     limits: LimitSettings | None = None,
     account: str = "default",
     others: Sequence[AccountSetup] = (),
+    callback: Handler | None = None,
 ) -> web.Application:
     """Build the broker's application around already loaded token managers.
 
@@ -82,6 +84,8 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics_text)
+    if callback is not None:  # before the catch-all; no HEAD: it would spend a state
+        app.router.add_get(CALLBACK_PATH, callback, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", route_call)
     app.cleanup_ctx.append(_background(proactive))
     app.on_response_prepare.append(_warn_when_degraded)

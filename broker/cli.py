@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from broker import __version__, cli_clients, cli_migrate, cli_status
+from broker import __version__, cli_authorize, cli_clients, cli_migrate, cli_status
 from broker.config import Config, load_config
 from broker.crypto import new_key
 from broker.errors import BrokerError, ConfigError
@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_status.register(sub, common, _config)
     cli_clients.register(sub, common, _config)
     cli_migrate.register(sub, common, _config)
+    cli_authorize.register(sub, common, _config)
     return parser
 
 

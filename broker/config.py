@@ -200,6 +200,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "client_tokens_file", "BROKER_CLIENT_TOKENS_FILE", _path),
     Setting("server", "unix_socket", "BROKER_UNIX_SOCKET", _path),
     Setting("server", "unix_socket_mode", "BROKER_UNIX_SOCKET_MODE", _octal_mode, 0o660),
+    Setting("server", "oauth_callback", "BROKER_OAUTH_CALLBACK", _flag, False),
     Setting("store", "path", "BROKER_DB", _path, Path("broker.db")),
     Setting("store", "key_file", "BROKER_KEY_FILE", _path),
     Setting("store", "url", "BROKER_STORE_URL", _store_url),
@@ -278,6 +279,7 @@ class Config:
     account: str = DEFAULT_ACCOUNT
     long_lived_token: Secret[str] | None = None
     accounts: tuple[AccountConfig, ...] = ()
+    oauth_callback: bool = False  # serve GET /oauth/callback (`amo-broker authorize-url`)
     # A PostgreSQL store instead of the SQLite file; may hold a password, so not in the repr.
     store_url: str | None = field(default=None, repr=False)
 
@@ -387,6 +389,7 @@ def load_config(
         ),
         unix_socket=values["server.unix_socket"],
         unix_socket_mode=values["server.unix_socket_mode"],
+        oauth_callback=values["server.oauth_callback"],
         db_path=db_path,
         key=key,
         key_source=key_source,

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from broker.authorize import CALLBACK_PATH
 from broker.clients import ClientRegistry, presented_secret
 from broker.errors import BrokerError
 from broker.logs import get_logger
@@ -31,6 +32,10 @@ async def caller_auth(request: web.Request, handler: Handler) -> web.StreamRespo
         request.headers.get("Authorization"), request.headers.get("X-Broker-Key")
     )
     client = request.app[CLIENTS].authenticate(secret)
+    if client is None and request.raw_path.partition("?")[0] == CALLBACK_PATH:
+        # The browser coming back from amoCRM's consent page has no caller secret: the
+        # callback checks the single-use state and that the peer is local instead.
+        return await handler(request)
     if client is None:
         reason = "missing" if secret is None else "invalid"
         log.warning(

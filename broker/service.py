@@ -19,6 +19,7 @@ from aiohttp import http_parser, web
 
 from broker import lifecycle
 from broker.app import create_app
+from broker.authorize import make_callback_handler
 from broker.clients import ClientRegistry
 from broker.config import Config
 from broker.crypto import Sealer
@@ -231,6 +232,14 @@ def build_app(
         for name, account in runtime.accounts.items()
         if name != config.account
     ]
+    callback = None
+    if config.oauth_callback:
+        callback = make_callback_handler(
+            lambda name: (config.for_account(name), runtime.accounts[name].manager),
+            runtime.session,
+            refresh_timeout=config.refresh_timeout,
+            states=runtime.store,
+        )
     return create_app(
         runtime.manager,
         runtime.session,
@@ -242,6 +251,7 @@ def build_app(
         limits=config.limits,
         account=config.account,
         others=others,
+        callback=callback,
     )
 
 
