@@ -9,7 +9,7 @@ to `reauth_required` until someone issues a new one and configures it. /status w
 
 from __future__ import annotations
 
-from broker.errors import NoTokensError, ReauthRequiredError, StoreError
+from broker.errors import ReauthRequiredError, StoreError
 from broker.logs import get_logger
 from broker.refresher import TokenManager
 from broker.tokens import iso
@@ -22,21 +22,16 @@ WARN_DAYS = 14
 class LongLivedManager(TokenManager):
     """A token manager for an account that holds a long-lived token instead of a pair."""
 
+    no_tokens = "no long-lived token stored: set AMOCRM_LONG_LIVED_TOKEN or long_lived_token_file"
+
     async def token(self) -> tuple[str, int]:
         """Return the long-lived token; past its expiry, the account needs a person."""
-        if self._stored is None:
-            await self._adopt(await self.store.load(), announce=True)
-        if self._reauth_reason is not None:
-            raise ReauthRequiredError(self._reauth_reason)
-        if self._stored is None:
-            raise NoTokensError(
-                "no long-lived token stored: set AMOCRM_LONG_LIVED_TOKEN or long_lived_token_file"
-            )
+        stored = await self._held()
         if self._clock.monotonic() >= self._expires_mono:
             await self._needs_person(
-                f"the long-lived token expired at {iso(self._stored.pair.expires_at)}"
+                f"the long-lived token expired at {iso(stored.pair.expires_at)}"
             )
-        return self._stored.pair.access_token, self._stored.generation
+        return stored.pair.access_token, stored.generation
 
     async def unauthorized(self, generation: int) -> None:
         """amoCRM refused the token: there is nothing to refresh, so stop and say so."""

@@ -135,16 +135,22 @@ class TokenManager:
 
     async def token(self) -> tuple[str, int]:
         """Return a usable access token and its generation, refreshing first if it expired."""
+        stored = await self._held()
+        if self._clock.monotonic() >= self._expires_mono - EXPIRY_SKEW:
+            stored = await self.refresh("expiry")
+        return stored.pair.access_token, stored.generation
+
+    no_tokens = "no token pair stored: run `amo-broker import` or `exchange-code`"
+
+    async def _held(self) -> StoredPair:
+        """The pair in use (read from the store the first time); refuse when none may be used."""
         if self._stored is None:
             await self._adopt(await self.store.load(), announce=True)
         if self._reauth_reason is not None:
             raise ReauthRequiredError(self._reauth_reason)
         if self._stored is None:
-            raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
-        if self._clock.monotonic() >= self._expires_mono - EXPIRY_SKEW:
-            stored = await self.refresh("expiry")
-            return stored.pair.access_token, stored.generation
-        return self._stored.pair.access_token, self._stored.generation
+            raise NoTokensError(self.no_tokens)
+        return self._stored
 
     async def unauthorized(self, generation: int) -> None:
         """React to amoCRM's 401 for a request sent with `generation`'s token."""

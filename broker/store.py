@@ -40,6 +40,7 @@ from broker.store_api import (
     history_entry,
     open_pair,
     seal_pair,
+    token_row,
 )
 from broker.store_schema import SCHEMA_VERSION, migrate, schema_version
 from broker.store_sqlite_side import SideTables
@@ -207,7 +208,7 @@ class TokenStore(SideTables):
         StoreLockedError instead (the refresher then keeps the pair in memory).
         """
         now = time.time() if now is None else now
-        access_ct, refresh_ct = seal_pair(self.sealer, self.account, pair)
+        sealed = seal_pair(self.sealer, self.account, pair)
         async with self.transaction() as db:
             if fault_armed("during_commit"):
                 # Test-only: with a one-page cache SQLite spills this transaction's pages into
@@ -227,19 +228,7 @@ class TokenStore(SideTables):
                 "INSERT OR REPLACE INTO tokens (account, generation, key_id, access_ct, "
                 "refresh_ct, expires_at, obtained_at, refresh_obtained_at, access_fp, "
                 "refresh_fp, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    self.account,
-                    generation,
-                    self.sealer.current_key_id,
-                    access_ct,
-                    refresh_ct,
-                    pair.expires_at,
-                    pair.obtained_at,
-                    pair.refresh_obtained_at,
-                    pair.access_fingerprint,
-                    pair.refresh_fingerprint,
-                    now,
-                ),
+                token_row(self.account, generation, self.sealer.current_key_id, sealed, pair, now),
             )
             await db.execute("DELETE FROM leases WHERE account = ?", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = ?", (self.account,))

@@ -176,6 +176,59 @@ def seal_pair(sealer: Sealer, account: str, pair: TokenPair) -> tuple[bytes, byt
     return access, refresh
 
 
+def token_row(
+    account: str,
+    generation: int,
+    key_id: str,
+    sealed: tuple[bytes, bytes | None],
+    pair: TokenPair,
+    now: float,
+) -> tuple[Any, ...]:
+    """The values of a `tokens` row for `pair`, in the column order both backends use.
+
+    (account, generation, key_id, access_ct, refresh_ct, expires_at, obtained_at,
+    refresh_obtained_at, access_fp, refresh_fp, updated_at)
+    """
+    access_ct, refresh_ct = sealed
+    return (
+        account,
+        generation,
+        key_id,
+        access_ct,
+        refresh_ct,
+        pair.expires_at,
+        pair.obtained_at,
+        pair.refresh_obtained_at,
+        pair.access_fingerprint,
+        pair.refresh_fingerprint,
+        now,
+    )
+
+
+async def reseal_rows(
+    db: Any, rows: list[SealedRow], resealer: Resealer, new_key_id: str, now: float, mark: str
+) -> int:
+    """Write each re-sealed row and its `rekeyed` history entry; `mark` is `?` or `%s`."""
+    resealed = 0
+    for row in rows:
+        sealed = resealer(row)
+        if sealed is None:
+            continue
+        await db.execute(
+            "UPDATE tokens SET key_id = ?, access_ct = ?, refresh_ct = ?, updated_at = ? "
+            "WHERE account = ?".replace("?", mark),
+            (new_key_id, *sealed, now, row.account),
+        )
+        await db.execute(
+            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+            "new_fingerprint, outcome, error) "
+            "VALUES (?, ?, 'rekey', ?, ?, ?, 'rekeyed', NULL)".replace("?", mark),
+            (row.account, now, row.generation, row.fingerprint, row.fingerprint),
+        )
+        resealed += 1
+    return resealed
+
+
 def open_pair(sealer: Sealer, account: str, row: tuple[Any, ...]) -> StoredPair:
     """Open a stored row into a pair; a ciphertext that does not open raises (fail closed).
 

@@ -37,6 +37,7 @@ from broker.store_api import (
     history_entry,
     open_pair,
     seal_pair,
+    token_row,
 )
 from broker.store_pg_schema import ACCOUNT_LOCK, SCHEMA, migrate
 from broker.store_pg_side import Conn, PgSideTables
@@ -201,7 +202,7 @@ class PgTokenStore(PgSideTables):
         The NOTIFY is delivered at COMMIT, so no replica hears of a pair it cannot read yet.
         """
         now = time.time() if now is None else now
-        access_ct, refresh_ct = seal_pair(self.sealer, self.account, pair)
+        sealed = seal_pair(self.sealer, self.account, pair)
         async with self.transaction() as db:
             cursor = await db.execute(
                 "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = %s FOR UPDATE",
@@ -223,19 +224,7 @@ class PgTokenStore(PgSideTables):
                 "refresh_obtained_at = EXCLUDED.refresh_obtained_at, "
                 "access_fp = EXCLUDED.access_fp, refresh_fp = EXCLUDED.refresh_fp, "
                 "updated_at = EXCLUDED.updated_at",
-                (
-                    self.account,
-                    generation,
-                    self.sealer.current_key_id,
-                    access_ct,
-                    refresh_ct,
-                    pair.expires_at,
-                    pair.obtained_at,
-                    pair.refresh_obtained_at,
-                    pair.access_fingerprint,
-                    pair.refresh_fingerprint,
-                    now,
-                ),
+                token_row(self.account, generation, self.sealer.current_key_id, sealed, pair, now),
             )
             await db.execute("DELETE FROM leases WHERE account = %s", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = %s", (self.account,))

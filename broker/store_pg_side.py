@@ -19,6 +19,7 @@ from broker.store_api import (
     Resealer,
     SealedRow,
     StoreDump,
+    reseal_rows,
 )
 from broker.store_sqlite_side import live_lease_message
 
@@ -103,23 +104,7 @@ class PgSideTables:
                 "COALESCE(refresh_fp, access_fp) FROM tokens ORDER BY account FOR UPDATE"
             )
             rows = [SealedRow(*row) for row in await cursor.fetchall()]
-            resealed = 0
-            for row in rows:
-                sealed = resealer(row)
-                if sealed is None:
-                    continue
-                await db.execute(
-                    "UPDATE tokens SET key_id = %s, access_ct = %s, refresh_ct = %s, "
-                    "updated_at = %s WHERE account = %s",
-                    (new_key_id, *sealed, now, row.account),
-                )
-                await db.execute(
-                    "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
-                    "new_fingerprint, outcome, error) "
-                    "VALUES (%s, %s, 'rekey', %s, %s, %s, 'rekeyed', NULL)",
-                    (row.account, now, row.generation, row.fingerprint, row.fingerprint),
-                )
-                resealed += 1
+            resealed = await reseal_rows(db, rows, resealer, new_key_id, now, "%s")
         return resealed
 
     async def restore(self, dump: StoreDump) -> dict[str, int]:

@@ -19,6 +19,7 @@ from broker.store_api import (
     Resealer,
     SealedRow,
     StoreDump,
+    reseal_rows,
 )
 
 
@@ -106,23 +107,7 @@ class SideTables:
             )
             rows = [SealedRow(*row) for row in await cursor.fetchall()]
             await cursor.close()
-            resealed = 0
-            for row in rows:
-                sealed = resealer(row)
-                if sealed is None:
-                    continue
-                await db.execute(
-                    "UPDATE tokens SET key_id = ?, access_ct = ?, refresh_ct = ?, updated_at = ? "
-                    "WHERE account = ?",
-                    (new_key_id, *sealed, now, row.account),
-                )
-                await db.execute(
-                    "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
-                    "new_fingerprint, outcome, error) "
-                    "VALUES (?, ?, 'rekey', ?, ?, ?, 'rekeyed', NULL)",
-                    (row.account, now, row.generation, row.fingerprint, row.fingerprint),
-                )
-                resealed += 1
+            resealed = await reseal_rows(db, rows, resealer, new_key_id, now, "?")
         return resealed
 
     async def dump(self) -> StoreDump:
