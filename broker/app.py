@@ -24,7 +24,7 @@ from broker.limiter import AccountLimiter
 from broker.metrics import Metrics
 from broker.middlewares import CLIENTS, Handler, caller_auth, json_errors
 from broker.pacing_share import sharing_pace
-from broker.proxy import Proxy
+from broker.proxy import ACCOUNT, Proxy
 from broker.refresher import TokenManager
 from broker.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
 from broker.status import live_status
@@ -93,8 +93,15 @@ def create_app(
 
 
 async def _warn_when_degraded(request: web.Request, response: web.StreamResponse) -> None:
-    """Tell every caller when a pair in use is not persisted: never answer as if all is well."""
-    degraded = [a.name for a in request.app[ACCOUNTS].values() if a.manager.store_degraded]
+    """Tell every caller when a pair in use is not persisted: never answer as if all is well.
+
+    A proxied call hears of its own account only (one lookup on the hot path); any other
+    answer, such as /status, of every account.
+    """
+    accounts = request.app[ACCOUNTS]
+    name = request.get(ACCOUNT)
+    chosen = [accounts[name]] if name is not None else accounts.values()
+    degraded = [a.name for a in chosen if a.manager.store_degraded]
     if degraded:
         response.headers["X-Broker-Warning"] = (
             f"store_degraded: the current token pair of {', '.join(degraded)} is held in "

@@ -44,6 +44,7 @@ log = get_logger()
 # body together); a longer or unsized one streams through in whatever pieces arrive.
 SMALL_ANSWER = 64 * 1024
 CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it is on
+ACCOUNT = web.RequestKey("account", str)  # the account whose proxy handles the call
 # Safe to send twice: the second has the same effect as the first. POST and PATCH are not.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
@@ -101,6 +102,7 @@ class Proxy:
         self, request: web.Request, raw_target: str | None = None
     ) -> web.StreamResponse:
         """Proxy one call (to `raw_target`, or the request's own); errors are JSON."""
+        request[ACCOUNT] = self.account
         with structlog.contextvars.bound_contextvars(account=self.account):
             return await self._handle(request, raw_target or request.raw_path)
 
