@@ -153,12 +153,6 @@ class Pacer:
             self._timer = None
         self._arm(asyncio.get_running_loop())
 
-    def retry_after(self) -> float:
-        """Seconds until a new caller would be admitted, if nobody else arrived meanwhile."""
-        loop = asyncio.get_running_loop()
-        depth = self.depth
-        return self._come_back_in(self._forecast(loop.time(), depth), depth)
-
     def _forecast(self, now: float, ahead: int) -> float:
         """Bound from above the wait of a caller with `ahead` callers before it."""
         first = self.schedule.earliest(now) - now
