@@ -7,17 +7,16 @@ default), and every secret is wrapped in `Secret` so no repr, log line or traceb
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
 
+from broker import config_parsers as parse
 from broker.accounts import AccountConfig, parse_accounts
+from broker.config_parsers import masked_url as masked_url
 from broker.errors import ConfigError
 from broker.keyfile import decode_key, read_key_file
 
@@ -67,157 +66,38 @@ class Setting:
         return f"{self.section}.{self.key}"
 
 
-def _text(name: str, raw: Any) -> str:
-    if not isinstance(raw, str) or not raw.strip():
-        raise ConfigError(f"{name}: expected a non-empty string")
-    return raw.strip()
-
-
-def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
-    def parse(name: str, raw: Any) -> int:
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
-        if isinstance(raw, bool) or not low <= value <= high:
-            raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _seconds(name: str, raw: Any) -> float:
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
-    if isinstance(raw, bool) or not 0 < value < 10**7:
-        raise ConfigError(f"{name}: expected a positive number of seconds, got {raw!r}")
-    return value
-
-
-def _rate(name: str, raw: Any) -> float:
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected requests per second, got {raw!r}") from None
-    if isinstance(raw, bool) or not 0 < value <= 1_000_000:
-        raise ConfigError(f"{name}: expected requests per second above 0, got {raw!r}")
-    return value
-
-
-def _flag(name: str, raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    value = str(raw).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
-
-
-def _choice(*options: str) -> Callable[[str, Any], str]:
-    def parse(name: str, raw: Any) -> str:
-        value = str(raw).strip().lower()
-        if value not in options:
-            raise ConfigError(f"{name}: expected one of {', '.join(options)}, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _base_url(name: str, raw: Any) -> str:
-    url = _text(name, raw).rstrip("/")
-    parts = urlsplit(url)
-    if "@" in parts.netloc:  # never echo it: the part before @ may be a password
-        raise ConfigError(f"{name}: must not hold credentials (user:password@)")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected a URL like https://example.amocrm.ru, got {url!r}")
-    if parts.path or "?" in url or "#" in url:
-        raise ConfigError(f"{name}: give only scheme and host (and port), got {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if port is not None and not 0 < port < 65536:
-        raise ConfigError(f"{name}: the port is not a number from 1 to 65535, got {url!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ConfigError(f"{name}: https is required for {parts.hostname} (http: loopback only)")
-    return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _octal_mode(name: str, raw: Any) -> int:
-    try:
-        mode = int(str(raw), 8)
-    except ValueError:
-        raise ConfigError(f"{name}: expected an octal file mode like 0660, got {raw!r}") from None
-    if not 0 < mode <= 0o777 or mode & 0o007:
-        raise ConfigError(f"{name}: {raw!r} must be a mode that gives others nothing, e.g. 0660")
-    return mode
-
-
-def _path(name: str, raw: Any) -> Path:
-    return Path(_text(name, raw)).expanduser()
-
-
-def _store_url(name: str, raw: Any) -> str:
-    url = _text(name, raw)
-    if urlsplit(url).scheme not in ("postgresql", "postgres"):
-        raise ConfigError(f"{name}: expected postgresql://user@host/db, got {masked_url(url)!r}")
-    return url
-
-
-def masked_url(url: str) -> str:
-    """Show a URL with its password (user:…@ or ?password=) replaced by ***, for messages."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        url = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
-
-
-_LEVELS = _choice("debug", "info", "warning", "error")
+_LEVELS = parse.choice("debug", "info", "warning", "error")
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("amocrm", "base_url", "AMOCRM_BASE_URL", _base_url),
-    Setting("amocrm", "client_id", "AMOCRM_CLIENT_ID", _text),
-    Setting("amocrm", "client_secret", "AMOCRM_CLIENT_SECRET", _text),
-    Setting("amocrm", "redirect_uri", "AMOCRM_REDIRECT_URI", _text),
+    Setting("amocrm", "base_url", "AMOCRM_BASE_URL", parse.base_url),
+    Setting("amocrm", "client_id", "AMOCRM_CLIENT_ID", parse.text),
+    Setting("amocrm", "client_secret", "AMOCRM_CLIENT_SECRET", parse.text),
+    Setting("amocrm", "redirect_uri", "AMOCRM_REDIRECT_URI", parse.text),
     # A private integration's long-lived token, instead of a pair (AMOCRM_LONG_LIVED_TOKEN).
-    Setting("amocrm", "long_lived_token_file", None, _path),
-    Setting("server", "host", "BROKER_HOST", _text, "127.0.0.1"),
-    Setting("server", "port", "BROKER_PORT", _int_in(0, 65535), 8787),
-    Setting("server", "client_tokens_file", "BROKER_CLIENT_TOKENS_FILE", _path),
-    Setting("server", "unix_socket", "BROKER_UNIX_SOCKET", _path),
-    Setting("server", "unix_socket_mode", "BROKER_UNIX_SOCKET_MODE", _octal_mode, 0o660),
-    Setting("server", "oauth_callback", "BROKER_OAUTH_CALLBACK", _flag, False),
-    Setting("store", "path", "BROKER_DB", _path, Path("broker.db")),
-    Setting("store", "key_file", "BROKER_KEY_FILE", _path),
-    Setting("store", "url", "BROKER_STORE_URL", _store_url),
-    Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", _seconds, 600.0),
-    Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", _seconds, 15.0),
-    Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", _seconds, 60.0),
-    Setting("proxy", "max_body_bytes", "BROKER_MAX_BODY_BYTES", _int_in(1, 1 << 31), 16 << 20),
-    Setting("limits", "rps", "BROKER_RPS", _rate, 7.0),
-    Setting("limits", "burst", "BROKER_BURST", _int_in(1, 1_000_000), 7),
-    Setting("limits", "max_queue", "BROKER_MAX_QUEUE", _int_in(0, 1_000_000), 256),
-    Setting("limits", "max_wait_seconds", "BROKER_MAX_WAIT", _seconds, 30.0),
-    Setting("limits", "max_retries", "BROKER_MAX_RETRIES", _int_in(0, 10), 3),
-    Setting("limits", "block_after", "BROKER_BLOCK_AFTER", _int_in(1, 100), 3),
-    Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", _seconds, 600.0),
+    Setting("amocrm", "long_lived_token_file", None, parse.path),
+    Setting("server", "host", "BROKER_HOST", parse.text, "127.0.0.1"),
+    Setting("server", "port", "BROKER_PORT", parse.int_in(0, 65535), 8787),
+    Setting("server", "client_tokens_file", "BROKER_CLIENT_TOKENS_FILE", parse.path),
+    Setting("server", "unix_socket", "BROKER_UNIX_SOCKET", parse.path),
+    Setting("server", "unix_socket_mode", "BROKER_UNIX_SOCKET_MODE", parse.octal_mode, 0o660),
+    Setting("server", "oauth_callback", "BROKER_OAUTH_CALLBACK", parse.flag, False),
+    Setting("store", "path", "BROKER_DB", parse.path, Path("broker.db")),
+    Setting("store", "key_file", "BROKER_KEY_FILE", parse.path),
+    Setting("store", "url", "BROKER_STORE_URL", parse.store_url),
+    Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", parse.seconds, 600.0),
+    Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", parse.seconds, 15.0),
+    Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", parse.seconds, 60.0),
+    Setting("proxy", "max_body_bytes", "BROKER_MAX_BODY_BYTES", parse.int_in(1, 1 << 31), 16 << 20),
+    Setting("limits", "rps", "BROKER_RPS", parse.rate, 7.0),
+    Setting("limits", "burst", "BROKER_BURST", parse.int_in(1, 1_000_000), 7),
+    Setting("limits", "max_queue", "BROKER_MAX_QUEUE", parse.int_in(0, 1_000_000), 256),
+    Setting("limits", "max_wait_seconds", "BROKER_MAX_WAIT", parse.seconds, 30.0),
+    Setting("limits", "max_retries", "BROKER_MAX_RETRIES", parse.int_in(0, 10), 3),
+    Setting("limits", "block_after", "BROKER_BLOCK_AFTER", parse.int_in(1, 100), 3),
+    Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", parse.seconds, 600.0),
     # Unset: shared on a PostgreSQL store (its replicas are one account's callers), else not.
-    Setting("limits", "shared", "BROKER_SHARED_LIMITS", _flag),
-    Setting("log", "format", "BROKER_LOG_FORMAT", _choice("json", "console"), "json"),
+    Setting("limits", "shared", "BROKER_SHARED_LIMITS", parse.flag),
+    Setting("log", "format", "BROKER_LOG_FORMAT", parse.choice("json", "console"), "json"),
     Setting("log", "level", "BROKER_LOG_LEVEL", _LEVELS, "info"),
 )
 KEY_ENV = "BROKER_ENCRYPTION_KEY"
@@ -286,7 +166,7 @@ class Config:
     @property
     def loopback_only(self) -> bool:
         """Say whether only this host can reach the broker (a unix socket, or a loopback host)."""
-        return self.unix_socket is not None or _is_loopback(self.host)
+        return self.unix_socket is not None or parse.is_loopback(self.host)
 
     def for_account(self, name: str | None) -> Config:
         """See this configuration as one account does (its URL, client, limits); None: default."""
@@ -448,7 +328,7 @@ def _with_accounts(
     parsers = {s.key: s.parse for s in SETTINGS if s.section in ("amocrm", "limits", "store")}
     accounts = parse_accounts(
         tables,
-        parsers={**parsers, "path": _path},
+        parsers={**parsers, "path": parse.path},
         limits=config.limits,
         source=config.source,
         secret=Secret,
