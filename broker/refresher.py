@@ -13,10 +13,7 @@ The rules the whole broker rests on:
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from collections.abc import Awaitable
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
 
 from broker.errors import (
     BrokerError,
@@ -31,6 +28,7 @@ from broker.lease import LeaseResult, holder_id, lost_answer_note
 from broker.leasing import take_lease
 from broker.logs import get_logger, redactor
 from broker.oauth import REQUEST_FACTOR
+from broker.refresh_parts import Refresher, RefreshStats, consume_exception, quietly
 from broker.store_api import Store, StoredPair
 from broker.timing import Clock, SystemClock, backoff_delay
 from broker.tokens import TokenPair, iso, refresh_due_at
@@ -38,29 +36,6 @@ from broker.tokens import TokenPair, iso, refresh_due_at
 log = get_logger()
 
 EXPIRY_SKEW = 5.0  # an access token this close to expiry is refreshed before use
-
-
-class Refresher(Protocol):
-    """The token endpoint, as the manager needs it (OAuthClient, or a test's fake)."""
-
-    timeout_seconds: float
-
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair: ...
-
-
-@dataclass
-class RefreshStats:
-    """Counters and last outcomes shown in /status."""
-
-    refreshes_total: int = 0
-    refresh_failures_total: int = 0
-    last_refresh_at: float | None = None
-    last_refresh_reason: str | None = None
-    last_error: str | None = None
-    next_attempt_at: float | None = None  # wall time, for /status only
-    store_error: str | None = None  # why the newest pair is held in memory only
-    # (reason, outcome) -> count, for /metrics: outcome is rotated, failed or rejected.
-    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class TokenManager:
@@ -182,7 +157,7 @@ class TokenManager:
         if self._inflight is None or self._inflight.done():
             stale = self.generation if stale_generation is None else stale_generation
             task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
-            task.add_done_callback(_consume_exception)
+            task.add_done_callback(consume_exception)
             self._inflight = task
         if not bounded or self._refresher is None:
             return await asyncio.shield(self._inflight)
@@ -232,7 +207,7 @@ class TokenManager:
         try:
             return await self._spend_refresh_token(refresher, reason, lease)
         finally:
-            await _quietly(self.store.release_lease(self._holder))
+            await quietly(self.store.release_lease(self._holder))
 
     async def _spend_refresh_token(
         self, refresher: Refresher, reason: str, lease: LeaseResult
@@ -334,7 +309,7 @@ class TokenManager:
         message += ": re-authorise with `amo-broker exchange-code CODE` or `amo-broker import`"
         log.error("token_refresh_failed", reason=reason, error=message, status=exc.status)
         await self._record_failure(reason, current, message, "rejected")
-        await _quietly(self.store.set_state("reauth_required", message, current.generation))
+        await quietly(self.store.set_state("reauth_required", message, current.generation))
         self._reauth_reason = message
         log.error("reauth_required", reason=message, generation=current.generation)
         raise ReauthRequiredError(message)
@@ -360,7 +335,7 @@ class TokenManager:
         self.stats.refresh_failures_total += 1
         self.stats.outcomes[reason, outcome] += 1
         self.stats.last_error = message
-        await _quietly(
+        await quietly(
             self.store.record_failure(
                 reason=reason,
                 generation=current.generation,
@@ -422,17 +397,3 @@ class TokenManager:
             delay = min(delay, self._due_mono - now)
         delay = max(delay, self._retry_at - now)
         return max(delay, 0.05)
-
-
-def _consume_exception(task: asyncio.Task[StoredPair]) -> None:
-    # Waiters get the exception; when none is left (all callers gone), don't warn about it.
-    if not task.cancelled():
-        task.exception()
-
-
-async def _quietly(awaitable: Awaitable[object]) -> None:
-    """Await a bookkeeping write whose failure must not hide the error being handled."""
-    try:
-        await awaitable
-    except StoreError as exc:
-        log.error("store_write_failed", error=exc.message)
