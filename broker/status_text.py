@@ -78,6 +78,11 @@ def summary(doc: dict[str, Any]) -> str:
     rows += _live_rows(doc)
     if doc.get("last_error"):
         rows.append(("last error", str(doc["last_error"])))
+    rows += [("warning", str(w)) for w in doc.get("warnings") or []]
+    others = doc.get("accounts") or []
+    if len(others) > 1:
+        listed = ", ".join(f"{a.get('account')} {a.get('state')}" for a in others)
+        rows.append(("accounts", listed))
     rows.append(("store", str(doc.get("store"))))
     width = max(len(label) for label, _ in rows)
     lines = [f"amo-broker {doc.get('version', '')} · account {doc.get('account')} · {state}"]

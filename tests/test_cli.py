@@ -615,3 +615,24 @@ async def test_status_reads_a_postgresql_store(
     doc = result.json()
     assert (doc["generation"], doc["key_check"], doc["state"]) == (1, "ok", "ok")
     assert doc["refresh_token_fingerprint"] == pair.refresh_fingerprint
+
+
+def test_the_summary_lists_warnings_and_every_account() -> None:
+    """A running broker's summary names each account's state and any warning."""
+    from broker.status_text import summary
+
+    doc = {
+        "account": "main",
+        "state": "ok",
+        "warnings": ["the long-lived token expires in 3.0 days: issue a new one"],
+        "accounts": [
+            {"account": "main", "state": "ok"},
+            {"account": "agency-client", "state": "reauth_required"},
+        ],
+    }
+    lines = summary(doc).splitlines()
+    assert any(line.split()[:1] == ["warning"] and "3.0 days" in line for line in lines)
+    assert any(
+        line.split()[:1] == ["accounts"] and "agency-client reauth_required" in line
+        for line in lines
+    )
