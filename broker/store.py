@@ -30,7 +30,7 @@ from typing import Any
 import aiosqlite
 
 from broker.crypto import Sealer
-from broker.errors import StoreError, StoreLockedError
+from broker.errors import StoreError
 from broker.faults import fault_armed, fault_point
 from broker.lease import Lease, LeaseResult, is_alive
 from broker.store_api import (
@@ -38,6 +38,7 @@ from broker.store_api import (
     PairInfo,
     StoredPair,
     history_entry,
+    next_generation,
     open_pair,
     seal_pair,
     token_row,
@@ -219,11 +220,7 @@ class TokenStore(SideTables):
                 "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = ?",
                 (self.account,),
             )
-            if row is not None and row[2] not in self.sealer.key_ids:
-                raise StoreLockedError(
-                    f"the store was re-keyed to key {row[2]}; restart with the new key"
-                )
-            generation = (row[0] if row else 0) + 1
+            generation = next_generation(row, self.sealer)
             await db.execute(
                 "INSERT OR REPLACE INTO tokens (account, generation, key_id, access_ct, "
                 "refresh_ct, expires_at, obtained_at, refresh_obtained_at, access_fp, "

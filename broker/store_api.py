@@ -10,11 +10,12 @@ method here, so none of them knows which backend it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broker.crypto import Sealer
+from broker.errors import StoreLockedError
 from broker.lease import Lease, LeaseResult
 from broker.tokens import TokenPair
 
@@ -174,6 +175,17 @@ def seal_pair(sealer: Sealer, account: str, pair: TokenPair) -> tuple[bytes, byt
         else None
     )
     return access, refresh
+
+
+def next_generation(row: Sequence[Any] | None, sealer: Sealer) -> int:
+    """The generation a new pair gets, from the current row (generation, refresh_fp, key_id).
+
+    A row sealed under a key this process does not hold means the store was re-keyed since it
+    started: writing under the stale key would leave a row no process on the new key can open.
+    """
+    if row is not None and row[2] not in sealer.key_ids:
+        raise StoreLockedError(f"the store was re-keyed to key {row[2]}; restart with the new key")
+    return (row[0] if row else 0) + 1
 
 
 def token_row(

@@ -26,7 +26,7 @@ import psycopg
 
 from broker.config import masked_url
 from broker.crypto import Sealer
-from broker.errors import StoreError, StoreLockedError
+from broker.errors import StoreError
 from broker.faults import fault_point
 from broker.lease import Lease, LeaseResult
 from broker.logs import get_logger
@@ -35,6 +35,7 @@ from broker.store_api import (
     PairInfo,
     StoredPair,
     history_entry,
+    next_generation,
     open_pair,
     seal_pair,
     token_row,
@@ -209,11 +210,7 @@ class PgTokenStore(PgSideTables):
                 (self.account,),
             )
             row = await cursor.fetchone()
-            if row is not None and row[2] not in self.sealer.key_ids:
-                raise StoreLockedError(
-                    f"the store was re-keyed to key {row[2]}; restart with the new key"
-                )
-            generation = (row[0] if row else 0) + 1
+            generation = next_generation(row, self.sealer)
             await db.execute(
                 "INSERT INTO tokens (account, generation, key_id, access_ct, refresh_ct, "
                 "expires_at, obtained_at, refresh_obtained_at, access_fp, refresh_fp, updated_at)"
