@@ -147,17 +147,15 @@ class Proxy:
     ) -> Exchange:
         # A 429 is retried only where sending twice is harmless, or where the caller says so.
         may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
-        exchange: Exchange | None = None
         replayed, retries = False, 0
         await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
         while True:
-            if exchange is not None:
-                exchange.upstream.release()
             upstream, pause, generation = await self._paced_send(request, target, body, resource)
             exchange = Exchange(upstream, replayed, retries, pause)
             if upstream.status == 401 and not replayed:
                 # One refresh for everyone who hit this 401, then exactly one replay: a 401
-                # on the replay goes back to the caller as is, never into a loop.
+                # on the replay goes back to the caller as is, never into a loop. The
+                # connection goes back to the pool before the (perhaps slow) refresh.
                 upstream.release()
                 await self._manager.unauthorized(generation)
                 replayed = True
@@ -165,6 +163,7 @@ class Proxy:
                 self._metrics.retries.labels(self.account, "unauthorized").inc()
                 continue
             if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
+                upstream.release()
                 retries += 1
                 self._limiter.upstream.retries_total += 1
                 self._metrics.retries.labels(self.account, "throttled").inc()
