@@ -1,6 +1,6 @@
 """Run `amo-broker` on uvloop: install uvloop's event loop policy, then the normal CLI.
 
-The broker has no loop switch of its own; `asyncio.run` in broker.cli picks up the policy.
+The broker has no loop switch of its own; `asyncio.run` in broker.cli.main picks up the policy.
 Usage is the CLI's: `python -m bench.run_broker_uvloop serve …`.
 """
 
@@ -11,7 +11,7 @@ import sys
 
 import uvloop
 
-from broker.cli import main
+from broker.cli.main import main
 
 if __name__ == "__main__":
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

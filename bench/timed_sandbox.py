@@ -1,4 +1,4 @@
-"""Run broker.sandbox for the benchmark, and record when each token pair is issued.
+"""Run broker.sandbox.server for the benchmark, and record when each token pair is issued.
 
 The 401 scenario measures from the token endpoint's answer to the last caller's answer;
 the sandbox runs in another process, so it keeps the wall time of every pair it issues and
@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.sandbox import Sandbox
+from broker.sandbox.server import Sandbox
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,5 +1,5 @@
 """Run the command line interface: `python -m broker`."""
 
-from broker.cli import main
+from broker.cli.main import main
 
 raise SystemExit(main())

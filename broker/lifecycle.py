@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker.config import Config
+from broker.config.model import Config
 from broker.errors import ConfigError
 from broker.logs import get_logger
 

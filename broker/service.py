@@ -12,68 +12,33 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import http_parser, web
 
 from broker import lifecycle
-from broker.app import create_app
-from broker.authorize import make_callback_handler
-from broker.clients import ClientRegistry
-from broker.config import Config
-from broker.crypto import Sealer
+from broker.config.model import Config
 from broker.errors import ConfigError
 from broker.lifecycle import InFlight, Signals, drain, listen
 from broker.logs import get_logger, redactor
-from broker.long_lived import LongLivedManager
-from broker.oauth import OAuthClient
-from broker.refresher import TokenManager
-from broker.routing import AccountSetup
-from broker.store import TokenStore
-from broker.store_api import Store
-from broker.tokens import TokenPair, fingerprint, iso, jwt_expiry
+from broker.server.app import create_app
+from broker.server.clients import ClientRegistry
+from broker.server.oauth_callback import make_callback_handler
+from broker.server.routing import AccountSetup
+from broker.store.api import Store
+from broker.store.opener import open_store
+from broker.tokens.endpoint import OAuthClient
+from broker.tokens.importing import bootstrap_from_env, install_long_lived
+from broker.tokens.long_lived import LongLivedManager
+from broker.tokens.manager import TokenManager
 
 if TYPE_CHECKING:
-    from broker.store_pg import PgTokenStore
+    pass
 
 log = get_logger()
 
 # Connections to amoCRM held open at once; calls beyond them wait for one (see Proxy._slots).
 UPSTREAM_CONNECTIONS = 64
-
-
-@asynccontextmanager
-async def open_store(config: Config, *, sealer: Sealer | None = None) -> AsyncIterator[Store]:
-    """Open the configured store (SQLite file, or PostgreSQL with a store URL) and its key.
-
-    `sealer` replaces the configured key: `rotate-key` opens with the old one.
-    """
-    sealer = sealer or Sealer(config.require_key())
-    store: Store
-    if config.store_url is None:
-        store = await TokenStore.open(config.db_path, sealer, account=config.account)
-    else:
-        store = await open_pg_store(config.store_url, sealer, config.account)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-async def open_pg_store(url: str, sealer: Sealer, account: str) -> PgTokenStore:
-    """Open a PostgreSQL store; psycopg is an extra, imported only when a store URL asks for it."""
-    password = urlsplit(url).password
-    if password:
-        redactor.register(password, permanent=True)  # a driver error might quote the URL
-    try:
-        from broker.store_pg import PgTokenStore
-    except ImportError:
-        raise ConfigError(
-            "BROKER_STORE_URL / [store] url names PostgreSQL, but psycopg is not installed: "
-            "pip install 'amo-broker[postgres]'"
-        ) from None
-    return await PgTokenStore.open(url, sealer, account=account)
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -153,70 +118,6 @@ async def _open_account(
             manager = TokenManager(store, oauth, margin=config.margin_seconds)
         await manager.load()
         yield AccountRuntime(config, store, oauth, manager)
-
-
-async def install_long_lived(store: Store, token: str, now: float) -> None:
-    """Store the configured long-lived token as the account's pair, unless it is there already.
-
-    A new token replaces the old and lifts reauth_required: configuring it is the person's act.
-    """
-    redactor.register(token, permanent=True)
-    info = await store.info()
-    if info is not None and info.access_fingerprint == fingerprint(token):
-        return
-    expires_at = jwt_expiry(token)
-    if expires_at is None:
-        raise ConfigError(
-            f"account {store.account}: the long-lived token is not a JWT with an expiry "
-            "(`exp`): copy the whole token from the integration's Keys and scopes tab"
-        )
-    pair = TokenPair(token, None, expires_at, now, None)
-    await import_pair(store, pair, reason="long_lived", outcome="imported")
-
-
-async def import_pair(store: Store, pair: TokenPair, *, reason: str, outcome: str) -> int:
-    """Store a pair given by a person (import, code exchange); return its generation."""
-    redactor.register(pair.access_token, pair.refresh_token)
-    generation = await store.store_pair(pair, reason=reason, outcome=outcome)
-    log.info(
-        "tokens_imported",
-        reason=reason,
-        generation=generation,
-        refresh_fingerprint=pair.refresh_fingerprint,
-        access_fingerprint=pair.access_fingerprint,
-        expires_at=iso(pair.expires_at),
-    )
-    return generation
-
-
-async def bootstrap_from_env(config: Config, store: Store, now: float) -> None:
-    """Import AMOCRM_* tokens from the environment, only while the store holds no pair."""
-    refresh = config.bootstrap_refresh_token
-    if refresh is None:
-        return
-    info = await store.info()
-    if info is None:
-        access = config.bootstrap_access_token
-        pair = pair_from_import(refresh.reveal(), access.reveal() if access else None, now)
-        await import_pair(store, pair, reason="import", outcome="imported")
-    elif info.refresh_fingerprint != fingerprint(refresh.reveal()):
-        log.warning(
-            "bootstrap_tokens_ignored",
-            message="AMOCRM_REFRESH_TOKEN differs from the stored pair; the store wins "
-            "(it holds the rotated tokens). Remove AMOCRM_* tokens from the environment.",
-            env_fingerprint=fingerprint(refresh.reveal()),
-            stored_fingerprint=info.refresh_fingerprint,
-        )
-
-
-def pair_from_import(refresh_token: str, access_token: str | None, now: float) -> TokenPair:
-    """Make a pair from imported tokens: expiry from the access token's JWT `exp`.
-
-    Without a readable expiry, the pair counts as expired, so the first use refreshes it and
-    proves the refresh token right away instead of failing hours later.
-    """
-    expires_at = (jwt_expiry(access_token) if access_token else None) or now
-    return TokenPair(access_token or "", refresh_token, expires_at, now, now)
 
 
 def build_app(

@@ -30,3 +30,10 @@ def backoff_delay(failures: int) -> float:
     """Exponential backoff with full jitter in its upper half: 1 s, 2 s, 4 s … 5 min."""
     ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(failures - 1, 0))
     return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 -- jitter, not crypto
+
+
+def iso(epoch: float | None) -> str | None:
+    """Format epoch seconds as ISO 8601 UTC (`2026-11-27T00:42:21Z`), or None."""
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.cli import main
+from broker.cli.main import main
 from broker.logs import redactor
 
 ERROR_PREFIX = "amo-broker: error:"

@@ -15,15 +15,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from broker.config import Config, load_config
-from broker.crypto import Sealer, new_key
+from broker.config.load import load_config
+from broker.config.model import Config
 from broker.logs import configure_logging
-from broker.oauth import parse_token_answer
-from broker.refresher import TokenManager
-from broker.sandbox import Sandbox, start_sandbox
+from broker.pair import TokenPair, fingerprint
+from broker.sandbox.server import Sandbox, start_sandbox
 from broker.service import build_app, open_runtime
-from broker.store import TokenStore
-from broker.tokens import TokenPair, fingerprint
+from broker.store.sealing import Sealer, new_key
+from broker.store.sqlite.backend import TokenStore
+from broker.tokens.endpoint import parse_token_answer
+from broker.tokens.manager import TokenManager
 
 # Fixtures shared across modules: real `amo-broker` processes and the in-process CLI.
 pytest_plugins = ["tests.fixtures_processes", "tests.fixtures_cli", "tests.fixtures_pg"]

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from broker.crypto import Sealer
-from broker.keyfile import decode_key
-from broker.store import TokenStore
-from broker.store_api import Store
+from broker.config.keyfile import decode_key
+from broker.store.api import Store
+from broker.store.sealing import Sealer
+from broker.store.sqlite.backend import TokenStore
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -79,7 +79,7 @@ async def any_store(
     if backend == "sqlite":
         store = await TokenStore.open(db_path, sealer)
     else:
-        from broker.store_pg import PgTokenStore
+        from broker.store.postgres.backend import PgTokenStore
 
         store = await PgTokenStore.open(request.getfixturevalue("pg_url"), sealer)
     yield store

@@ -5,15 +5,21 @@ Registered for the whole suite by `pytest_plugins` in tests/conftest.py; none is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from broker.sandbox import Sandbox
-from tests.procs import Issued, Processes
+from broker.config.model import Config
+from broker.pair import TokenPair
+from broker.sandbox.server import Sandbox
+from tests.conftest import ConfigFactory, seed_store
+from tests.procs import Issued, Processes, Reply
+
+Background = Callable[[Coroutine[Any, Any, Reply]], "asyncio.Task[Reply]"]
 
 
 @pytest.fixture
@@ -43,3 +49,30 @@ def issued(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Issued:
 
     monkeypatch.setattr(sandbox, "issue_pair", recording)
     return tokens
+
+
+@pytest.fixture
+def config(make_config: ConfigFactory) -> Config:
+    """The configuration the test's `serve` processes read (from `broker_env`)."""
+    return make_config()
+
+
+@pytest.fixture
+async def seeded(config: Config, sandbox: Sandbox) -> TokenPair:
+    """A live sandbox pair, stored as generation 1 before the test starts any process."""
+    return await seed_store(config, sandbox)
+
+
+@pytest.fixture
+async def background() -> AsyncIterator[Background]:
+    """Run requests as tasks; any that a failing test leaves behind is reaped at its end."""
+    tasks: list[asyncio.Task[Reply]] = []
+
+    def start(request: Coroutine[Any, Any, Reply]) -> asyncio.Task[Reply]:
+        tasks.append(asyncio.create_task(request))
+        return tasks[-1]
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -21,8 +21,10 @@ from typing import Any
 
 import aiohttp
 
-from broker.sandbox import Sandbox
-from broker.tokens import TokenPair, fingerprint
+from broker.config.model import Config
+from broker.pair import TokenPair, fingerprint
+from broker.sandbox.server import Sandbox
+from broker.store.opener import open_store
 from tests.conftest import assert_no_leak
 
 READY_TIMEOUT = 10.0
@@ -33,7 +35,7 @@ _INHERITED = ("PATH", "HOME", "PYTHONPATH")
 LEADS = "/api/v4/leads"
 # `amo-broker serve` through the real CLI, with DRAIN_SECONDS set from argv[1] first.
 _WITH_DRAIN = (
-    "import sys; import broker.lifecycle; from broker.cli import main; "
+    "import sys; import broker.lifecycle; from broker.cli.main import main; "
     "broker.lifecycle.DRAIN_SECONDS = float(sys.argv[1]); raise SystemExit(main(['serve']))"
 )
 
@@ -317,3 +319,24 @@ async def _healthy(url: str) -> None:
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(POLL)
+
+
+async def assert_stored_generation(
+    config: Config, generation: int, refresh_token: str, access_token: str
+) -> None:
+    """The store holds exactly this pair, whole, as `generation`, and no lease."""
+    async with open_store(config) as store:
+        info = await store.info()
+        stored = await store.load()
+        leased = await store.lease() is not None
+    assert info is not None
+    assert stored is not None
+    expected = (generation, fingerprint(refresh_token), fingerprint(access_token))
+    assert (info.generation, info.refresh_fingerprint, info.access_fingerprint) == expected
+    # The ciphertexts open to the same pair the plaintext fingerprints describe.
+    assert (
+        stored.generation,
+        stored.pair.refresh_fingerprint,
+        stored.pair.access_fingerprint,
+    ) == expected
+    assert not leased

@@ -20,21 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import _parser
-from broker.config import (
-    BOOTSTRAP_ACCESS_ENV,
-    BOOTSTRAP_REFRESH_ENV,
-    KEY_ENV,
-    SETTINGS,
-    Config,
-    load_config,
-)
-from broker.crypto import new_key
+from broker.cli.main import _parser
+from broker.config.keyfile import write_key_file
+from broker.config.load import SETTINGS, load_config
+from broker.config.model import BOOTSTRAP_ACCESS_ENV, BOOTSTRAP_REFRESH_ENV, KEY_ENV, Config
 from broker.errors import ConfigError
-from broker.keyfile import write_key_file
 from broker.lifecycle import DRAIN_SECONDS
-from broker.oauth import REQUEST_FACTOR
 from broker.service import build_app, caller_registry, open_runtime
+from broker.store.sealing import new_key
+from broker.tokens.endpoint import REQUEST_FACTOR
 from tests.conftest import Broker, ConfigFactory
 
 ROOT = Path(__file__).resolve().parent.parent

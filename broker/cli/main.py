@@ -1,0 +1,321 @@
+"""The `amo-broker` command: `main(argv) -> exit code`, one function per subcommand.
+
+A user mistake is one line on stderr naming the setting or cause, and exit 2; never a
+traceback. Tokens are never read from argv (every user of the machine can see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from broker import __version__
+from broker.cli import authorize as cli_authorize
+from broker.cli import clients as cli_clients
+from broker.cli import migrate as cli_migrate
+from broker.cli import status as cli_status
+from broker.config.keyfile import write_key_file
+from broker.config.load import load_config
+from broker.config.model import Config
+from broker.errors import BrokerError, ConfigError
+from broker.logs import configure_logging
+from broker.service import open_runtime, serve
+from broker.store.api import Store
+from broker.store.opener import open_store
+from broker.store.sealing import new_key
+from broker.timing import iso
+from broker.tokens.importing import import_pair, pair_from_import
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand and return its exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokerError as exc:
+        print(f"amo-broker: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that never echoes stray arguments: they may be pasted tokens."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message = (
+                "unexpected arguments (not shown; tokens are never taken from the command "
+                "line: use the environment or stdin)"
+            )
+        super().error(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="amo-broker", description="OAuth token broker for amoCRM / Kommo.")
+    parser.add_argument("--version", action="version", version=f"amo-broker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, help="TOML file (default: $BROKER_CONFIG, ./broker.toml)"
+    )
+    common.add_argument(
+        "--account", metavar="NAME", help="act on this one of [[accounts]] (default: the default)"
+    )
+    common.add_argument("--db", help="store file (BROKER_DB)")
+    common.add_argument("--key-file", help="encryption key file (BROKER_KEY_FILE)")
+    common.add_argument("--log-format", choices=("json", "console"), help="BROKER_LOG_FORMAT")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    p = sub.add_parser("serve", parents=[common], help="run the proxy")
+    p.add_argument("--host", help="listen address (BROKER_HOST, default 127.0.0.1)")
+    p.add_argument("--port", help="listen port (BROKER_PORT, default 8787)")
+    p.add_argument(
+        "--insecure-no-client-auth",
+        action="store_true",
+        help="serve beyond loopback without caller credentials (only if the network is the "
+        "boundary)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="run the built-in amoCRM sandbox with the broker in front")
+    p.add_argument("--port", type=int, default=8787, help="broker port (default 8787)")
+    p.add_argument("--sandbox-port", type=int, default=0, help="sandbox port (default: any)")
+    p.add_argument("--token-ttl", type=int, default=900, help="sandbox access token lifetime, s")
+    p.add_argument("--log-format", choices=("json", "console"), default="console")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keygen", help="print a new encryption key, or write it to --out")
+    p.add_argument("--out", type=Path, help="write to this new file, mode 0600")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "import",
+        parents=[common],
+        help="store an existing pair from AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN or stdin",
+    )
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("exchange-code", parents=[common], help="trade an authorization code")
+    p.add_argument("code", help="the authorization code, or - to read it from stdin")
+    p.set_defaults(func=cmd_exchange_code)
+
+    p = sub.add_parser("refresh", parents=[common], help="rotate the pair now (safe while serving)")
+    p.set_defaults(func=cmd_refresh)
+
+    # Not `common`: its --key-file would be ambiguous next to the old and the new key.
+    p = sub.add_parser("rotate-key", help="re-seal the store under a new encryption key")
+    p.add_argument(
+        "--old-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the key the store is sealed with now (default: the configured key)",
+    )
+    p.add_argument(
+        "--new-key-file", type=Path, metavar="FILE", required=True, help="the key to move to"
+    )
+    p.add_argument("--db", help="store file (BROKER_DB)")
+    p.add_argument("--config", type=Path, help="TOML file (default: $BROKER_CONFIG, ./broker.toml)")
+    p.add_argument("--log-format", choices=("json", "console"), help="BROKER_LOG_FORMAT")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_rotate_key)
+
+    p = sub.add_parser(
+        "backup", parents=[common], help="copy the store to a new file (safe while serving)"
+    )
+    p.add_argument("path", type=Path, help="the new backup file (never overwritten)")
+    p.set_defaults(func=cmd_backup)
+
+    cli_status.register(sub, common, _config)
+    cli_clients.register(sub, common, _config)
+    cli_migrate.register(sub, common, _config)
+    cli_authorize.register(sub, common, _config)
+    return parser
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> Config:
+    overrides = {
+        "store.path": getattr(args, "db", None),
+        "store.key_file": getattr(args, "key_file", None),
+        "log.format": getattr(args, "log_format", None),
+        "log.level": getattr(args, "log_level", None),
+        **extra,
+    }
+    config = load_config(getattr(args, "config", None), overrides=overrides)
+    configure_logging(config.log_format, config.log_level)
+    return config.for_account(getattr(args, "account", None))
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args, **{"server.host": args.host, "server.port": args.port})
+    return asyncio.run(serve(config, insecure_no_client_auth=args.insecure_no_client_auth))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from broker.cli.demo import run_demo
+
+    configure_logging(args.log_format, "info")
+    return asyncio.run(run_demo(args.port, args.sandbox_port, args.token_ttl, args.log_format))
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key = new_key()
+    if args.out is None:
+        print(key)
+        return 0
+    write_key_file(args.out, key)
+    print(f"wrote a new key to {args.out} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.bootstrap_refresh_token is not None:
+        refresh = config.bootstrap_refresh_token.reveal()
+        access = config.bootstrap_access_token.reveal() if config.bootstrap_access_token else None
+    else:
+        refresh, access = read_tokens_from_stdin()
+    return asyncio.run(_import(config, refresh, access))
+
+
+async def _import(config: Config, refresh: str, access: str | None) -> int:
+    async with open_store(config) as store:
+        await _check_key(store)  # a wrong key must fail before anything is overwritten
+        pair = pair_from_import(refresh, access, time.time())
+        generation = await import_pair(store, pair, reason="import", outcome="imported")
+    _print_json(
+        {
+            "imported": True,
+            "generation": generation,
+            "refresh_token_fingerprint": pair.refresh_fingerprint,
+            "access_token_fingerprint": pair.access_fingerprint if access else None,
+            "store": str(config.db_path),
+        }
+    )
+    return 0
+
+
+def read_tokens_from_stdin() -> tuple[str, str | None]:
+    """Read a refresh token (and optionally an access token) from stdin.
+
+    Accepts the token endpoint's JSON answer, `.env` lines (`AMOCRM_REFRESH_TOKEN=…`), or a
+    bare refresh token. On a terminal it asks without echo.
+    """
+    if sys.stdin is None:
+        raise ConfigError("no refresh token: set AMOCRM_REFRESH_TOKEN or pipe it on stdin")
+    if sys.stdin.isatty():
+        refresh = getpass.getpass("refresh token: ").strip()
+        access = getpass.getpass("access token (optional, Enter to skip): ").strip()
+        if not refresh:
+            raise ConfigError("no refresh token given")
+        return refresh, access or None
+    return parse_token_text(sys.stdin.read())
+
+
+def parse_token_text(text: str) -> tuple[str, str | None]:
+    """Parse the forms `import` takes on stdin; see read_tokens_from_stdin."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise ConfigError("stdin: looks like JSON but does not parse") from None
+        values = {k.lower(): v for k, v in doc.items() if isinstance(v, str)}
+    else:
+        values = {}
+        for line in text.splitlines():
+            name, sep, value = line.strip().removeprefix("export ").partition("=")
+            if sep:
+                key = name.strip().lower().removeprefix("amocrm_")
+                values[key] = value.strip().strip("'\"")
+        if not values and text and len(text.split()) == 1:
+            values["refresh_token"] = text
+    refresh = values.get("refresh_token", "").strip()
+    if not refresh:
+        raise ConfigError(
+            "no refresh token: set AMOCRM_REFRESH_TOKEN, or pipe JSON with refresh_token, "
+            ".env lines or the bare token on stdin"
+        )
+    return refresh, values.get("access_token", "").strip() or None
+
+
+def cmd_exchange_code(args: argparse.Namespace) -> int:
+    config = _config(args)
+    code = sys.stdin.read().strip() if args.code == "-" else args.code.strip()
+    if not code:
+        raise ConfigError("no authorization code given")
+    return asyncio.run(_exchange(config, code))
+
+
+async def _exchange(config: Config, code: str) -> int:
+    async with open_runtime(config) as runtime:
+        assert runtime.oauth is not None  # noqa: S101 -- open_runtime required it
+        pair = await runtime.oauth.exchange_code(code, now=time.time())
+        generation = await import_pair(runtime.store, pair, reason="import", outcome="exchanged")
+    _print_json(
+        {
+            "exchanged": True,
+            "generation": generation,
+            "refresh_token_fingerprint": pair.refresh_fingerprint,
+            "access_token_expires_at": iso(pair.expires_at),
+        }
+    )
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    config = _config(args)
+    return asyncio.run(_refresh(config))
+
+
+async def _refresh(config: Config) -> int:
+    async with open_runtime(config) as runtime:
+        before = runtime.manager.generation
+        stored = await runtime.manager.refresh("manual", bounded=False)
+        _print_json(
+            {
+                # False when another process rotated first and this command adopted its pair:
+                # a script counting rotations must not count that one twice.
+                "refreshed": runtime.manager.stats.refreshes_total > 0,
+                "generation": stored.generation,
+                "previous_generation": before,
+                "refresh_token_fingerprint": stored.pair.refresh_fingerprint,
+                "access_token_expires_at": iso(stored.pair.expires_at),
+            }
+        )
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from broker.store.rekey import rotate_key, rotation_keys
+
+    config = _config(args)
+    old, new = rotation_keys(config, args.old_key_file, args.new_key_file)
+    _print_json(asyncio.run(rotate_key(config, old, new)))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from broker.store.backup import backup_store
+
+    # Like `status`, no key is needed: the copy holds ciphertexts, never a token.
+    config = _config(args)
+    print(backup_store(config.db_path, args.path).summary())
+    return 0
+
+
+async def _check_key(store: Store) -> None:
+    await store.load()

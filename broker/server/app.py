@@ -1,0 +1,193 @@
+"""Assemble the aiohttp application: /healthz, /readyz, /status, /metrics and the proxy.
+
+One application serves every configured account: each gets its token manager, limiter and
+proxy (broker/server/routing.py picks one per call); the HTTP session and the metrics are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from broker.config.model import LimitSettings
+from broker.server.clients import ClientRegistry
+from broker.server.metrics import Metrics
+from broker.server.middlewares import CLIENTS, Handler, caller_auth, json_errors
+from broker.server.oauth_callback import CALLBACK_PATH
+from broker.server.proxy import ACCOUNT, Proxy
+from broker.server.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
+from broker.server.status import live_status
+from broker.tokens.manager import TokenManager
+from broker.traffic.limiter import AccountLimiter
+from broker.traffic.share import sharing_pace
+
+MANAGER = web.AppKey("manager", TokenManager)
+PROXY = web.AppKey("proxy", Proxy)
+LIMITER = web.AppKey("limiter", AccountLimiter)
+METRICS = web.AppKey("metrics", Metrics)
+STARTED = web.AppKey("started", float)
+
+
+def create_app(
+    manager: TokenManager,
+    session: aiohttp.ClientSession,
+    *,
+    base_url: str,
+    upstream_timeout: float = 60.0,
+    max_body_bytes: int = 16 << 20,
+    proactive: bool = True,
+    clients: ClientRegistry | None = None,
+    limits: LimitSettings | None = None,
+    account: str = "default",
+    others: Sequence[AccountSetup] = (),
+    callback: Handler | None = None,
+) -> web.Application:
+    """Build the broker's application around already loaded token managers.
+
+    `manager` is the default account's (plain /api/v4 calls), `others` any further accounts.
+    With `clients`, every call but the probes must present a caller secret.
+    """
+    middlewares = [json_errors] if clients is None else [json_errors, caller_auth]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
+    if clients is not None:
+        app[CLIENTS] = clients
+    setups = [AccountSetup(account, manager, base_url, limits or LimitSettings()), *others]
+    accounts: dict[str, Account] = {}
+    metrics = Metrics(lambda: list(accounts.values()))
+    for setup in setups:
+        limiter = AccountLimiter(setup.limits)
+        proxy = Proxy(
+            setup.manager,
+            session,
+            setup.base_url,
+            timeout=upstream_timeout,
+            max_body_bytes=max_body_bytes,
+            limiter=limiter,
+            metrics=metrics,
+            account=setup.name,
+        )
+        accounts[setup.name] = Account(setup.name, setup.manager, limiter, proxy)
+    default = accounts[account]
+    app[ACCOUNTS], app[DEFAULT] = accounts, account
+    app[MANAGER], app[LIMITER], app[PROXY] = manager, default.limiter, default.proxy
+    app[METRICS] = metrics
+    app[STARTED] = time.time()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics_text)
+    if callback is not None:  # before the catch-all; no HEAD: it would spend a state
+        app.router.add_get(CALLBACK_PATH, callback, allow_head=False)
+    app.router.add_route("*", "/{tail:.*}", route_call)
+    app.cleanup_ctx.append(_background(proactive))
+    app.on_response_prepare.append(_warn_when_degraded)
+    return app
+
+
+async def _warn_when_degraded(request: web.Request, response: web.StreamResponse) -> None:
+    """Tell every caller when a pair in use is not persisted: never answer as if all is well.
+
+    A proxied call hears of its own account only (one lookup on the hot path); any other
+    answer, such as /status, of every account.
+    """
+    accounts = request.app[ACCOUNTS]
+    name = request.get(ACCOUNT)
+    chosen = [accounts[name]] if name is not None else accounts.values()
+    degraded = [a.name for a in chosen if a.manager.store_degraded]
+    if degraded:
+        response.headers["X-Broker-Warning"] = (
+            f"store_degraded: the current token pair of {', '.join(degraded)} is held in "
+            "memory only (see /status)"
+        )
+
+
+def _background(proactive: bool) -> Any:
+    """Run each account's proactive refresh loop and, in shared mode, its pace check-ins."""
+
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            tasks = []
+            for account in app[ACCOUNTS].values():
+                if proactive:
+                    tasks.append(asyncio.create_task(_run(account), name=f"refresh-{account.name}"))
+                if account.limiter.settings.shared:
+                    limiter = account.limiter
+                    await stack.enter_async_context(
+                        sharing_pace(account.manager.store, limiter.settings, limiter.take_share)
+                    )
+            yield
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return background
+
+
+async def _run(account: Account) -> None:
+    # The task's own context: every event of this account's loop carries its name.
+    structlog.contextvars.bind_contextvars(account=account.name)
+    await account.manager.run()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Answer 200 while the process serves."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Answer 200 only while a usable token is held (the default account, or `?account=`)."""
+    account = queried(request)
+    left = account.manager.seconds_until_expiry
+    # Degraded still serves (the pair in memory works); the state and the header say so.
+    ready = account.state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
+    return web.json_response(
+        {"ready": ready, "state": account.state, "account": account.name},
+        status=200 if ready else 503,
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    """Describe the default account (or `?account=`) and list every account; never a secret."""
+    chosen = queried(request)
+    docs = {name: await _account_status(request, a) for name, a in request.app[ACCOUNTS].items()}
+    doc = dict(docs[chosen.name])
+    doc["accounts"] = [{key: d[key] for key in _SUMMARY if key in d} for d in docs.values()]
+    return web.json_response(doc)
+
+
+# What /status lists of each account; the whole document is one ?account= away.
+_SUMMARY = (
+    "account",
+    "state",
+    "generation",
+    "seconds_until_expiry",
+    "access_token_expires_at",
+    "last_error",
+    "blocked_until",
+    "warnings",
+)
+
+
+async def _account_status(request: web.Request, account: Account) -> dict[str, Any]:
+    doc = await live_status(
+        account.manager,
+        requests_total=account.proxy.stats.requests_total,
+        started=request.app[STARTED],
+    )
+    doc.update(account.limiter.status())
+    doc["state"] = account.state
+    return doc
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    """Serve the Prometheus text format (behind caller authentication, when it is on)."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,307 @@
+"""Forward /api/v4 calls to amoCRM with the broker's token, at the account's pace.
+
+Every send waits for the account limiter (first sends, replays and retries alike). A 401 is
+replayed once with a fresh token; a 429 is retried, within a budget, for idempotent calls or
+when the caller says it is safe (`X-Broker-Retry: 1`). The request body is buffered (up to
+the configured limit) so it can be sent again; the response streams back chunk by chunk and
+is never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from broker.errors import (
+    AccountBlocked,
+    BrokerError,
+    RateLimited,
+    RequestRejected,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from broker.logs import get_logger
+from broker.server.metrics import Metrics, resource_label
+from broker.server.proxy_rules import (
+    check_method,
+    check_target,
+    request_headers,
+    resource_of,
+    response_headers,
+)
+from broker.tokens.manager import TokenManager
+from broker.traffic.limiter import AccountLimiter, status_class
+
+log = get_logger()
+
+# An answer with a Content-Length up to this is read whole and sent in one write (headers and
+# body together); a longer or unsized one streams through in whatever pieces arrive.
+SMALL_ANSWER = 64 * 1024
+CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it is on
+ACCOUNT = web.RequestKey("account", str)  # the account whose proxy handles the call
+# Safe to send twice: the second has the same effect as the first. POST and PATCH are not.
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+@dataclass
+class ProxyStats:
+    requests_total: int = 0
+    replays_total: int = 0
+    upstream_errors_total: int = 0
+
+
+@dataclass
+class Exchange:
+    """amoCRM's final answer to one call, and how many sends it took."""
+
+    upstream: aiohttp.ClientResponse
+    replayed: bool = False
+    retries: int = 0
+    throttle_pause: float | None = None  # the back-off, when the answer is a 429
+
+
+class Proxy:
+    """The /api/v4 handler: one pooled session, one token manager, one upstream origin."""
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        timeout: float,
+        max_body_bytes: int,
+        limiter: AccountLimiter,
+        metrics: Metrics,
+        account: str = "default",
+    ) -> None:
+        self.account = account
+        self._queue_wait = metrics.queue_wait.labels(account)
+        self._manager = manager
+        self._limiter = limiter
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._origin = URL(self._base).origin()
+        # No total timeout: a large body may take long. A stalled connection may not.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
+        # One slot per pooled connection, taken before the token is read: calls waiting for
+        # a connection must not hold a token that a 401 in front of them is about to replace.
+        limit = session.connector.limit if session.connector is not None else 0
+        self._slots = asyncio.Semaphore(limit or 1024)
+        self.stats = ProxyStats()
+
+    async def handle(
+        self, request: web.Request, raw_target: str | None = None
+    ) -> web.StreamResponse:
+        """Proxy one call (to `raw_target`, or the request's own); errors are JSON."""
+        request[ACCOUNT] = self.account
+        with structlog.contextvars.bound_contextvars(account=self.account):
+            return await self._handle(request, raw_target or request.raw_path)
+
+    async def _handle(self, request: web.Request, raw_target: str) -> web.StreamResponse:
+        started = time.monotonic()
+        status, exchange = 0, None
+        path = raw_target.partition("?")[0]
+        resource = resource_of(path)
+        self.stats.requests_total += 1
+        try:
+            check_method(request.method)
+            target = check_target(raw_target)
+            body = await self._read_body(request)
+            async with self._slots:
+                exchange = await self._exchange(request, target, body, resource_label(resource))
+                status = exchange.upstream.status
+                return await self._relay(request, exchange)
+        except BrokerError as exc:
+            status = exc.http_status
+            if isinstance(exc, RateLimited | AccountBlocked):
+                self._metrics.refused.labels(self.account, exc.code).inc()
+            return error_response(exc)
+        finally:
+            caller = request.get(CALLER)
+            self._metrics.count_request(
+                self.account, request.method, status_class(status), caller or "-"
+            )
+            log.info(
+                "request",
+                method=request.method,
+                path=path[:512],
+                resource=resource,
+                status=status,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                retried=exchange is not None and exchange.replayed,
+                retries=exchange.retries if exchange else 0,
+                client=caller,
+            )
+
+    async def _exchange(
+        self, request: web.Request, target: str, body: bytes, resource: str
+    ) -> Exchange:
+        # A 429 is retried only where sending twice is harmless, or where the caller says so.
+        may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
+        replayed, retries = False, 0
+        await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
+        while True:
+            upstream, pause, generation = await self._paced_send(request, target, body, resource)
+            exchange = Exchange(upstream, replayed, retries, pause)
+            if upstream.status == 401 and not replayed:
+                # One refresh for everyone who hit this 401, then exactly one replay: a 401
+                # on the replay goes back to the caller as is, never into a loop. The
+                # connection goes back to the pool before the (perhaps slow) refresh.
+                upstream.release()
+                await self._manager.unauthorized(generation)
+                replayed = True
+                self.stats.replays_total += 1
+                self._metrics.retries.labels(self.account, "unauthorized").inc()
+                continue
+            if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
+                upstream.release()
+                retries += 1
+                self._limiter.upstream.retries_total += 1
+                self._metrics.retries.labels(self.account, "throttled").inc()
+                continue
+            return exchange
+
+    async def _paced_send(
+        self, request: web.Request, target: str, body: bytes, resource: str
+    ) -> tuple[aiohttp.ClientResponse, float | None, int]:
+        """Wait for the account's turn, send, and report amoCRM's answer to the limiter.
+
+        The token is read after the wait: a refresh may have happened meanwhile.
+        """
+        waited, sent_at = await self._limiter.admit()
+        self._queue_wait.observe(waited)
+        token, generation = await self._manager.token()
+        upstream = await self._send(request, target, body, token)
+        loop = asyncio.get_running_loop()
+        self._metrics.observe_upstream(
+            self.account, resource, status_class(upstream.status), loop.time() - sent_at
+        )
+        content_type = upstream.headers.get("Content-Type", "")
+        pause = self._limiter.observe(upstream.status, content_type, sent_at)
+        if pause is not None:
+            self._metrics.upstream_throttled.labels(self.account).inc()
+        return upstream, pause, generation
+
+    async def _send(
+        self, request: web.Request, target: str, body: bytes, token: str
+    ) -> aiohttp.ClientResponse:
+        url = URL(self._base + target, encoded=True)
+        if url.origin() != self._origin:  # defence in depth: check_target already ensures it
+            raise RequestRejected("not_found", "the target does not stay on amoCRM", 404)
+        headers = request_headers(request.headers.items(), token)
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body if body else None,
+                allow_redirects=False,
+                auto_decompress=False,
+                timeout=self._timeout,
+            )
+        except TimeoutError:
+            self._upstream_error("timeout")
+            raise UpstreamTimeout("amoCRM did not answer in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            self._upstream_error("unreachable")
+            raise UpstreamError(f"cannot reach amoCRM: {type(exc).__name__}") from None
+
+    def _upstream_error(self, kind: str) -> None:
+        self.stats.upstream_errors_total += 1
+        self._limiter.error(kind)
+        self._metrics.upstream_errors.labels(self.account, kind).inc()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if not request.body_exists:
+            return b""
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise self._too_large()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large() from None
+        if len(body) > self._max_body:
+            raise self._too_large()
+        return body
+
+    def _too_large(self) -> RequestRejected:
+        return RequestRejected(
+            "body_too_large", f"the request body is over the limit of {self._max_body} bytes", 413
+        )
+
+    async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        upstream = exchange.upstream
+        async with upstream:
+            headers = response_headers(upstream.headers.items())
+            if exchange.throttle_pause is not None and upstream.headers.get("Retry-After") is None:
+                # amoCRM's 429 says nothing of when to come back; the account's back-off does.
+                headers.append(("Retry-After", str(max(1, round(exchange.throttle_pause)))))
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= SMALL_ANSWER
+                and request.method != "HEAD"
+                and upstream.status not in (204, 304)
+            ):
+                return await self._whole(upstream, headers)
+            return await self._stream(request, upstream, headers)
+
+    async def _whole(
+        self, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+    ) -> web.Response:
+        """Read a small answer whole: a cut one is still a clean 502, and it goes in one write."""
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._upstream_error("broken_stream")
+            raise UpstreamError(f"amoCRM broke off its answer: {type(exc).__name__}") from None
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+        response.headers.extend(headers)
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        """Pass a large or unsized answer through piece by piece, in constant memory."""
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(headers)
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except aiohttp.ClientConnectionResetError:
+            # aiohttp raises this only on writing, so it comes from the caller's closed
+            # connection, never from amoCRM: counting it as an upstream error sent on-call
+            # after amoCRM whenever a caller timed out. Leaving the `async with` closes the
+            # unfinished upstream connection instead of returning it to the pool.
+            log.info("caller_went_away", status=upstream.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is a cut connection.
+            self._upstream_error("broken_stream")
+            log.warning("upstream_stream_broken", error=type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+
+def error_response(exc: BrokerError) -> web.Response:
+    """Render a broker error as JSON, with Retry-After when the caller may try again."""
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    elif exc.http_status == 503:
+        headers["Retry-After"] = "30"
+    return web.json_response(exc.to_json(), status=exc.http_status, headers=headers)

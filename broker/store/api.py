@@ -1,0 +1,264 @@
+"""What the broker uses of a token store, whichever backend holds it: SQLite or PostgreSQL.
+
+Two backends implement `Store`: `TokenStore` (broker/store/sqlite/backend.py, SQLite: one host) and
+`PgTokenStore` (broker/store/postgres/backend.py: replicas on many hosts). Sealing happens above the
+backend, here and in broker/store/sealing.py, so both hold byte-identical ciphertexts and a key
+rotation or a migration from one to the other moves them as they are. No caller runs SQL:
+everything the refresher, the pacing share, `rotate-key`, `status` and the CLI need is a
+method here, so none of them knows which backend it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from broker.errors import StoreLockedError
+from broker.pair import TokenPair
+from broker.store.lease import Lease, LeaseResult
+from broker.store.sealing import Sealer
+
+# Column orders shared by both backends' tables, and by `migrate-store`, which copies rows.
+TOKEN_COLUMNS = (
+    "account",
+    "generation",
+    "key_id",
+    "access_ct",
+    "refresh_ct",
+    "expires_at",
+    "obtained_at",
+    "refresh_obtained_at",
+    "access_fp",
+    "refresh_fp",
+    "updated_at",
+)
+ROTATION_COLUMNS = (
+    "account",
+    "at",
+    "reason",
+    "generation",
+    "old_fingerprint",
+    "new_fingerprint",
+    "outcome",
+    "error",
+)
+STATE_COLUMNS = ("account", "state", "reason", "since", "generation")
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    """The pair as the store holds it: decrypted, with its generation."""
+
+    pair: TokenPair
+    generation: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    """What the store knows about the pair without opening it (for status)."""
+
+    generation: int
+    key_id: str
+    expires_at: float
+    obtained_at: float
+    refresh_obtained_at: float | None
+    access_fingerprint: str
+    refresh_fingerprint: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """A persisted state that every process must honour (today only `reauth_required`)."""
+
+    state: str
+    reason: str
+    since: float
+    generation: int
+
+
+@dataclass(frozen=True)
+class SealedRow:
+    """One account's pair as ciphertexts, as `rotate-key` sees it."""
+
+    account: str
+    key_id: str
+    generation: int
+    access_ct: bytes
+    refresh_ct: bytes | None
+    fingerprint: str  # of the refresh token, else of the access token
+
+
+# Given a row, return its ciphertexts sealed under the new key, or None to leave it as it is.
+Resealer = Callable[[SealedRow], tuple[bytes, bytes | None] | None]
+
+
+@dataclass
+class StoreDump:
+    """Everything `migrate-store` copies, as rows in the column orders above (leases: never)."""
+
+    tokens: list[tuple[Any, ...]] = field(default_factory=list)
+    rotations: list[tuple[Any, ...]] = field(default_factory=list)  # oldest first
+    states: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """One account's view of a token store; the rows of every account live side by side."""
+
+    account: str
+    sealer: Sealer
+
+    @property
+    def location(self) -> str:
+        """Name the store for messages: a file path, or a URL without its password."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def info(self) -> PairInfo | None: ...
+
+    async def generation(self) -> int: ...
+
+    async def load(self) -> StoredPair | None: ...
+
+    async def state(self) -> AccountState | None: ...
+
+    async def lease(self) -> Lease | None: ...
+
+    async def history(self, limit: int = 20) -> list[dict[str, Any]]: ...
+
+    async def outcome_counts(self) -> dict[str, int]: ...
+
+    async def store_pair(
+        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
+    ) -> int: ...
+
+    async def record_failure(
+        self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
+    ) -> None: ...
+
+    async def set_state(self, state: str, reason: str, generation: int) -> None: ...
+
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult: ...
+
+    async def release_lease(self, holder: str) -> None: ...
+
+    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
+        """Record `holder` as pacing now; return its rank and the live member count."""
+        ...
+
+    async def check_out(self, holder: str) -> None: ...
+
+    async def reseal(self, resealer: Resealer, new_key_id: str, now: float) -> int:
+        """Re-seal every account's row in one transaction; refuse while a lease is live."""
+        ...
+
+    async def wait_for_change(self, seconds: float) -> None:
+        """Return when another process may have stored a pair, or after `seconds`."""
+        ...
+
+    async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None: ...
+
+    async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
+        """Consume a state: its account, or None when absent or older than `ttl` seconds."""
+        ...
+
+
+def seal_pair(sealer: Sealer, account: str, pair: TokenPair) -> tuple[bytes, bytes | None]:
+    """Seal the pair's tokens for `account` under the current key: (access, refresh)."""
+    access = sealer.seal(pair.access_token, account=account, field="access_token")
+    refresh = (
+        sealer.seal(pair.refresh_token, account=account, field="refresh_token")
+        if pair.refresh_token is not None
+        else None
+    )
+    return access, refresh
+
+
+def next_generation(row: Sequence[Any] | None, sealer: Sealer) -> int:
+    """The generation a new pair gets, from the current row (generation, refresh_fp, key_id).
+
+    A row sealed under a key this process does not hold means the store was re-keyed since it
+    started: writing under the stale key would leave a row no process on the new key can open.
+    """
+    if row is not None and row[2] not in sealer.key_ids:
+        raise StoreLockedError(f"the store was re-keyed to key {row[2]}; restart with the new key")
+    return (row[0] if row else 0) + 1
+
+
+def token_row(
+    account: str,
+    generation: int,
+    key_id: str,
+    sealed: tuple[bytes, bytes | None],
+    pair: TokenPair,
+    now: float,
+) -> tuple[Any, ...]:
+    """The values of a `tokens` row for `pair`, in the column order both backends use.
+
+    (account, generation, key_id, access_ct, refresh_ct, expires_at, obtained_at,
+    refresh_obtained_at, access_fp, refresh_fp, updated_at)
+    """
+    access_ct, refresh_ct = sealed
+    return (
+        account,
+        generation,
+        key_id,
+        access_ct,
+        refresh_ct,
+        pair.expires_at,
+        pair.obtained_at,
+        pair.refresh_obtained_at,
+        pair.access_fingerprint,
+        pair.refresh_fingerprint,
+        now,
+    )
+
+
+async def reseal_rows(
+    db: Any, rows: list[SealedRow], resealer: Resealer, new_key_id: str, now: float, mark: str
+) -> int:
+    """Write each re-sealed row and its `rekeyed` history entry; `mark` is `?` or `%s`."""
+    resealed = 0
+    for row in rows:
+        sealed = resealer(row)
+        if sealed is None:
+            continue
+        await db.execute(
+            "UPDATE tokens SET key_id = ?, access_ct = ?, refresh_ct = ?, updated_at = ? "
+            "WHERE account = ?".replace("?", mark),
+            (new_key_id, *sealed, now, row.account),
+        )
+        await db.execute(
+            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+            "new_fingerprint, outcome, error) "
+            "VALUES (?, ?, 'rekey', ?, ?, ?, 'rekeyed', NULL)".replace("?", mark),
+            (row.account, now, row.generation, row.fingerprint, row.fingerprint),
+        )
+        resealed += 1
+    return resealed
+
+
+def open_pair(sealer: Sealer, account: str, row: tuple[Any, ...]) -> StoredPair:
+    """Open a stored row into a pair; a ciphertext that does not open raises (fail closed).
+
+    The row: generation, access_ct, refresh_ct, expires_at, obtained_at, refresh_obtained_at,
+    updated_at. Both backends read exactly these, so both open a pair the same way.
+    """
+    generation, access_ct, refresh_ct, expires_at, obtained_at, refresh_at, updated_at = row
+    access = sealer.open(bytes(access_ct), account=account, field="access_token")
+    refresh = (
+        sealer.open(bytes(refresh_ct), account=account, field="refresh_token")
+        if refresh_ct is not None
+        else None
+    )
+    return StoredPair(
+        TokenPair(access, refresh, expires_at, obtained_at, refresh_at), generation, updated_at
+    )
+
+
+def history_entry(row: tuple[Any, ...]) -> dict[str, Any]:
+    """Name the columns of a history row (at, reason, generation, fingerprints, outcome, error)."""
+    return dict(zip(ROTATION_COLUMNS[1:], row, strict=True))

@@ -1,0 +1,334 @@
+"""Keep the token pair sealed in PostgreSQL, shared by broker replicas on many hosts.
+
+The same rows, ciphertexts and rules as the SQLite store (broker/store/sqlite/backend.py); what
+changes is how writers take turns and how they hear of each other:
+- Every write is one short transaction that first takes a transaction-level advisory lock
+  for its account (released by COMMIT or by the death of the connection), then re-reads the
+  rows it decides on with SELECT … FOR UPDATE. No transaction is ever open across the call to
+  amoCRM: the refresh lease (a row with holder and expiry) spans that call instead.
+- A lease is taken over only when it has expired. A pid tells nothing about a process on
+  another host, and containers often share host names and pids, so SQLite's "dead local pid"
+  shortcut would risk a second refresh with a live holder's token.
+- A committed pair sends NOTIFY amo_broker_tokens '<account>:<generation>'; each replica
+  LISTENs on a connection of its own and wakes its token manager, which adopts the pair
+  before any request meets a 401. The listener reconnects by itself; the poll stays behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import psycopg
+
+from broker.config.parsers import masked_url
+from broker.errors import StoreError
+from broker.faults import fault_point
+from broker.logs import get_logger
+from broker.pair import TokenPair, fingerprint
+from broker.store.api import (
+    AccountState,
+    PairInfo,
+    StoredPair,
+    history_entry,
+    next_generation,
+    open_pair,
+    seal_pair,
+    token_row,
+)
+from broker.store.lease import Lease, LeaseResult
+from broker.store.postgres.schema import ACCOUNT_LOCK, SCHEMA, migrate
+from broker.store.postgres.side import Conn, PgSideTables
+from broker.store.sealing import Sealer
+
+log = get_logger()
+
+CHANNEL = "amo_broker_tokens"
+CONNECT_TIMEOUT = 10  # seconds; a store that does not answer must fail, not hang `serve`
+LISTEN_RETRY_MAX = 30.0
+
+
+async def connect(url: str) -> Conn:
+    """Open an autocommit connection whose tables are the broker's schema's."""
+    return await psycopg.AsyncConnection.connect(
+        url,
+        autocommit=True,
+        connect_timeout=CONNECT_TIMEOUT,
+        options=f"-c search_path={SCHEMA}",
+        application_name="amo-broker",
+    )
+
+
+class PgTokenStore(PgSideTables):
+    """One account's sealed token pair in a PostgreSQL database (the `Store` of replicas)."""
+
+    def __init__(self, conn: Conn, url: str, sealer: Sealer, account: str) -> None:
+        self._conn = conn
+        self._url = url
+        self._lock = asyncio.Lock()  # one statement or transaction at a time on this connection
+        self._changed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self.sealer = sealer
+        self.account = account
+
+    @classmethod
+    async def open(cls, url: str, sealer: Sealer, *, account: str = "default") -> PgTokenStore:
+        """Connect (creating and migrating the schema if needed) to the store at `url`."""
+        location = masked_url(url)
+        try:
+            conn = await connect(url)
+        except psycopg.Error as exc:
+            raise StoreError(f"store {location}: cannot connect: {_reason(exc)}") from None
+        try:
+            await migrate(conn, location)
+        except psycopg.Error as exc:
+            await conn.close()
+            raise StoreError(
+                f"store {location}: cannot set up the schema: {_reason(exc)}"
+            ) from None
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, url, sealer, account)
+
+    @property
+    def location(self) -> str:
+        return masked_url(self._url)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._listener
+        await self._conn.close()
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[Conn]:
+        """Lend the connection, reconnecting one the server dropped; errors become StoreError."""
+        async with self._lock:
+            try:
+                if self._conn.closed or self._conn.broken:
+                    self._conn = await connect(self._url)
+                yield self._conn
+            except psycopg.Error as exc:
+                raise StoreError(f"store {self.location}: {_reason(exc)}") from None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        """Run one write transaction for this account, holding its advisory lock until COMMIT."""
+        async with self._session() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ACCOUNT_LOCK, self.account)
+            )
+            yield conn
+
+    async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        async with self._session() as conn:
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchone()
+
+    async def _all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        async with self._session() as conn:
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchall()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def info(self) -> PairInfo | None:
+        """Describe the stored pair without decrypting it."""
+        row = await self._one(
+            "SELECT generation, key_id, expires_at, obtained_at, refresh_obtained_at, "
+            "access_fp, refresh_fp, updated_at FROM tokens WHERE account = %s",
+            (self.account,),
+        )
+        return PairInfo(*row) if row else None
+
+    async def generation(self) -> int:
+        """Return the stored generation, 0 when no pair was ever stored."""
+        row = await self._one("SELECT generation FROM tokens WHERE account = %s", (self.account,))
+        return int(row[0]) if row else 0
+
+    async def load(self) -> StoredPair | None:
+        """Return the decrypted pair; a ciphertext that does not open raises (fail closed)."""
+        row = await self._one(
+            "SELECT generation, access_ct, refresh_ct, expires_at, obtained_at, "
+            "refresh_obtained_at, updated_at FROM tokens WHERE account = %s",
+            (self.account,),
+        )
+        return open_pair(self.sealer, self.account, row) if row is not None else None
+
+    async def state(self) -> AccountState | None:
+        row = await self._one(
+            "SELECT state, reason, since, generation FROM account_state WHERE account = %s",
+            (self.account,),
+        )
+        return AccountState(*row) if row else None
+
+    async def lease(self) -> Lease | None:
+        row = await self._one(
+            "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = %s",
+            (self.account,),
+        )
+        return Lease(*row) if row else None
+
+    async def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rotation events first."""
+        rows = await self._all(
+            "SELECT at, reason, generation, old_fingerprint, new_fingerprint, outcome, error "
+            "FROM rotations WHERE account = %s ORDER BY id DESC LIMIT %s",
+            (self.account, limit),
+        )
+        return [history_entry(row) for row in rows]
+
+    async def outcome_counts(self) -> dict[str, int]:
+        """Count the history's events by outcome."""
+        rows = await self._all(
+            "SELECT outcome, COUNT(*) FROM rotations WHERE account = %s GROUP BY outcome",
+            (self.account,),
+        )
+        return {outcome: int(count) for outcome, count in rows}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def store_pair(
+        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
+    ) -> int:
+        """Store `pair` as the next generation, release any lease, clear reauth; return it.
+
+        As in SQLite: a granted pair is always committed (its refresh token is the only live
+        one), except over a row sealed under a key this process does not know (re-keyed).
+        The NOTIFY is delivered at COMMIT, so no replica hears of a pair it cannot read yet.
+        """
+        now = time.time() if now is None else now
+        sealed = seal_pair(self.sealer, self.account, pair)
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = %s FOR UPDATE",
+                (self.account,),
+            )
+            row = await cursor.fetchone()
+            generation = next_generation(row, self.sealer)
+            await db.execute(
+                "INSERT INTO tokens (account, generation, key_id, access_ct, refresh_ct, "
+                "expires_at, obtained_at, refresh_obtained_at, access_fp, refresh_fp, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (account) DO "
+                "UPDATE SET generation = EXCLUDED.generation, key_id = EXCLUDED.key_id, "
+                "access_ct = EXCLUDED.access_ct, refresh_ct = EXCLUDED.refresh_ct, "
+                "expires_at = EXCLUDED.expires_at, obtained_at = EXCLUDED.obtained_at, "
+                "refresh_obtained_at = EXCLUDED.refresh_obtained_at, "
+                "access_fp = EXCLUDED.access_fp, refresh_fp = EXCLUDED.refresh_fp, "
+                "updated_at = EXCLUDED.updated_at",
+                token_row(self.account, generation, self.sealer.current_key_id, sealed, pair, now),
+            )
+            await db.execute("DELETE FROM leases WHERE account = %s", (self.account,))
+            await db.execute("DELETE FROM account_state WHERE account = %s", (self.account,))
+            await self._append(
+                db,
+                (now, reason, generation, row[1] if row else None),
+                (pair.refresh_fingerprint or pair.access_fingerprint, outcome, None),
+            )
+            await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.account}:{generation}"))
+            fault_point("during_commit")
+        return generation
+
+    async def record_failure(
+        self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
+    ) -> None:
+        """Append a failed rotation attempt to the history."""
+        old_fp = fingerprint(old_refresh) if old_refresh else None
+        async with self.transaction() as db:
+            await self._append(
+                db, (time.time(), reason, generation, old_fp), (None, outcome, error)
+            )
+
+    async def _append(self, db: Conn, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
+        await db.execute(
+            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+            "new_fingerprint, outcome, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (self.account, *head, *tail),
+        )
+
+    async def set_state(self, state: str, reason: str, generation: int) -> None:
+        """Persist a state all processes honour; it holds until a new pair is stored."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO account_state (account, state, reason, since, generation) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account) DO UPDATE SET "
+                "state = EXCLUDED.state, reason = EXCLUDED.reason, since = EXCLUDED.since, "
+                "generation = EXCLUDED.generation",
+                (self.account, state, reason, time.time(), generation),
+            )
+
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
+        """Take the refresh lease unless another holder's has not expired; report the generation."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT generation FROM tokens WHERE account = %s FOR UPDATE", (self.account,)
+            )
+            found = await cursor.fetchone()
+            generation = int(found[0]) if found else 0
+            cursor = await db.execute(
+                "SELECT holder, generation, acquired_at, expires_at FROM leases "
+                "WHERE account = %s FOR UPDATE",
+                (self.account,),
+            )
+            row = await cursor.fetchone()
+            held = Lease(*row) if row else None
+            if held and held.holder != holder and held.expires_at > now:
+                return LeaseResult(False, generation, held)
+            lease = Lease(holder, generation, now, now + ttl)
+            await db.execute(
+                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account) DO UPDATE SET "
+                "holder = EXCLUDED.holder, generation = EXCLUDED.generation, "
+                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at",
+                (self.account, holder, generation, now, now + ttl),
+            )
+        taken_over = held if held and held.holder != holder else None
+        return LeaseResult(True, generation, lease, taken_over)
+
+    async def release_lease(self, holder: str) -> None:
+        """Give the lease back, if it is still ours."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM leases WHERE account = %s AND holder = %s", (self.account, holder)
+            )
+
+    # -- hearing of other replicas' commits --------------------------------------------------
+
+    async def wait_for_change(self, seconds: float) -> None:
+        """Return when a pair of this account was committed anywhere, or after `seconds`."""
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="store-listen")
+        with suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._changed.wait()
+        self._changed.clear()
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own, reconnecting with backoff when it drops."""
+        delay = 1.0
+        while True:
+            try:
+                async with await connect(self._url) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    # Commits made while nobody listened were not heard: have the store re-read.
+                    self._changed.set()
+                    delay = 1.0
+                    async for note in conn.notifies():
+                        if note.payload.rpartition(":")[0] == self.account:
+                            self._changed.set()
+            except (psycopg.Error, OSError) as exc:
+                error = _reason(exc) if isinstance(exc, psycopg.Error) else type(exc).__name__
+                log.warning("store_listen_failed", error=error, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX)
+
+
+def _reason(exc: psycopg.Error) -> str:
+    """Say what went wrong in one line: the server's message, never a parameter's value."""
+    first = str(exc).strip().splitlines()
+    return first[0] if first else type(exc).__name__

@@ -1,0 +1,121 @@
+"""The PostgreSQL store's schema: numbered migrations, applied under an advisory lock.
+
+The tables mirror SQLite's (broker/store/sqlite/schema.py) column for column, so `migrate-store`
+copies rows as they are. They live in their own schema, `amo_broker`, so a database shared
+with the application keeps the broker's tables apart from its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from broker.errors import StoreError
+
+SCHEMA = "amo_broker"
+# Advisory lock keys (two int4): ("amoM", 0) guards migrations; ("amoB", hashtext(account))
+# serialises one account's writes, the way SQLite's BEGIN IMMEDIATE serialises a file's.
+MIGRATION_LOCK = 0x616D6F4D
+ACCOUNT_LOCK = 0x616D6F42
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE tokens (
+            account TEXT PRIMARY KEY,
+            generation BIGINT NOT NULL CHECK (generation > 0),
+            key_id TEXT NOT NULL,
+            access_ct BYTEA NOT NULL,
+            refresh_ct BYTEA,
+            expires_at DOUBLE PRECISION NOT NULL,
+            obtained_at DOUBLE PRECISION NOT NULL,
+            refresh_obtained_at DOUBLE PRECISION,
+            access_fp TEXT NOT NULL,
+            refresh_fp TEXT,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE rotations (
+            id BIGSERIAL PRIMARY KEY,
+            account TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            reason TEXT NOT NULL,
+            generation BIGINT,
+            old_fingerprint TEXT,
+            new_fingerprint TEXT,
+            outcome TEXT NOT NULL,
+            error TEXT
+        )""",
+        # Append-only for auditors, as in SQLite; TRUNCATE, which skips row triggers, too.
+        """CREATE FUNCTION rotations_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'rotation history is append-only'; END $$""",
+        """CREATE TRIGGER rotations_append_only BEFORE UPDATE OR DELETE ON rotations
+           FOR EACH ROW EXECUTE FUNCTION rotations_append_only()""",
+        """CREATE TRIGGER rotations_no_truncate BEFORE TRUNCATE ON rotations
+           FOR EACH STATEMENT EXECUTE FUNCTION rotations_append_only()""",
+        """CREATE TABLE leases (
+            account TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            generation BIGINT NOT NULL,
+            acquired_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE account_state (
+            account TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL,
+            generation BIGINT NOT NULL
+        )""",
+        """CREATE TABLE pacers (
+            account TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (account, holder)
+        )""",
+        """CREATE TABLE oauth_states (
+            state_hash TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+async def schema_version(conn: psycopg.AsyncConnection[Any], location: str) -> int:
+    """Read the schema version (0 for a new database); refuse one newer than this code."""
+    cursor = await conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.meta",))
+    row = await cursor.fetchone()
+    version = 0
+    if row is not None and row[0] is not None:
+        cursor = await conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        found = await cursor.fetchone()
+        version = int(found[0]) if found else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {location} has schema {version}, newer than this amo-broker knows "
+            f"({SCHEMA_VERSION}): upgrade amo-broker"
+        )
+    return version
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any], location: str) -> None:
+    """Bring the schema up to date; replicas starting at once take turns on the lock.
+
+    Only a database that needs it is written, so `status` works on a read-only role.
+    """
+    if await schema_version(conn, location) == SCHEMA_VERSION:
+        return
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (MIGRATION_LOCK,))
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        await conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        version = await schema_version(conn, location)  # again, now under the lock
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target]:
+                await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (str(SCHEMA_VERSION),),
+        )

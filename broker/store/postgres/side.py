@@ -1,0 +1,141 @@
+"""The PostgreSQL store's side tables: pacing members, OAuth states, re-keying, migration.
+
+The counterpart of broker/store/sqlite/side.py, kept out of broker/store/postgres/backend.py
+(the pair, its history, the lease and LISTEN) for size.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import psycopg
+
+from broker.errors import StoreError
+from broker.store.api import (
+    ROTATION_COLUMNS,
+    STATE_COLUMNS,
+    TOKEN_COLUMNS,
+    Resealer,
+    SealedRow,
+    StoreDump,
+    reseal_rows,
+)
+from broker.store.sqlite.side import live_lease_message
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+class PgSideTables:
+    """Mixed into PgTokenStore: the methods of `Store` that are not about the pair itself."""
+
+    account: str
+
+    def transaction(self) -> AbstractAsyncContextManager[Conn]:
+        raise NotImplementedError  # PgTokenStore's
+
+    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
+        """Record `holder` as pacing now; return its rank and the live member count."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO pacers (account, holder, seen_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (account, holder) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+                (self.account, holder, now),
+            )
+            await db.execute(
+                "DELETE FROM pacers WHERE account = %s AND seen_at < %s",
+                (self.account, now - gone_after),
+            )
+            cursor = await db.execute(
+                # COLLATE "C": the same order on every replica, whatever the database's locale.
+                'SELECT holder FROM pacers WHERE account = %s ORDER BY holder COLLATE "C"',
+                (self.account,),
+            )
+            holders = [row[0] for row in await cursor.fetchall()]
+        return holders.index(holder), len(holders)
+
+    async def check_out(self, holder: str) -> None:
+        """Give this process's share back at once (a clean stop)."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM pacers WHERE account = %s AND holder = %s", (self.account, holder)
+            )
+
+    async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None:
+        """Remember an OAuth `state` (its hash) issued for `account`."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO oauth_states (state_hash, account, created_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (state_hash) DO UPDATE SET account = EXCLUDED.account, "
+                "created_at = EXCLUDED.created_at",
+                (state_hash, account, now),
+            )
+
+    async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
+        """Consume a state: its account, or None when absent or older than `ttl` seconds.
+
+        Single use even between replicas: DELETE … RETURNING hands the row to one of them.
+        """
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM oauth_states WHERE state_hash = %s RETURNING account, created_at",
+                (state_hash,),
+            )
+            row = await cursor.fetchone()
+            await db.execute("DELETE FROM oauth_states WHERE created_at < %s", (now - ttl,))
+        if row is None or row[1] < now - ttl:
+            return None
+        return str(row[0])
+
+    async def reseal(self, resealer: Resealer, new_key_id: str, now: float) -> int:
+        """Re-seal every account's row in one transaction; refuse while a lease is live.
+
+        The rows are locked FOR UPDATE first, so no replica commits a pair under the old key
+        in between; a lease is live until it expires (no pid check across hosts).
+        """
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT account, holder FROM leases WHERE expires_at > %s FOR UPDATE", (now,)
+            )
+            for account, holder in await cursor.fetchall():
+                raise StoreError(live_lease_message(account, holder))
+            cursor = await db.execute(
+                "SELECT account, key_id, generation, access_ct, refresh_ct, "
+                "COALESCE(refresh_fp, access_fp) FROM tokens ORDER BY account FOR UPDATE"
+            )
+            rows = [SealedRow(*row) for row in await cursor.fetchall()]
+            resealed = await reseal_rows(db, rows, resealer, new_key_id, now, "%s")
+        return resealed
+
+    async def restore(self, dump: StoreDump) -> dict[str, int]:
+        """Write a dump of another store into this empty one; return each account's generation.
+
+        One transaction: a failed copy leaves the target as empty as it was. The generations
+        are read back from the target, so the summary shows what it holds, not what was sent.
+        """
+        async with self.transaction() as db:
+            await db.execute("LOCK TABLE tokens, rotations, account_state IN EXCLUSIVE MODE")
+            for table in ("tokens", "rotations", "account_state"):
+                cursor = await db.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 -- constant
+                if await cursor.fetchone() is not None:
+                    raise StoreError(
+                        f"the target store's table {table} is not empty: migrate-store only "
+                        "copies into a new store"
+                    )
+            for table, columns, rows in (
+                ("tokens", TOKEN_COLUMNS, dump.tokens),
+                ("rotations", ROTATION_COLUMNS, dump.rotations),
+                ("account_state", STATE_COLUMNS, dump.states),
+            ):
+                if not rows:
+                    continue
+                marks = ", ".join(["%s"] * len(columns))
+                async with db.cursor() as cursor:
+                    await cursor.executemany(
+                        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608 -- constant
+                        rows,
+                    )
+            cursor = await db.execute("SELECT account, generation FROM tokens ORDER BY account")
+            return {
+                str(account): int(generation) for account, generation in await cursor.fetchall()
+            }

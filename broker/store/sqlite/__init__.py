@@ -1,0 +1,1 @@
+"""The SQLite backend: one host, one file, WAL with synchronous=FULL."""

@@ -1,0 +1,350 @@
+"""Keep the token pair sealed in SQLite, with its generation, rotation history and refresh lease.
+
+Why these choices:
+- WAL with synchronous=FULL: a committed rotation survives a power cut. Losing a committed pair
+  loses the single-use refresh token, so durability beats write speed (a few writes a day).
+- Autocommit connection with explicit `BEGIN IMMEDIATE`: each write takes SQLite's write lock
+  at its start, so the generation we re-read is the one we update (no lost update between
+  processes).
+- A lease row, not a transaction held over the network call: the HTTP call to amoCRM can take
+  seconds, and a lease shows who is refreshing what generation, so a restart after a crash can
+  tell that a refresh was under way when it died.
+- The rotation history is append-only, enforced by triggers, for auditors.
+
+The smaller tables (pacing members, OAuth states) and re-keying are in
+broker/store/sqlite/side.py; the PostgreSQL backend is broker/store/postgres/backend.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from broker.errors import StoreError
+from broker.faults import fault_armed, fault_point
+from broker.pair import TokenPair, fingerprint
+from broker.store.api import (
+    AccountState,
+    PairInfo,
+    StoredPair,
+    history_entry,
+    next_generation,
+    open_pair,
+    seal_pair,
+    token_row,
+)
+from broker.store.lease import Lease, LeaseResult, is_alive
+from broker.store.sealing import Sealer
+from broker.store.sqlite.schema import SCHEMA_VERSION, migrate, schema_version
+from broker.store.sqlite.side import SideTables
+
+# The pair's types are defined with the interface; callers have long imported them from here.
+__all__ = ["AccountState", "PairInfo", "StoredPair", "TokenStore", "one_row"]
+
+
+class TokenStore(SideTables):
+    """One account's sealed token pair in one SQLite file (the `Store` of one host)."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, sealer: Sealer, account: str) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()  # one transaction at a time on this connection
+        self.path = path
+        self.sealer = sealer
+        self.account = account
+
+    @classmethod
+    async def open(cls, path: Path, sealer: Sealer, *, account: str = "default") -> TokenStore:
+        """Open (creating and migrating if needed) the store at `path`."""
+        _create_private(path)
+        try:
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {path}: cannot open: {exc}") from None
+        store = cls(db, path, sealer, account)
+        try:
+            await store._setup()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def wait_for_change(self, seconds: float) -> None:
+        """Sleep `seconds`: SQLite cannot announce a commit, so the caller polls the store."""
+        await asyncio.sleep(seconds)
+
+    async def _setup(self) -> None:
+        try:
+            for pragma in (
+                "PRAGMA busy_timeout = 10000",
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                # Old ciphertexts are overwritten when a row changes, not left in free pages.
+                "PRAGMA secure_delete = ON",
+            ):
+                await self._db.execute(pragma)
+            if await schema_version(self._db, self.path) != SCHEMA_VERSION:
+                # Only a store that needs it is written: opening must leave an up-to-date
+                # file's bytes alone (`status` is read-only; a wrong key must change nothing).
+                async with self.transaction() as db:
+                    await migrate(db, self.path)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store {self.path}: not a usable amo-broker store: {exc}") from None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Run one write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on error)."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"store {self.path}: cannot lock for writing: {exc}") from None
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                # Disk full, read-only file, I/O error: one error type for every caller, which
+                # the refresher answers by keeping a fresh pair in memory (store_degraded).
+                await self._db.rollback()
+                raise StoreError(f"store {self.path}: write failed: {exc}") from None
+            except BaseException:
+                await self._db.rollback()
+                raise
+            try:
+                await self._db.commit()
+            except sqlite3.Error as exc:
+                await self._db.rollback()
+                raise StoreError(f"store {self.path}: commit failed: {exc}") from None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def info(self) -> PairInfo | None:
+        """Describe the stored pair without decrypting it."""
+        row = await one_row(
+            self._db,
+            "SELECT generation, key_id, expires_at, obtained_at, refresh_obtained_at, "
+            "access_fp, refresh_fp, updated_at FROM tokens WHERE account = ?",
+            (self.account,),
+        )
+        return PairInfo(*row) if row else None
+
+    async def generation(self) -> int:
+        """Return the stored generation, 0 when no pair was ever stored."""
+        row = await one_row(
+            self._db, "SELECT generation FROM tokens WHERE account = ?", (self.account,)
+        )
+        return int(row[0]) if row else 0
+
+    async def load(self) -> StoredPair | None:
+        """Return the decrypted pair; a ciphertext that does not open raises (fail closed)."""
+        row = await one_row(
+            self._db,
+            "SELECT generation, access_ct, refresh_ct, expires_at, obtained_at, "
+            "refresh_obtained_at, updated_at FROM tokens WHERE account = ?",
+            (self.account,),
+        )
+        return open_pair(self.sealer, self.account, tuple(row)) if row is not None else None
+
+    async def state(self) -> AccountState | None:
+        row = await one_row(
+            self._db,
+            "SELECT state, reason, since, generation FROM account_state WHERE account = ?",
+            (self.account,),
+        )
+        return AccountState(*row) if row else None
+
+    async def lease(self) -> Lease | None:
+        row = await one_row(
+            self._db,
+            "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
+            (self.account,),
+        )
+        return Lease(*row) if row else None
+
+    async def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rotation events first."""
+        cursor = await self._db.execute(
+            "SELECT at, reason, generation, old_fingerprint, new_fingerprint, outcome, error "
+            "FROM rotations WHERE account = ? ORDER BY id DESC LIMIT ?",
+            (self.account, limit),
+        )
+        return [history_entry(tuple(row)) for row in await cursor.fetchall()]
+
+    async def outcome_counts(self) -> dict[str, int]:
+        """Count the history's events by outcome."""
+        cursor = await self._db.execute(
+            "SELECT outcome, COUNT(*) FROM rotations WHERE account = ? GROUP BY outcome",
+            (self.account,),
+        )
+        return {outcome: count for outcome, count in await cursor.fetchall()}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def store_pair(
+        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
+    ) -> int:
+        """Store `pair` as the next generation, release any lease, clear reauth; return it.
+
+        A freshly granted pair is always committed, even if another process moved the
+        generation meanwhile: amoCRM has just spent the old refresh token, so this pair is the
+        newest valid grant we hold, and dropping it would lose the integration.
+
+        The one exception is a row sealed under a key this store's sealer does not know: the
+        store was re-keyed (`rotate-key`) after this process started. Writing under the stale
+        key would leave a row that every process on the new key fails to open, so this raises
+        StoreLockedError instead (the refresher then keeps the pair in memory).
+        """
+        now = time.time() if now is None else now
+        sealed = seal_pair(self.sealer, self.account, pair)
+        async with self.transaction() as db:
+            if fault_armed("during_commit"):
+                # Test-only: with a one-page cache SQLite spills this transaction's pages into
+                # the WAL before COMMIT, so the crash test sees a reopen discard such frames.
+                await db.execute("PRAGMA cache_size = 1")
+            row = await one_row(
+                db,
+                "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = ?",
+                (self.account,),
+            )
+            generation = next_generation(row, self.sealer)
+            await db.execute(
+                "INSERT OR REPLACE INTO tokens (account, generation, key_id, access_ct, "
+                "refresh_ct, expires_at, obtained_at, refresh_obtained_at, access_fp, "
+                "refresh_fp, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                token_row(self.account, generation, self.sealer.current_key_id, sealed, pair, now),
+            )
+            await db.execute("DELETE FROM leases WHERE account = ?", (self.account,))
+            await db.execute("DELETE FROM account_state WHERE account = ?", (self.account,))
+            await self._append_history(
+                db, now, reason, generation, row[1] if row else None, pair, outcome, None
+            )
+            fault_point("during_commit")
+        return generation
+
+    async def record_failure(
+        self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
+    ) -> None:
+        """Append a failed rotation attempt to the history."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+                "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+                (
+                    self.account,
+                    time.time(),
+                    reason,
+                    generation,
+                    fingerprint(old_refresh) if old_refresh else None,
+                    outcome,
+                    error,
+                ),
+            )
+
+    async def _append_history(
+        self,
+        db: aiosqlite.Connection,
+        now: float,
+        reason: str,
+        generation: int,
+        old_fp: str | None,
+        pair: TokenPair,
+        outcome: str,
+        error: str | None,
+    ) -> None:
+        await db.execute(
+            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
+            "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.account,
+                now,
+                reason,
+                generation,
+                old_fp,
+                pair.refresh_fingerprint or pair.access_fingerprint,
+                outcome,
+                error,
+            ),
+        )
+
+    async def set_state(self, state: str, reason: str, generation: int) -> None:
+        """Persist a state all processes honour; it holds until a new pair is stored."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO account_state (account, state, reason, since, generation)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (self.account, state, reason, time.time(), generation),
+            )
+
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
+        """Take the refresh lease unless a live holder has it; report the generation seen."""
+        async with self.transaction() as db:
+            generation = await _generation(db, self.account)
+            row = await one_row(
+                db,
+                "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
+                (self.account,),
+            )
+            held = Lease(*row) if row else None
+            if held and held.holder != holder and held.expires_at > now and is_alive(held.holder):
+                return LeaseResult(False, generation, held)
+            lease = Lease(holder, generation, now, now + ttl)
+            await db.execute(
+                "INSERT OR REPLACE INTO leases (account, holder, generation, acquired_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                (self.account, *_lease_row(lease)),
+            )
+        taken_over = held if held and held.holder != holder else None
+        return LeaseResult(True, generation, lease, taken_over)
+
+    async def release_lease(self, holder: str) -> None:
+        """Give the lease back, if it is still ours."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM leases WHERE account = ? AND holder = ?", (self.account, holder)
+            )
+
+
+def _lease_row(lease: Lease) -> tuple[str, int, float, float]:
+    return lease.holder, lease.generation, lease.acquired_at, lease.expires_at
+
+
+async def _generation(db: aiosqlite.Connection, account: str) -> int:
+    row = await one_row(db, "SELECT generation FROM tokens WHERE account = ?", (account,))
+    return int(row[0]) if row else 0
+
+
+async def one_row(
+    db: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()
+) -> sqlite3.Row | None:
+    cursor = await db.execute(sql, params)
+    row = await cursor.fetchone()
+    await cursor.close()
+    return row
+
+
+def _create_private(path: Path) -> None:
+    """Create the store file readable by its owner only, before SQLite creates it 0644.
+
+    SQLite gives the -wal and -shm files the permissions of the database file.
+    """
+    if not path.parent.is_dir():
+        raise StoreError(f"store {path}: directory {path.parent} does not exist")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+    except OSError as exc:
+        raise StoreError(f"store {path}: cannot open: {exc.strerror}") from None
+    os.close(fd)

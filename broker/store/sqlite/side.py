@@ -1,0 +1,134 @@
+"""The SQLite store's side tables: pacing members, OAuth states, re-keying, the migration dump.
+
+Kept apart from broker/store/sqlite/backend.py, which holds the pair, its history and the lease:
+these are the store's smaller duties, each one short transaction on the same connection.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+
+import aiosqlite
+
+from broker.errors import StoreError
+from broker.store.api import (
+    ROTATION_COLUMNS,
+    STATE_COLUMNS,
+    TOKEN_COLUMNS,
+    Resealer,
+    SealedRow,
+    StoreDump,
+    reseal_rows,
+)
+from broker.store.lease import is_alive
+
+
+class SideTables:
+    """Mixed into TokenStore: the methods of `Store` that are not about the pair itself."""
+
+    account: str
+    _db: aiosqlite.Connection
+
+    def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        raise NotImplementedError  # TokenStore's
+
+    # -- pacing members ([limits] shared) -----------------------------------------------------
+
+    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
+        """Record `holder` as pacing now; return its rank and the live member count."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO pacers (account, holder, seen_at) VALUES (?, ?, ?)",
+                (self.account, holder, now),
+            )
+            await db.execute(
+                "DELETE FROM pacers WHERE account = ? AND seen_at < ?",
+                (self.account, now - gone_after),
+            )
+            cursor = await db.execute(
+                "SELECT holder FROM pacers WHERE account = ? ORDER BY holder", (self.account,)
+            )
+            holders = [row[0] for row in await cursor.fetchall()]
+            await cursor.close()
+        return holders.index(holder), len(holders)
+
+    async def check_out(self, holder: str) -> None:
+        """Give this process's share back at once (a clean stop)."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM pacers WHERE account = ? AND holder = ?", (self.account, holder)
+            )
+
+    # -- OAuth states (the authorization callback) ----------------------------------------------
+
+    async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None:
+        """Remember an OAuth `state` (its hash) issued for `account`."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO oauth_states (state_hash, account, created_at) "
+                "VALUES (?, ?, ?)",
+                (state_hash, account, now),
+            )
+
+    async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
+        """Consume a state: its account, or None when absent or older than `ttl` seconds.
+
+        Single use: the row is deleted whether or not it was still fresh, and so are all
+        expired ones, so the table never grows.
+        """
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM oauth_states WHERE state_hash = ? RETURNING account, created_at",
+                (state_hash,),
+            )
+            row = await cursor.fetchone()
+            await cursor.close()
+            await db.execute("DELETE FROM oauth_states WHERE created_at < ?", (now - ttl,))
+        if row is None or row[1] < now - ttl:
+            return None
+        return str(row[0])
+
+    # -- re-keying and migration --------------------------------------------------------------
+
+    async def reseal(self, resealer: Resealer, new_key_id: str, now: float) -> int:
+        """Re-seal every account's row in one transaction; refuse while a lease is live.
+
+        A live lease's holder has spent (or is spending) the refresh token and will store the
+        new pair under the key it loaded with: re-keying under it would make that write fail.
+        """
+        async with self.transaction() as db:
+            cursor = await db.execute("SELECT account, holder, expires_at FROM leases")
+            for account, holder, expires_at in await cursor.fetchall():
+                if expires_at > now and is_alive(holder):
+                    raise StoreError(live_lease_message(account, holder))
+            cursor = await db.execute(
+                "SELECT account, key_id, generation, access_ct, refresh_ct, "
+                "COALESCE(refresh_fp, access_fp) FROM tokens ORDER BY account"
+            )
+            rows = [SealedRow(*row) for row in await cursor.fetchall()]
+            await cursor.close()
+            resealed = await reseal_rows(db, rows, resealer, new_key_id, now, "?")
+        return resealed
+
+    async def dump(self) -> StoreDump:
+        """Read every account's pair (ciphertexts), history and state, for `migrate-store`."""
+        dump = StoreDump()
+        for table, columns, order, rows in (
+            ("tokens", TOKEN_COLUMNS, "account", dump.tokens),
+            ("rotations", ROTATION_COLUMNS, "id", dump.rotations),
+            ("account_state", STATE_COLUMNS, "account", dump.states),
+        ):
+            cursor = await self._db.execute(
+                f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}"  # noqa: S608 -- constant names
+            )
+            rows.extend(tuple(row) for row in await cursor.fetchall())
+            await cursor.close()
+        return dump
+
+
+def live_lease_message(account: str, holder: str) -> str:
+    """Explain a refused re-key: a refresh is under way."""
+    return (
+        f"account {account!r}: {holder} holds the refresh lease (a refresh is under way); "
+        "retry when it has finished"
+    )

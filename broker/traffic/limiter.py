@@ -1,0 +1,170 @@
+"""Keep one amoCRM account inside its limits: pace every call, react to 429 and to a block.
+
+The proxy asks `admit()` before each send (first sends, replays and retries alike) and
+reports each answer to `observe()`. Everything account-wide lives here, shared by all
+callers: the FIFO pacer, the 429 back-off, the block state, and what /status shows of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.config.model import LimitSettings
+from broker.errors import AccountBlocked
+from broker.logs import get_logger
+from broker.timing import iso
+from broker.traffic.guard import AccountGuard
+from broker.traffic.pacing import Pacer, Schedule
+from broker.traffic.share import Share
+
+log = get_logger()
+
+
+@dataclass
+class UpstreamStats:
+    last_status: int | None = None
+    last_status_at: float | None = None  # wall time
+    responses: Counter[str] = field(default_factory=Counter)  # "2xx" … "5xx"
+    errors: Counter[str] = field(default_factory=Counter)  # timeout, unreachable, broken_stream
+    throttled_total: int = 0  # 429 answers
+    retries_total: int = 0  # 429 retries of idempotent calls
+    blocked_refusals_total: int = 0
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+class AccountLimiter:
+    """The pacer and the guard of one account, with what they did for /status and /metrics."""
+
+    def __init__(self, settings: LimitSettings) -> None:
+        self.settings = settings
+        self.pacer = Pacer(
+            Schedule(settings.rps, settings.burst),
+            max_queue=settings.max_queue,
+            max_wait=settings.max_wait,
+        )
+        self.guard = AccountGuard(
+            block_after=settings.block_after, cooldown=settings.block_cooldown
+        )
+        self.upstream = UpstreamStats()
+        self.share: Share | None = None  # in shared mode, once this process has checked in
+
+    def take_share(self, share: Share) -> None:
+        """Pace at this process's share of the account (shared mode)."""
+        if share != self.share:
+            self.pacer.retune(share.rate, share.burst)
+            if self.share is None or share.members != self.share.members:
+                log.info(
+                    "pace_shared",
+                    members=share.members,
+                    rank=share.rank,
+                    rps=round(share.rate, 3),
+                    burst=share.burst,
+                )
+            self.share = share
+
+    @property
+    def state(self) -> str | None:
+        """`blocked` while amoCRM blocks the account, else None (the token state applies)."""
+        return "blocked" if self.guard.blocked else None
+
+    async def admit(self) -> tuple[float, float]:
+        """Wait for the account's turn to send; return (seconds waited, send time).
+
+        Raises AccountBlocked without queueing during a block, RateLimited when the queue
+        is full or the wait too long.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            self.guard.check(loop.time())
+            waited = await self.pacer.acquire()
+            now = loop.time()
+            self.guard.admit(now)  # a block may have engaged while this call waited
+        except AccountBlocked:
+            self.upstream.blocked_refusals_total += 1
+            raise
+        return waited, now
+
+    def observe(self, status: int, content_type: str, sent_at: float) -> float | None:
+        """Take amoCRM's answer into account; return the back-off in seconds after a 429."""
+        now = asyncio.get_running_loop().time()
+        self.upstream.last_status, self.upstream.last_status_at = status, time.time()
+        self.upstream.responses[status_class(status)] += 1
+        html = content_type.lower().startswith("text/html")
+        verdict = self.guard.observe(status, html=html, sent_at=sent_at, now=now)
+        if verdict.pause is not None:
+            self.upstream.throttled_total += 1
+            self.pacer.pause(verdict.pause)
+            log.warning(
+                "upstream_throttled",
+                consecutive=self.guard.consecutive_429,
+                pause_s=round(verdict.pause, 2),
+            )
+        if verdict.blocked:
+            log.error(
+                "account_blocked",
+                until=iso(self._wall(self.guard.blocked_until)),
+                message="amoCRM answers 403 to every call: the account is blocked for exceeding "
+                "its limits. Nothing is sent until the cool-down ends; if it persists, write to "
+                "amoCRM support.",
+            )
+        if verdict.unblocked:
+            log.warning("account_unblocked")
+        return verdict.pause
+
+    def error(self, kind: str) -> None:
+        """Count a call that got no answer from amoCRM (timeout, unreachable, broken_stream)."""
+        self.upstream.errors[kind] += 1
+
+    def status(self) -> dict[str, Any]:
+        """The `limits` and `upstream` parts of /status."""
+        pacer, stats = self.pacer, self.pacer.stats
+        paused = self._wall(pacer.schedule.paused_until)
+        limits = {
+            "rps": self.settings.rps,
+            "burst": self.settings.burst,
+            "scope": "shared" if self.settings.shared else "process",
+            "members": self.share.members if self.share else 1,
+            "process_rps": pacer.schedule.rate,
+            "process_burst": pacer.schedule.burst,
+            "per_second_cap": pacer.schedule.cap,
+            "queue_depth": pacer.depth,
+            "max_queue": pacer.max_queue,
+            "max_wait_seconds": pacer.max_wait,
+            "admitted_total": stats.admitted_total,
+            "waited_total": stats.waited_total,
+            "rejected_total": stats.rejected_total,
+            "wait_seconds_max": round(stats.wait_seconds_max, 3),
+            "wait_seconds_mean": round(stats.wait_seconds_total / stats.waited_total, 3)
+            if stats.waited_total
+            else 0.0,
+            "paused_until": iso(paused) if paused and paused > time.time() else None,
+        }
+        upstream = self.upstream
+        return {
+            "limits": limits,
+            "upstream": {
+                "last_status": upstream.last_status,
+                "last_status_at": iso(upstream.last_status_at),
+                "responses": dict(sorted(upstream.responses.items())),
+                "errors": dict(sorted(upstream.errors.items())),
+                "throttled_total": upstream.throttled_total,
+                "consecutive_throttled": self.guard.consecutive_429,
+                "retries_total": upstream.retries_total,
+                "blocked_refusals_total": upstream.blocked_refusals_total,
+            },
+            "blocked_until": iso(self._wall(self.guard.blocked_until)),
+        }
+
+    @staticmethod
+    def _wall(loop_time: float | None) -> float | None:
+        """Turn a time on the loop's monotonic clock into wall time, for people to read."""
+        if loop_time is None or loop_time == float("-inf"):
+            return None
+        return time.time() + (loop_time - asyncio.get_running_loop().time())
