@@ -4,6 +4,7 @@
     ├── ConfigError               config_error                500   2   a setting is wrong
     ├── StoreError                store_error                 503   2   the store is unusable
     │   └── StoreLockedError      store_locked                503   2   a ciphertext won't open
+    ├── StaleWriteError           stale_write                 503   2   the row moved past us
     ├── NoTokensError             no_tokens                   503   2   nothing imported yet
     ├── ReauthRequiredError       reauth_required             503   2   a person must re-authorise
     ├── TokenEndpointError        token_endpoint_unavailable  503   2   5xx, timeout, refused
@@ -54,6 +55,23 @@ class StoreLockedError(StoreError):
     """A ciphertext in the store does not open with the configured key."""
 
     code = "store_locked"
+
+
+class StaleWriteError(BrokerError):
+    """A compare-and-swap write found the pair's row at another generation than expected.
+
+    Not a StoreError: the store works, another writer (a replica's rotation, a person's import)
+    got there first. The writer reads the row and decides (adopt it, or write over its own
+    ancestor); treating it as a failing store would keep a superseded pair in memory.
+    """
+
+    code = "stale_write"
+    http_status = 503
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(f"the pair's row is at generation {current}, not {expected}")
+        self.expected = expected
+        self.current = current
 
 
 class NoTokensError(BrokerError):

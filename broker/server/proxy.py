@@ -154,14 +154,20 @@ class Proxy:
             exchange = Exchange(upstream, replayed, retries, pause)
             if upstream.status == 401 and not replayed:
                 # One refresh for everyone who hit this 401, then exactly one replay: a 401
-                # on the replay goes back to the caller as is, never into a loop. The
-                # connection goes back to the pool before the (perhaps slow) refresh.
+                # on the replay goes back to the caller as is, never into a loop. A 401 for
+                # a fresh token is not the token's: it goes back at once, nothing rotates.
+                if not self._manager.may_cure_401(generation):
+                    self._manager.note_unauthorized_after_refresh()
+                    return exchange
+                # The connection goes back to the pool before the (perhaps slow) refresh.
                 upstream.release()
                 await self._manager.unauthorized(generation)
                 replayed = True
                 self.stats.replays_total += 1
                 self._metrics.retries.labels(self.account, "unauthorized").inc()
                 continue
+            if upstream.status == 401:
+                self._manager.note_unauthorized_after_refresh()
             if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
                 upstream.release()
                 retries += 1

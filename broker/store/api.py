@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.errors import StoreLockedError
+from broker.errors import StaleWriteError, StoreLockedError
 from broker.pair import TokenPair
 from broker.store.lease import Lease, LeaseResult
 from broker.store.sealing import Sealer
@@ -132,8 +132,17 @@ class Store(Protocol):
     async def outcome_counts(self) -> dict[str, int]: ...
 
     async def store_pair(
-        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
-    ) -> int: ...
+        self,
+        pair: TokenPair,
+        *,
+        reason: str,
+        outcome: str = "rotated",
+        now: float | None = None,
+        expected_generation: int | None = None,
+    ) -> int:
+        """Store `pair` as the next generation; with `expected_generation`, only over that one
+        (else StaleWriteError). Releases the lease and clears reauth_required."""
+        ...
 
     async def record_failure(
         self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
@@ -175,6 +184,19 @@ def seal_pair(sealer: Sealer, account: str, pair: TokenPair) -> tuple[bytes, byt
         else None
     )
     return access, refresh
+
+
+def check_expected(row: Sequence[Any] | None, expected: int | None) -> None:
+    """Refuse a compare-and-swap write when the row (generation, …) is not at `expected`.
+
+    The token manager writes every rotation this way, so a stale writer (a retried write of a
+    pair that a later refresh already superseded, a lease holder that lapsed) can never put an
+    older pair over a newer one, whatever the timing. None: an unconditional write (a person's
+    import, which must win).
+    """
+    current = row[0] if row else 0
+    if expected is not None and current != expected:
+        raise StaleWriteError(expected, current)
 
 
 def next_generation(row: Sequence[Any] | None, sealer: Sealer) -> int:

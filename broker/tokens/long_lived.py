@@ -9,6 +9,8 @@ to `reauth_required` until someone issues a new one and configures it. /status w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from broker.errors import ReauthRequiredError, StoreError
 from broker.logs import get_logger
 from broker.timing import iso
@@ -27,24 +29,29 @@ class LongLivedManager(TokenManager):
     async def token(self) -> tuple[str, int]:
         """Return the long-lived token; past its expiry, the account needs a person."""
         stored = await self._held()
-        if self._clock.monotonic() >= self._expires_mono:
+        if self._clock.monotonic() >= self._state.expires_mono:
             await self._needs_person(
                 f"the long-lived token expired at {iso(stored.pair.expires_at)}"
             )
         return stored.pair.access_token, stored.generation
 
-    async def unauthorized(self, generation: int) -> None:
+    def may_cure_401(self, generation: int) -> bool:
+        # No rotation to hold back: every 401 goes to unauthorized(), which decides.
+        return True
+
+    async def unauthorized(self, generation: int) -> bool:
         """amoCRM refused the token: there is nothing to refresh, so stop and say so."""
         if generation < self.generation:
-            return  # a newer token was configured since that call left: replay it
+            return True  # a newer token was configured since that call left: replay it
         await self._needs_person("amoCRM refused the long-lived token (401)")
+        return False
 
     async def _needs_person(self, what: str) -> None:
         message = (
             f"{what}: issue a new long-lived token in amoCRM (the integration's Keys and "
             "scopes tab) and configure it"
         )
-        self._reauth_reason = message
+        self._state = replace(self._state, reauth=message)
         try:
             await self.store.set_state("reauth_required", message, self.generation)
         except StoreError as exc:  # the state is still held here; the store catches up later

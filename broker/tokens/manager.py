@@ -1,13 +1,12 @@
 """Keep one account's access token valid: single-flight refresh, lease, proactive loop.
 
-The rules the whole broker rests on:
-- However many callers ask at once, one refresh task runs; they all await it, shielded, so a
-  caller that goes away cannot cancel a refresh that has already spent the refresh token.
-- Before spending the refresh token, take the store's lease and re-read the generation: if
-  another process rotated meanwhile, adopt its pair instead of refreshing.
-- The new pair is committed to the store before any request uses it.
-- A refused grant is final until a person re-authorises: state `reauth_required`, persisted so
-  every process stops calling the token endpoint. Transient failures back off with jitter.
+The rules live in broker/tokens/pair_state.py as pure transitions; this is the async shell
+that performs the I/O they ask for. Its promises: one refresh task however many callers ask
+(shielded: a caller going away cannot cancel a spent refresh token); the store's lease and a
+re-read before spending; every granted pair committed by compare-and-swap on the generation,
+one write at a time, before use, or served from memory while the store refuses it; a 401 for
+a fresh token goes back to the caller instead of rotating again; a refused grant persisted as
+`reauth_required`; back-off on transient failures that never hides a newer stored pair.
 """
 
 from __future__ import annotations
@@ -20,17 +19,20 @@ from broker.errors import (
     GrantRejectedError,
     NoTokensError,
     ReauthRequiredError,
+    StaleWriteError,
     StoreError,
     TokenEndpointError,
 )
 from broker.faults import fault_point
 from broker.logs import get_logger, redactor
-from broker.pair import TokenPair, refresh_due_at
+from broker.pair import TokenPair
 from broker.store.api import Store, StoredPair
 from broker.store.lease import LeaseResult, holder_id, lost_answer_note
-from broker.timing import Clock, SystemClock, backoff_delay, iso
+from broker.timing import Clock, SystemClock, iso
+from broker.tokens import pair_state as rules
 from broker.tokens.endpoint import REQUEST_FACTOR
 from broker.tokens.leasing import take_lease
+from broker.tokens.pair_state import On401, PairState
 from broker.tokens.parts import Refresher, RefreshStats, consume_exception, quietly
 
 log = get_logger()
@@ -56,62 +58,56 @@ class TokenManager:
         self._clock = clock or SystemClock()
         self._poll_interval = poll_interval
         self._holder = holder_id()
-        self._stored: StoredPair | None = None
-        self._reauth_reason: str | None = None
+        self._state = PairState()
         self._inflight: asyncio.Task[StoredPair] | None = None
-        self._failures_in_row = 0
-        self._retry_at = 0.0  # monotonic; before it, requests do not retry a failed refresh
-        # The schedule of the current pair, on the monotonic clock (see _set_current).
-        self._due_mono = 0.0
-        self._expires_mono = 0.0
-        # A pair amoCRM granted that the store refused to take (disk full, read-only): the
-        # old refresh token is spent, so this is the only working pair. Served from memory,
-        # written again on every tick until the store takes it.
-        self._unsaved: TokenPair | None = None
-        self._unsaved_reason = ""
+        # One store write at a time: the pair to write is read once the turn comes, so a
+        # retry can never write a pair that a later grant superseded while it waited.
+        self._writing = asyncio.Lock()
         self.stats = RefreshStats()
 
     # -- what the proxy and /status read --------------------------------------------------
 
     @property
     def generation(self) -> int:
-        return self._stored.generation if self._stored else 0
+        return self._state.generation
 
     @property
     def pair(self) -> TokenPair | None:
-        return self._stored.pair if self._stored else None
+        return self._state.held.pair if self._state.held else None
 
     @property
     def store_degraded(self) -> bool:
         """Say whether the pair in use is held in memory only, because the store failed."""
-        return self._unsaved is not None
+        return self._state.unsaved is not None
 
     @property
     def seconds_until_expiry(self) -> float | None:
-        return self._expires_mono - self._clock.monotonic() if self._stored else None
+        if self._state.held is None:
+            return None
+        return self._state.expires_mono - self._clock.monotonic()
 
     @property
     def state(self) -> str:
-        if self._reauth_reason is not None:
+        if self._state.reauth is not None:
             return "reauth_required"
-        if self._unsaved is not None:
+        if self._state.unsaved is not None:
             return "store_degraded"
         if self._inflight is not None and not self._inflight.done():
             return "refreshing"
-        return "ok" if self._stored else "no_tokens"
+        return "ok" if self._state.held else "no_tokens"
 
     @property
     def reauth_reason(self) -> str | None:
-        return self._reauth_reason
+        return self._state.reauth
 
     async def load(self) -> None:
         """Read the pair and any persisted state; a key that does not fit raises here."""
-        await self._adopt(await self.store.load(), announce=False)
+        await self._follow(await self.store.load(), announce=False)
 
     async def token(self) -> tuple[str, int]:
         """Return a usable access token and its generation, refreshing first if it expired."""
         stored = await self._held()
-        if self._clock.monotonic() >= self._expires_mono - EXPIRY_SKEW:
+        if self._clock.monotonic() >= self._state.expires_mono - EXPIRY_SKEW:
             stored = await self.refresh("expiry")
         return stored.pair.access_token, stored.generation
 
@@ -119,19 +115,36 @@ class TokenManager:
 
     async def _held(self) -> StoredPair:
         """The pair in use (read from the store the first time); refuse when none may be used."""
-        if self._stored is None:
-            await self._adopt(await self.store.load(), announce=True)
-        if self._reauth_reason is not None:
-            raise ReauthRequiredError(self._reauth_reason)
-        if self._stored is None:
+        if self._state.held is None:
+            await self._follow(await self.store.load(), announce=True)
+        if self._state.reauth is not None:
+            raise ReauthRequiredError(self._state.reauth)
+        if self._state.held is None:
             raise NoTokensError(self.no_tokens)
-        return self._stored
+        return self._state.held
 
-    async def unauthorized(self, generation: int) -> None:
-        """React to amoCRM's 401 for a request sent with `generation`'s token."""
-        if generation < self.generation:
-            return  # already rotated since that request left: just replay it
-        await self.refresh("unauthorized", stale_generation=generation)
+    async def unauthorized(self, generation: int) -> bool:
+        """React to amoCRM's 401 for a call sent with `generation`'s token.
+
+        Return whether sending the call again may help: True after a rotation (here or by
+        another process), False when the token was fresh and the 401 goes back to the caller.
+        """
+        decision = rules.on_401(self._state, generation, self._clock.monotonic())
+        if decision is On401.RETURN:
+            self.note_unauthorized_after_refresh()
+            return False
+        if decision is On401.ROTATE:
+            await self.refresh("unauthorized", stale_generation=generation)
+            self._state = rules.cured_401(self._state, self._clock.monotonic())
+        return True
+
+    def may_cure_401(self, generation: int) -> bool:
+        """Say, without waiting, whether a 401 for `generation`'s token calls for a replay."""
+        return rules.on_401(self._state, generation, self._clock.monotonic()) is not On401.RETURN
+
+    def note_unauthorized_after_refresh(self) -> None:
+        """Count a 401 that a fresh token did not cure (shown in /status and /metrics)."""
+        self.stats.unauthorized_after_refresh += 1
 
     async def wait_idle(self) -> None:
         """Wait for a refresh in flight to finish (commit or fail), never cancelling it.
@@ -172,11 +185,15 @@ class TokenManager:
             ) from None
 
     async def _refresh(self, reason: str, stale: int, *, manual: bool) -> StoredPair:
-        if self._reauth_reason is not None and not manual:
-            raise ReauthRequiredError(self._reauth_reason)
         now_mono = self._clock.monotonic()
-        if not manual and now_mono < self._retry_at:
-            wait = self._retry_at - now_mono
+        if not manual and (self._state.reauth is not None or self._state.in_back_off(now_mono)):
+            # Whatever holds us back, another process or a person may have stored a newer
+            # pair meanwhile: that is the cure, so look before refusing.
+            if await self._follow_store():
+                return await self._held()
+            if self._state.reauth is not None:
+                raise ReauthRequiredError(self._state.reauth)
+            wait = self._state.retry_at - now_mono
             raise TokenEndpointError(
                 f"refresh failed recently ({self.stats.last_error}); next attempt in {wait:.0f}s",
                 retry_after=wait,
@@ -193,17 +210,15 @@ class TokenManager:
                 self._clock,
             )
         except StoreError as exc:
-            if self._unsaved is None:
+            if self._state.unsaved is None:
                 raise  # nothing spent yet: fail, and retry when the store answers again
-            # Degraded: the only working pair is in memory and no process can write the
-            # store, so none can be rotating it either. Refresh from memory, without a lease.
+            # Degraded: the only working pair is in memory. Refresh from it without a lease;
+            # the compare-and-swap on the way back keeps any stale write out.
             log.warning("refresh_without_lease", error=exc.message)
             lease = LeaseResult(True, self.generation, None)
         if lease is None:  # another process rotated while we waited: use its pair
-            adopted = await self.store.load()
-            await self._adopt(adopted, announce=True)
-            assert adopted is not None  # noqa: S101 -- the generation grew, so a pair exists
-            return adopted
+            await self._follow(await self.store.load(), announce=True)
+            return await self._held()
         try:
             return await self._spend_refresh_token(refresher, reason, lease)
         finally:
@@ -212,16 +227,20 @@ class TokenManager:
     async def _spend_refresh_token(
         self, refresher: Refresher, reason: str, lease: LeaseResult
     ) -> StoredPair:
-        degraded = self._unsaved is not None and self._stored is not None
-        current = self._stored if degraded else await self.store.load()
-        if not degraded and reason != "manual":
+        if self._state.unsaved is None and reason != "manual":
             # Under the lease, re-read the shared state too: another process may have been
-            # refused this very token while we waited for the lease.
-            await self._adopt(current, announce=True)
-            if self._reauth_reason is not None:
-                raise ReauthRequiredError(self._reauth_reason)
+            # refused this very token, or rotated it, while we waited for the lease.
+            await self._follow(await self.store.load(), announce=True)
+            if self._state.reauth is not None:
+                raise ReauthRequiredError(self._state.reauth)
+            if self.generation > lease.generation:
+                return await self._held()
+        current = self._state.held
         if current is None:
-            raise NoTokensError("no token pair stored: run `amo-broker import` or `exchange-code`")
+            current = await self.store.load()
+            if current is None:
+                raise NoTokensError(self.no_tokens)
+            await self._follow(current, announce=False)
         old = current.pair
         if old.refresh_token is None:
             raise ReauthRequiredError("this account holds a long-lived token: nothing to refresh")
@@ -238,86 +257,79 @@ class TokenManager:
         if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
             fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)
         redactor.register(fresh.access_token, fresh.refresh_token)
-        generation = await self._commit(fresh, reason, current.generation + 1)
-        stored = StoredPair(fresh, generation, self._clock.time())
-        self._set_current(stored)
-        self._failures_in_row = 0
-        self._retry_at = 0.0
-        self.stats.refreshes_total += 1
-        self.stats.outcomes[reason, "rotated"] += 1
-        self.stats.last_refresh_at = self._clock.time()
-        self.stats.last_refresh_reason = reason
-        self.stats.last_error = None
-        self.stats.next_attempt_at = None
+        self._state = rules.granted(
+            self._state, fresh, reason, self._clock.time(), self._clock.monotonic(), self._margin
+        )
+        await self._write()
+        self.stats.count_rotation(reason, self._clock.time())
         log.info(
             "token_refreshed",
             reason=reason,
-            generation=generation,
+            generation=self.generation,
             old_fingerprint=old.refresh_fingerprint,
             new_fingerprint=fresh.refresh_fingerprint,
             access_fingerprint=fresh.access_fingerprint,
             expires_at=iso(fresh.expires_at),
             duration_ms=round((self._clock.monotonic() - started) * 1000, 1),
         )
-        return stored
+        return await self._held()
 
-    async def _commit(self, fresh: TokenPair, reason: str, expected_generation: int) -> int:
-        """Store a granted pair; if the store refuses, keep it in memory (degraded) instead.
+    async def _write(self) -> None:
+        """Write the unsaved pair, if any, by compare-and-swap; on failure keep it in memory.
 
-        The old refresh token is spent once amoCRM answered: this pair is the only one that
-        works, and losing it would lose the integration.
+        The old refresh token is spent once amoCRM answered: the unsaved pair is the only one
+        that works, and losing it would lose the integration.
         """
-        try:
-            generation = await self.store.store_pair(fresh, reason=reason)
-        except StoreError as exc:
-            self._unsaved, self._unsaved_reason = fresh, reason
-            self.stats.store_error = exc.message
-            log.error(
-                "store_write_failed",
-                error=exc.message,
-                generation=expected_generation,
-                new_fingerprint=fresh.refresh_fingerprint,
-            )
-            return expected_generation
-        if self._unsaved is not None:
-            log.warning("store_write_recovered", generation=generation)
-        self._unsaved, self.stats.store_error = None, None
-        return generation
-
-    def _set_current(self, stored: StoredPair) -> None:
-        """Make `stored` the pair in use, and schedule it on the monotonic clock.
-
-        Wall time is read once, here, to turn amoCRM's expiry into a countdown; after that a
-        wall clock stepped by NTP or by hand can neither make the pair look expired early
-        (a refresh storm) nor keep it looking fresh after it lapsed (a missed refresh).
-        """
-        now_wall, now_mono = self._clock.time(), self._clock.monotonic()
-        self._stored = stored
-        self._due_mono = now_mono + refresh_due_at(stored.pair, self._margin) - now_wall
-        self._expires_mono = now_mono + stored.pair.expires_at - now_wall
+        async with self._writing:
+            while (pair := self._state.unsaved) is not None:
+                expected = self._state.durable
+                try:
+                    generation = await self.store.store_pair(
+                        pair, reason=self._state.unsaved_reason, expected_generation=expected
+                    )
+                except StaleWriteError:
+                    row = await self.store.load()
+                    if rules.write_conflict(self._state, row):
+                        assert row is not None  # noqa: S101 -- write_conflict saw it
+                        self._state = replace(self._state, durable=row.generation)
+                        continue  # our own superseded pair: write over it
+                    log.warning("token_superseded", generation=row.generation if row else 0)
+                    await self._follow(row, announce=True)
+                    return
+                except StoreError as exc:
+                    self.stats.store_error = exc.message
+                    log.error(
+                        "store_write_failed",
+                        error=exc.message,
+                        generation=self.generation,
+                        new_fingerprint=pair.refresh_fingerprint,
+                    )
+                    return
+                was_unsaved = self.stats.store_error is not None
+                self._state = rules.committed(self._state, pair, generation)
+                if self._state.unsaved is None:
+                    self.stats.store_error = None
+                    if was_unsaved:
+                        log.warning("store_write_recovered", generation=generation)
 
     async def _rejected(
         self, exc: GrantRejectedError, reason: str, current: StoredPair, lease: LeaseResult
     ) -> StoredPair:
         # The lease stays held until reauth_required is persisted (the caller releases it):
         # released earlier, a process waiting for it would spend the refused token again.
-        latest = await self.store.load()
-        if latest is not None and latest.generation > current.generation:
-            await self._adopt(latest, announce=True)  # an import or code exchange landed
-            return latest
+        if await self._follow_store():  # an import or code exchange landed meanwhile
+            return await self._held()
         message = exc.message + lost_answer_note(lease.taken_over, current.generation)
         message += ": re-authorise with `amo-broker exchange-code CODE` or `amo-broker import`"
         log.error("token_refresh_failed", reason=reason, error=message, status=exc.status)
         await self._record_failure(reason, current, message, "rejected")
         await quietly(self.store.set_state("reauth_required", message, current.generation))
-        self._reauth_reason = message
+        self._state = replace(self._state, reauth=message)
         log.error("reauth_required", reason=message, generation=current.generation)
         raise ReauthRequiredError(message)
 
     async def _failed(self, exc: TokenEndpointError, reason: str, current: StoredPair) -> None:
-        self._failures_in_row += 1
-        delay = backoff_delay(self._failures_in_row)
-        self._retry_at = self._clock.monotonic() + delay
+        self._state, delay = rules.failed(self._state, self._clock.monotonic())
         exc.retry_after = delay
         self.stats.next_attempt_at = self._clock.time() + delay
         log.warning(
@@ -332,9 +344,7 @@ class TokenManager:
     async def _record_failure(
         self, reason: str, current: StoredPair, message: str, outcome: str
     ) -> None:
-        self.stats.refresh_failures_total += 1
-        self.stats.outcomes[reason, outcome] += 1
-        self.stats.last_error = message
+        self.stats.count_failure(reason, message, outcome)
         await quietly(
             self.store.record_failure(
                 reason=reason,
@@ -345,18 +355,32 @@ class TokenManager:
             )
         )
 
-    async def _adopt(self, stored: StoredPair | None, *, announce: bool) -> None:
-        """Take the store's pair and persisted state as ours."""
-        state = await self.store.state()
-        if stored is not None:
-            redactor.register(stored.pair.access_token, stored.pair.refresh_token)
-            if announce and stored.generation != self.generation:
-                log.info("token_adopted", generation=stored.generation)
-            self._set_current(stored)
-        if state is not None and state.state == "reauth_required":
-            self._reauth_reason = state.reason
-        else:
-            self._reauth_reason = None
+    async def _follow_store(self) -> bool:
+        """Adopt the store's pair if it is newer than ours; say whether it was."""
+        try:
+            if await self.store.generation() <= self._state.durable:
+                return False
+            before = self._state.held
+            await self._follow(await self.store.load(), announce=True)
+        except StoreError:
+            return False
+        return self._state.held is not before
+
+    async def _follow(self, stored: StoredPair | None, *, announce: bool) -> None:
+        """Take the store's pair and persisted state as ours, where they are news."""
+        persisted = await self.store.state()
+        reauth = persisted.reason if persisted and persisted.state == "reauth_required" else None
+        before = self._state
+        self._state = rules.adopt(
+            before, stored, reauth, self._clock.time(), self._clock.monotonic(), self._margin
+        )
+        held = self._state.held
+        if held is not None and held is not before.held:
+            redactor.register(held.pair.access_token, held.pair.refresh_token)
+            if before.retry_at:
+                self.stats.next_attempt_at = None  # adoption ends the back-off
+            if announce and held.generation != before.generation:
+                log.info("token_adopted", generation=held.generation)
 
     # -- proactive loop ---------------------------------------------------------------------
 
@@ -374,26 +398,12 @@ class TokenManager:
 
     async def tick(self) -> None:
         """Do one round of the proactive loop."""
-        if self._unsaved is not None and self._stored is not None:
-            generation = await self._commit(
-                self._unsaved, self._unsaved_reason, self._stored.generation
-            )
-            if self._unsaved is not None:
-                return  # still failing: never adopt the store's older, spent pair meanwhile
-            self._set_current(StoredPair(self._stored.pair, generation, self._clock.time()))
-        if await self.store.generation() > self.generation or self._reauth_reason:
-            await self._adopt(await self.store.load(), announce=True)
-        pair = self.pair
-        if pair is None or self._reauth_reason is not None or pair.refresh_token is None:
-            return
-        now = self._clock.monotonic()
-        if now >= self._due_mono and now >= self._retry_at:
+        if self._state.unsaved is not None:
+            await self._write()
+        if await self.store.generation() > self._state.durable or self._state.reauth:
+            await self._follow(await self.store.load(), announce=True)
+        if rules.refresh_due(self._state, self._clock.monotonic()):
             await self.refresh("expiry")
 
     def _next_wakeup(self) -> float:
-        now = self._clock.monotonic()
-        delay = self._poll_interval
-        if self._stored is not None and self._reauth_reason is None:
-            delay = min(delay, self._due_mono - now)
-        delay = max(delay, self._retry_at - now)
-        return max(delay, 0.05)
+        return rules.next_wakeup(self._state, self._clock.monotonic(), self._poll_interval)

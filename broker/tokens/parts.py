@@ -38,8 +38,23 @@ class RefreshStats:
     last_error: str | None = None
     next_attempt_at: float | None = None  # wall time, for /status only
     store_error: str | None = None  # why the newest pair is held in memory only
+    # 401s that a fresh token did not cure: sent back to the caller, never a new rotation.
+    unauthorized_after_refresh: int = 0
     # (reason, outcome) -> count, for /metrics: outcome is rotated, failed or rejected.
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def count_rotation(self, reason: str, now: float) -> None:
+        """Count a rotation that amoCRM granted; it ends any failure streak."""
+        self.refreshes_total += 1
+        self.outcomes[reason, "rotated"] += 1
+        self.last_refresh_at, self.last_refresh_reason = now, reason
+        self.last_error = self.next_attempt_at = None
+
+    def count_failure(self, reason: str, message: str, outcome: str) -> None:
+        """Count a refresh that failed (`failed`) or was refused (`rejected`)."""
+        self.refresh_failures_total += 1
+        self.outcomes[reason, outcome] += 1
+        self.last_error = message
 
 
 def consume_exception(task: asyncio.Task[StoredPair]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import StoreError, StoreLockedError
+from broker.errors import StaleWriteError, StoreError, StoreLockedError
 from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
 from broker.store.api import Store
@@ -509,3 +509,35 @@ async def test_an_oauth_state_is_taken_once_and_expires(any_store: Store) -> Non
     assert await any_store.take_oauth_state("a" * 64, T0 + 11, ttl=600) is None
     assert await any_store.take_oauth_state("b" * 64, T0 + 601, ttl=600) is None
     assert await any_store.take_oauth_state("c" * 64, T0, ttl=600) is None
+
+
+async def test_a_compare_and_swap_write_lands_only_over_its_generation(
+    any_store: Store, sandbox: Sandbox
+) -> None:
+    """store_pair(expected_generation=g) writes g+1 over g and refuses any other generation."""
+    first, second, stale = (pair_from_sandbox(sandbox) for _ in range(3))
+    assert await any_store.store_pair(first, reason="import", expected_generation=0) == 1
+    assert await any_store.store_pair(second, reason="expiry", expected_generation=1) == 2
+    with pytest.raises(StaleWriteError) as refused:
+        await any_store.store_pair(stale, reason="expiry", expected_generation=1)
+    assert (refused.value.expected, refused.value.current) == (1, 2)
+    loaded = await any_store.load()
+    assert loaded is not None
+    assert loaded.generation == 2
+    assert same_pair(loaded.pair, second)
+    assert [e["generation"] for e in await any_store.history()] == [2, 1]
+
+
+async def test_a_refused_compare_and_swap_leaves_lease_and_state_alone(
+    any_store: Store, sandbox: Sandbox
+) -> None:
+    """A stale write changes nothing: the lease and a persisted state stay as they were."""
+    await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
+    await any_store.set_state("reauth_required", "refused", 1)
+    assert (await any_store.try_lease("host:1:a", 30.0, T0)).acquired
+    with pytest.raises(StaleWriteError):
+        await any_store.store_pair(pair_from_sandbox(sandbox), reason="x", expected_generation=0)
+    lease = await any_store.lease()
+    state = await any_store.state()
+    assert lease is not None and lease.holder == "host:1:a"
+    assert state is not None and state.state == "reauth_required"

@@ -33,6 +33,7 @@ from broker.store.api import (
     AccountState,
     PairInfo,
     StoredPair,
+    check_expected,
     history_entry,
     next_generation,
     open_pair,
@@ -194,12 +195,18 @@ class PgTokenStore(PgSideTables):
     # -- writing ---------------------------------------------------------------------------
 
     async def store_pair(
-        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
+        self,
+        pair: TokenPair,
+        *,
+        reason: str,
+        outcome: str = "rotated",
+        now: float | None = None,
+        expected_generation: int | None = None,
     ) -> int:
         """Store `pair` as the next generation, release any lease, clear reauth; return it.
 
-        As in SQLite: a granted pair is always committed (its refresh token is the only live
-        one), except over a row sealed under a key this process does not know (re-keyed).
+        As in SQLite: a compare-and-swap on `expected_generation` when given, and never over a
+        row sealed under a key this process does not know (re-keyed).
         The NOTIFY is delivered at COMMIT, so no replica hears of a pair it cannot read yet.
         """
         now = time.time() if now is None else now
@@ -210,6 +217,7 @@ class PgTokenStore(PgSideTables):
                 (self.account,),
             )
             row = await cursor.fetchone()
+            check_expected(row, expected_generation)
             generation = next_generation(row, self.sealer)
             await db.execute(
                 "INSERT INTO tokens (account, generation, key_id, access_ct, refresh_ct, "

@@ -36,6 +36,7 @@ from broker.store.api import (
     AccountState,
     PairInfo,
     StoredPair,
+    check_expected,
     history_entry,
     next_generation,
     open_pair,
@@ -195,13 +196,21 @@ class TokenStore(SideTables):
     # -- writing ---------------------------------------------------------------------------
 
     async def store_pair(
-        self, pair: TokenPair, *, reason: str, outcome: str = "rotated", now: float | None = None
+        self,
+        pair: TokenPair,
+        *,
+        reason: str,
+        outcome: str = "rotated",
+        now: float | None = None,
+        expected_generation: int | None = None,
     ) -> int:
         """Store `pair` as the next generation, release any lease, clear reauth; return it.
 
-        A freshly granted pair is always committed, even if another process moved the
-        generation meanwhile: amoCRM has just spent the old refresh token, so this pair is the
-        newest valid grant we hold, and dropping it would lose the integration.
+        With `expected_generation` (every rotation) the write lands only over that generation,
+        else StaleWriteError: the token manager then reads the row and either adopts it (a
+        replica's rotation, a person's import) or writes again over it (a pair of its own
+        lineage whose refresh token it has spent). Without it (an import) the write is
+        unconditional.
 
         The one exception is a row sealed under a key this store's sealer does not know: the
         store was re-keyed (`rotate-key`) after this process started. Writing under the stale
@@ -220,6 +229,7 @@ class TokenStore(SideTables):
                 "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = ?",
                 (self.account,),
             )
+            check_expected(row, expected_generation)
             generation = next_generation(row, self.sealer)
             await db.execute(
                 "INSERT OR REPLACE INTO tokens (account, generation, key_id, access_ct, "
