@@ -27,6 +27,7 @@ from broker.errors import StoreError, StoreLockedError
 from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
 from broker.store.api import Store
+from broker.store.lease import BOOT_ID_PATH, UNKNOWN_BOOT, SystemBootClock, read_boot_id
 from broker.store.sealing import DecryptError, Sealer
 from broker.store.sqlite.backend import TokenStore
 from broker.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
@@ -474,6 +475,15 @@ async def test_without_a_boot_id_a_lease_from_ahead_of_the_boot_clock_is_void(
     assert result.acquired
     assert result.taken_over is not None
     assert result.taken_over.holder == alive
+
+
+def test_the_boot_id_is_the_kernels_or_unknown(tmp_path: Path) -> None:
+    """The boot id is read from the kernel; unreadable, it is the documented 'unknown'."""
+    assert read_boot_id(tmp_path / "missing") == UNKNOWN_BOOT == "unknown"
+    (tmp_path / "boot_id").write_text("0e33-boot\n")
+    assert read_boot_id(tmp_path / "boot_id") == "0e33-boot"
+    if BOOT_ID_PATH.exists():
+        assert SystemBootClock().boot_id == BOOT_ID_PATH.read_text().strip()
 
 
 async def test_a_lease_row_of_an_old_store_migrates_and_keeps_its_holder(
