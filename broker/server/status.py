@@ -29,7 +29,7 @@ async def store_status(store: Store, *, now: float | None = None) -> dict[str, A
         state = "reauth_required"
     elif info is None:
         state = "no_tokens"
-    elif lease is not None and lease.expires_at > now:
+    elif lease is not None and lease.live:  # by the store's lease clock, not the wall
         state = "refreshing"
     else:
         state = "ok"

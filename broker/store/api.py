@@ -125,7 +125,9 @@ class Store(Protocol):
 
     async def state(self) -> AccountState | None: ...
 
-    async def lease(self) -> Lease | None: ...
+    async def lease(self) -> Lease | None:
+        """The lease row, if any; `live` says whether it binds now on the store's lease clock."""
+        ...
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]: ...
 
@@ -150,7 +152,14 @@ class Store(Protocol):
 
     async def set_state(self, state: str, reason: str, generation: int) -> None: ...
 
-    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult: ...
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
+        """Take the lease for `ttl` seconds unless another holder's binds; report the generation.
+
+        Expiry is judged on a clock no process's wall-clock step moves (SQLite: the host's boot
+        clock; PostgreSQL: the database's). `now`, the caller's wall time, at most dates the
+        lease for display.
+        """
+        ...
 
     async def release_lease(self, holder: str) -> None: ...
 

@@ -1,21 +1,36 @@
-"""Who holds the refresh lease: naming a holder, and telling whether it can still be running."""
+"""Who holds the refresh lease: naming a holder, and telling whether it can still be running.
+
+Lease expiry is never judged by the wall clock, which an NTP step or a resumed VM can move
+past a live lease's TTL in one process only: two processes would then send the same refresh
+token. The SQLite store (one host) times leases on the boot clock below, which cannot step and
+which every process of one boot shares; the PostgreSQL store uses the database's own clock.
+`Lease.acquired_at`/`expires_at` are wall times, for display only.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 _HOST = os.uname().nodename
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+# The boot id when the kernel does not tell it (not Linux, /proc hidden): a lease is then
+# judged by the boot clock alone, and one taken later on it than now is from an earlier boot.
+UNKNOWN_BOOT = "unknown"
 
 
 @dataclass(frozen=True)
 class Lease:
-    """Who is refreshing which generation, until when."""
+    """Who is refreshing which generation, until when (wall times, for display)."""
 
     holder: str
     generation: int
     acquired_at: float
     expires_at: float
+    live: bool  # by the store's lease clock: another holder would be refused it now
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,79 @@ def is_alive(holder: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class BootClock(Protocol):
+    """Seconds on a clock that cannot step, shared by all processes of the boot it names."""
+
+    boot_id: str
+
+    def now(self) -> float: ...
+
+
+def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
+    """This boot's id from the kernel, or UNKNOWN_BOOT when it cannot be read."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return UNKNOWN_BOOT
+    return text or UNKNOWN_BOOT
+
+
+def _boot_seconds() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _pick_boot_seconds() -> tuple[str, float]:
+    """CLOCK_BOOTTIME where the kernel has it (it goes on counting through a suspend)."""
+    try:
+        return "boottime", _boot_seconds()
+    except (AttributeError, OSError):
+        return "monotonic", time.monotonic()  # CLOCK_MONOTONIC: also one per boot on Linux
+
+
+class SystemBootClock:
+    """Linux's CLOCK_BOOTTIME (else CLOCK_MONOTONIC), named by /proc's boot id."""
+
+    def __init__(self) -> None:
+        self.boot_id = read_boot_id()
+        self.kind = _pick_boot_seconds()[0]
+
+    def now(self) -> float:
+        return _boot_seconds() if self.kind == "boottime" else time.monotonic()
+
+
+@dataclass(frozen=True)
+class BootStamp:
+    """Where a SQLite lease was taken and ends on its boot's clock (None: an older release's)."""
+
+    boot_id: str | None
+    acquired: float | None
+    expires: float | None
+
+
+def boot_lease_live(
+    holder: str,
+    wall_expires: float,
+    stamp: BootStamp,
+    boot_id: str,
+    boot_now: float,
+    wall_now: float,
+) -> bool:
+    """Say whether a SQLite lease binds: taken this boot, unexpired on its clock, holder alive.
+
+    A lease of another boot is void whatever its times say: its holder cannot be running.
+    A row without a stamp was written by a release from before boot clocks (a process not yet
+    upgraded, sharing the file): its wall-clock expiry is all it has.
+    """
+    if stamp.boot_id is None or stamp.acquired is None or stamp.expires is None:
+        return wall_expires > wall_now and is_alive(holder)
+    if UNKNOWN_BOOT not in (stamp.boot_id, boot_id):
+        if stamp.boot_id != boot_id:
+            return False
+    elif stamp.acquired > boot_now:
+        return False  # the boot clock counts from 0 again: it restarted since
+    return stamp.expires > boot_now and is_alive(holder)
 
 
 def holder_id() -> str:

@@ -18,6 +18,8 @@ async def take_lease(
     """Take the lease for generation `stale`; None when the store already moved past it."""
     deadline = clock.monotonic() + lease_seconds
     while True:
+        # The wall time only dates the lease for display: the store judges expiry by a clock
+        # that no step of this process's wall clock can move past a live holder's lease.
         result = await store.try_lease(holder, lease_seconds, clock.time())
         if result.generation > stale:
             if result.acquired:

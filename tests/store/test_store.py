@@ -27,9 +27,10 @@ from broker.errors import StaleWriteError, StoreError, StoreLockedError
 from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
 from broker.store.api import Store
+from broker.store.lease import BOOT_ID_PATH, UNKNOWN_BOOT, SystemBootClock, read_boot_id
 from broker.store.sealing import DecryptError, Sealer
 from broker.store.sqlite.backend import TokenStore
-from broker.store.sqlite.schema import SCHEMA_VERSION
+from broker.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.conftest import leaked, pair_from_sandbox, token_forms
 
 OTHER_HOST_A = "otherhost:1:abc"
@@ -393,7 +394,8 @@ async def test_lease_is_taken_when_free(any_store: Store, sandbox: Sandbox) -> N
     assert result.acquired
     assert result.generation == 1
     assert result.current is not None
-    assert (result.current.holder, result.current.expires_at) == (OTHER_HOST_A, T0 + 30)
+    assert result.current.holder == OTHER_HOST_A
+    assert result.current.expires_at - result.current.acquired_at == 30
     assert result.taken_over is None
     assert await any_store.lease() == result.current
 
@@ -410,16 +412,110 @@ async def test_a_live_lease_refuses_another_holder(any_store: Store) -> None:
     assert lease.holder == OTHER_HOST_A
 
 
-async def test_an_expired_lease_is_taken_over(any_store: Store) -> None:
-    """An expired lease goes to the next holder and is reported as taken over."""
-    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
-    result = await any_store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 31)
+class BootClock:
+    """One boot's clock, moved by the test: its boot id and its seconds since boot."""
+
+    def __init__(self, boot_id: str, seconds: float) -> None:
+        self.boot_id = boot_id
+        self.seconds = seconds
+
+    def now(self) -> float:
+        return self.seconds
+
+
+async def test_a_lease_expires_on_the_boot_clock(store: TokenStore) -> None:
+    """A lease whose TTL has run out on the boot clock is taken over, whatever the wall says."""
+    boot = BootClock("boot-1", 100.0)
+    store.boot_clock = boot
+    await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    boot.seconds = 129.0
+    assert not (await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 3600)).acquired
+    boot.seconds = 131.0
+    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 - 3600)  # the wall went back
     assert result.acquired
     assert result.taken_over is not None
     assert result.taken_over.holder == OTHER_HOST_A
-    lease = await any_store.lease()
+    lease = await store.lease()
     assert lease is not None
     assert lease.holder == OTHER_HOST_B
+
+
+async def test_a_wall_clock_step_does_not_end_a_live_lease(store: TokenStore) -> None:
+    """A holder whose wall clock stepped past the TTL (NTP, resumed VM) cannot take a live lease."""
+    await store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 3600)
+    assert not result.acquired
+    assert result.current is not None
+    assert result.current.holder == OTHER_HOST_A
+
+
+async def test_a_lease_of_another_boot_is_taken_over(store: TokenStore) -> None:
+    """A lease written under another boot id is void: its holder cannot be running any more."""
+    alive = f"{os.uname().nodename}:{os.getpid()}:x"  # a pid that is running (reused after boot)
+    store.boot_clock = BootClock("boot-before", 5000.0)
+    await store.try_lease(alive, ttl=30, now=T0)
+    store.boot_clock = BootClock("boot-now", 10.0)
+    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 1)
+    assert result.acquired
+    assert result.taken_over is not None
+    assert result.taken_over.holder == alive
+
+
+async def test_without_a_boot_id_a_lease_from_ahead_of_the_boot_clock_is_void(
+    store: TokenStore,
+) -> None:
+    """With no readable boot id, a lease taken later on the boot clock than now is void."""
+    alive = f"{os.uname().nodename}:{os.getpid()}:x"
+    store.boot_clock = BootClock("unknown", 5000.0)
+    await store.try_lease(alive, ttl=30, now=T0)
+    store.boot_clock = BootClock("unknown", 5010.0)
+    assert not (await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 1)).acquired
+    store.boot_clock = BootClock("unknown", 10.0)  # the clock restarted: a reboot
+    result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 1)
+    assert result.acquired
+    assert result.taken_over is not None
+    assert result.taken_over.holder == alive
+
+
+def test_the_boot_id_is_the_kernels_or_unknown(tmp_path: Path) -> None:
+    """The boot id is read from the kernel; unreadable, it is the documented 'unknown'."""
+    assert read_boot_id(tmp_path / "missing") == UNKNOWN_BOOT == "unknown"
+    (tmp_path / "boot_id").write_text("0e33-boot\n")
+    assert read_boot_id(tmp_path / "boot_id") == "0e33-boot"
+    if BOOT_ID_PATH.exists():
+        assert SystemBootClock().boot_id == BOOT_ID_PATH.read_text().strip()
+
+
+async def test_a_lease_row_of_an_old_store_migrates_and_keeps_its_holder(
+    db_path: Path, sealer: Sealer
+) -> None:
+    """A schema-3 store with a lease migrates; that lease (no boot id) ends by wall time."""
+    with raw(db_path) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        for version in (1, 2, 3):
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+        conn.execute(
+            "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "
+            "VALUES ('default', ?, 0, ?, ?)",
+            (OTHER_HOST_A, T0, T0 + 30),
+        )
+    store = await TokenStore.open(db_path, sealer)
+    try:
+        lease = await store.lease()
+        assert lease is not None
+        assert (lease.holder, lease.acquired_at, lease.expires_at) == (OTHER_HOST_A, T0, T0 + 30)
+        assert not (await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 29)).acquired
+        result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 31)
+        assert result.acquired
+        assert result.taken_over is not None
+        assert result.taken_over.holder == OTHER_HOST_A
+    finally:
+        await store.close()
+    with raw(db_path) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert row == (str(SCHEMA_VERSION),)
 
 
 async def test_a_dead_local_holder_is_taken_over_at_once(store: TokenStore) -> None:

@@ -95,22 +95,57 @@ async def test_two_stores_racing_for_the_lease_one_wins(
             assert sorted(r.acquired for r in results) == [False, True]
             winner = next(r for r in results if r.acquired)
             assert {r.current for r in results} == {winner.current}
+            assert winner.current is not None
+            await a.release_lease(winner.current.holder)  # a live lease would refuse both
     finally:
         await a.close()
         await b.close()
 
 
-async def test_a_dead_local_holder_waits_for_expiry(pg: PgTokenStore) -> None:
+def age_leases(pg_url: str, seconds: float) -> None:
+    """Let `seconds` pass on the database's clock for the leases (their times move back)."""
+    with raw(pg_url) as conn:
+        conn.execute(
+            "UPDATE leases SET acquired_at = acquired_at - %s, expires_at = expires_at - %s",
+            (seconds, seconds),
+        )
+
+
+async def test_a_dead_local_holder_waits_for_expiry(pg_url: str, pg: PgTokenStore) -> None:
     """On PostgreSQL a lease is taken over only when it expires, even if its pid looks dead."""
     process = await asyncio.create_subprocess_exec("true")
     await process.wait()
     dead = f"{os.uname().nodename}:{process.pid}:x"
     await pg.try_lease(dead, ttl=30, now=T0)
-    assert not (await pg.try_lease("other:1:y", ttl=30, now=T0 + 29)).acquired
-    taken = await pg.try_lease("other:1:y", ttl=30, now=T0 + 31)
+    assert not (await pg.try_lease("other:1:y", ttl=30, now=T0 + 3600)).acquired
+    age_leases(pg_url, 31)
+    taken = await pg.try_lease("other:1:y", ttl=30, now=T0)
     assert taken.acquired
     assert taken.taken_over is not None
     assert taken.taken_over.holder == dead
+
+
+async def test_a_client_wall_clock_ahead_cannot_take_a_live_lease(pg: PgTokenStore) -> None:
+    """A replica whose wall clock runs an hour ahead is refused a lease live on the DB clock."""
+    await pg.try_lease("hostA:1:x", ttl=30, now=time.time())
+    result = await pg.try_lease("hostB:2:y", ttl=30, now=time.time() + 3600)
+    assert not result.acquired
+    assert result.current is not None
+    assert result.current.holder == "hostA:1:x"
+
+
+async def test_lease_times_are_the_database_clock(pg_url: str, pg: PgTokenStore) -> None:
+    """acquired_at and expires_at are the database's time, not the wall clock the client passed."""
+    with raw(pg_url) as conn:
+        before = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    result = await pg.try_lease("hostA:1:x", ttl=30, now=T0)
+    with raw(pg_url) as conn:
+        after = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    assert before is not None and after is not None
+    assert result.current is not None
+    assert before[0] <= result.current.acquired_at <= after[0]
+    assert result.current.expires_at - result.current.acquired_at == 30
+    assert await pg.lease() == result.current
 
 
 async def test_a_commit_wakes_the_other_replica_at_once(

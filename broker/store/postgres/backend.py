@@ -9,6 +9,9 @@ changes is how writers take turns and how they hear of each other:
 - A lease is taken over only when it has expired. A pid tells nothing about a process on
   another host, and containers often share host names and pids, so SQLite's "dead local pid"
   shortcut would risk a second refresh with a live holder's token.
+- Lease times are the database's clock (`clock_timestamp()` in the lease statements), never a
+  replica's: a replica whose wall clock runs ahead, or was stepped, must not see a live lease
+  as expired. Every replica then judges expiry by one clock.
 - A committed pair sends NOTIFY amo_broker_tokens '<account>:<generation>'; each replica
   LISTENs on a connection of its own and wakes its token manager, which adopts the pair
   before any request meets a 401. The listener reconnects by itself; the poll stays behind it.
@@ -42,7 +45,7 @@ from broker.store.api import (
 )
 from broker.store.lease import Lease, LeaseResult
 from broker.store.postgres.schema import ACCOUNT_LOCK, SCHEMA, migrate
-from broker.store.postgres.side import Conn, PgSideTables
+from broker.store.postgres.side import DB_NOW, Conn, PgSideTables
 from broker.store.sealing import Sealer
 
 log = get_logger()
@@ -170,7 +173,7 @@ class PgTokenStore(PgSideTables):
 
     async def lease(self) -> Lease | None:
         row = await self._one(
-            "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = %s",
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE account = %s",  # noqa: S608 -- constant
             (self.account,),
         )
         return Lease(*row) if row else None
@@ -271,7 +274,11 @@ class PgTokenStore(PgSideTables):
             )
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
-        """Take the refresh lease unless another holder's has not expired; report the generation."""
+        """Take the refresh lease unless another holder's has not expired; report the generation.
+
+        Acquisition, expiry and the comparison are on the database's clock; the caller's wall
+        time `now` is not used (the Store protocol passes it for SQLite's display times).
+        """
         async with self.transaction() as db:
             cursor = await db.execute(
                 "SELECT generation FROM tokens WHERE account = %s FOR UPDATE", (self.account,)
@@ -279,22 +286,24 @@ class PgTokenStore(PgSideTables):
             found = await cursor.fetchone()
             generation = int(found[0]) if found else 0
             cursor = await db.execute(
-                "SELECT holder, generation, acquired_at, expires_at FROM leases "
-                "WHERE account = %s FOR UPDATE",
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE account = %s FOR UPDATE",  # noqa: S608 -- constant
                 (self.account,),
             )
             row = await cursor.fetchone()
             held = Lease(*row) if row else None
-            if held and held.holder != holder and held.expires_at > now:
+            if held and held.holder != holder and held.live:
                 return LeaseResult(False, generation, held)
-            lease = Lease(holder, generation, now, now + ttl)
-            await db.execute(
-                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account) DO UPDATE SET "
-                "holder = EXCLUDED.holder, generation = EXCLUDED.generation, "
-                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at",
-                (self.account, holder, generation, now, now + ttl),
+            cursor = await db.execute(
+                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "  # noqa: S608 -- constant
+                f"SELECT %s, %s, %s, t, t + %s FROM {_DB_NOW} ON CONFLICT (account) DO UPDATE "
+                "SET holder = EXCLUDED.holder, generation = EXCLUDED.generation, "
+                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at "
+                "RETURNING acquired_at, expires_at",
+                (self.account, holder, generation, float(ttl)),
             )
+            times = await cursor.fetchone()
+            assert times is not None  # noqa: S101 -- an upsert always returns its row
+            lease = Lease(holder, generation, times[0], times[1], live=True)
         taken_over = held if held and held.holder != holder else None
         return LeaseResult(True, generation, lease, taken_over)
 
@@ -334,6 +343,10 @@ class PgTokenStore(PgSideTables):
                 log.warning("store_listen_failed", error=error, retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX)
+
+
+_DB_NOW = f"(SELECT {DB_NOW} AS t) AS db_clock"
+_LEASE_COLUMNS = f"holder, generation, acquired_at, expires_at, expires_at > {DB_NOW}"
 
 
 def _reason(exc: psycopg.Error) -> str:

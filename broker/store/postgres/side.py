@@ -23,6 +23,10 @@ from broker.store.api import (
 )
 from broker.store.sqlite.side import live_lease_message
 
+# The database's clock, as the epoch seconds the lease columns hold (DOUBLE PRECISION): lease
+# expiry is judged by it alone, never by a replica's wall clock.
+DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
@@ -91,11 +95,12 @@ class PgSideTables:
         """Re-seal every account's row in one transaction; refuse while a lease is live.
 
         The rows are locked FOR UPDATE first, so no replica commits a pair under the old key
-        in between; a lease is live until it expires (no pid check across hosts).
+        in between; a lease is live until it expires on the database's clock (no pid check
+        across hosts).
         """
         async with self.transaction() as db:
             cursor = await db.execute(
-                "SELECT account, holder FROM leases WHERE expires_at > %s FOR UPDATE", (now,)
+                f"SELECT account, holder FROM leases WHERE expires_at > {DB_NOW} FOR UPDATE"  # noqa: S608 -- constant
             )
             for account, holder in await cursor.fetchall():
                 raise StoreError(live_lease_message(account, holder))

@@ -43,13 +43,23 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
-from broker.store.lease import Lease, LeaseResult, is_alive
+from broker.store.lease import (
+    BootClock,
+    BootStamp,
+    Lease,
+    LeaseResult,
+    SystemBootClock,
+    boot_lease_live,
+)
 from broker.store.sealing import Sealer
 from broker.store.sqlite.schema import SCHEMA_VERSION, migrate, schema_version
 from broker.store.sqlite.side import SideTables
 
 # The pair's types are defined with the interface; callers have long imported them from here.
 __all__ = ["AccountState", "PairInfo", "StoredPair", "TokenStore", "one_row"]
+
+LEASE_COLUMNS = "holder, generation, acquired_at, expires_at, boot_id, boot_acquired, boot_expires"
+_SYSTEM_BOOT_CLOCK = SystemBootClock()
 
 
 class TokenStore(SideTables):
@@ -61,6 +71,8 @@ class TokenStore(SideTables):
         self.path = path
         self.sealer = sealer
         self.account = account
+        # Lease times: the boot clock every process on this host shares (tests move their own).
+        self.boot_clock: BootClock = _SYSTEM_BOOT_CLOCK
 
     @classmethod
     async def open(cls, path: Path, sealer: Sealer, *, account: str = "default") -> TokenStore:
@@ -171,10 +183,17 @@ class TokenStore(SideTables):
     async def lease(self) -> Lease | None:
         row = await one_row(
             self._db,
-            "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
+            f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = ?",  # noqa: S608 -- constant
             (self.account,),
         )
-        return Lease(*row) if row else None
+        return self._lease(row, self.boot_clock.now(), time.time()) if row else None
+
+    def _lease(self, row: sqlite3.Row, boot_now: float, wall_now: float) -> Lease:
+        holder, generation, acquired_at, expires_at, *stamp = row
+        live = boot_lease_live(
+            holder, expires_at, BootStamp(*stamp), self.boot_clock.boot_id, boot_now, wall_now
+        )
+        return Lease(holder, generation, acquired_at, expires_at, live)
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
         """Return the newest rotation events first."""
@@ -300,22 +319,31 @@ class TokenStore(SideTables):
             )
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
-        """Take the refresh lease unless a live holder has it; report the generation seen."""
+        """Take the refresh lease unless a live holder has it; report the generation seen.
+
+        Liveness is judged on the boot clock (and the holder's pid); `now`, the caller's wall
+        time, only dates the lease for display (and judges a row of an older release).
+        """
         async with self.transaction() as db:
+            boot_now = self.boot_clock.now()
             generation = await _generation(db, self.account)
             row = await one_row(
                 db,
-                "SELECT holder, generation, acquired_at, expires_at FROM leases WHERE account = ?",
+                f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = ?",  # noqa: S608 -- constant
                 (self.account,),
             )
-            held = Lease(*row) if row else None
-            if held and held.holder != holder and held.expires_at > now and is_alive(held.holder):
+            held = self._lease(row, boot_now, now) if row else None
+            if held and held.holder != holder and held.live:
                 return LeaseResult(False, generation, held)
-            lease = Lease(holder, generation, now, now + ttl)
+            lease = Lease(holder, generation, now, now + ttl, live=True)
             await db.execute(
-                "INSERT OR REPLACE INTO leases (account, holder, generation, acquired_at, "
-                "expires_at) VALUES (?, ?, ?, ?, ?)",
-                (self.account, *_lease_row(lease)),
+                f"INSERT OR REPLACE INTO leases (account, {LEASE_COLUMNS}) "  # noqa: S608 -- constant
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.account,
+                    *(holder, generation, now, now + ttl),
+                    *(self.boot_clock.boot_id, boot_now, boot_now + ttl),
+                ),
             )
         taken_over = held if held and held.holder != holder else None
         return LeaseResult(True, generation, lease, taken_over)
@@ -326,10 +354,6 @@ class TokenStore(SideTables):
             await db.execute(
                 "DELETE FROM leases WHERE account = ? AND holder = ?", (self.account, holder)
             )
-
-
-def _lease_row(lease: Lease) -> tuple[str, int, float, float]:
-    return lease.holder, lease.generation, lease.acquired_at, lease.expires_at
 
 
 async def _generation(db: aiosqlite.Connection, account: str) -> int:

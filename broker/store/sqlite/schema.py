@@ -74,6 +74,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at REAL NOT NULL
         )""",
     ),
+    4: (
+        # Leases timed on the host's boot clock, which no wall-clock step moves, and named by
+        # the boot they were taken in (broker/store/lease.py). NULL in a row written by an
+        # older release (one still running during an upgrade): judged by its wall times.
+        "ALTER TABLE leases ADD COLUMN boot_id TEXT",
+        "ALTER TABLE leases ADD COLUMN boot_acquired REAL",
+        "ALTER TABLE leases ADD COLUMN boot_expires REAL",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

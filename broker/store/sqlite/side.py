@@ -20,13 +20,14 @@ from broker.store.api import (
     StoreDump,
     reseal_rows,
 )
-from broker.store.lease import is_alive
+from broker.store.lease import BootClock, BootStamp, boot_lease_live
 
 
 class SideTables:
     """Mixed into TokenStore: the methods of `Store` that are not about the pair itself."""
 
     account: str
+    boot_clock: BootClock
     _db: aiosqlite.Connection
 
     def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
@@ -97,9 +98,13 @@ class SideTables:
         new pair under the key it loaded with: re-keying under it would make that write fail.
         """
         async with self.transaction() as db:
-            cursor = await db.execute("SELECT account, holder, expires_at FROM leases")
-            for account, holder, expires_at in await cursor.fetchall():
-                if expires_at > now and is_alive(holder):
+            cursor = await db.execute(
+                "SELECT account, holder, expires_at, boot_id, boot_acquired, boot_expires "
+                "FROM leases"
+            )
+            boot_id, boot_now = self.boot_clock.boot_id, self.boot_clock.now()
+            for account, holder, expires_at, *stamp in await cursor.fetchall():
+                if boot_lease_live(holder, expires_at, BootStamp(*stamp), boot_id, boot_now, now):
                     raise StoreError(live_lease_message(account, holder))
             cursor = await db.execute(
                 "SELECT account, key_id, generation, access_ct, refresh_ct, "
