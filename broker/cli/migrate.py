@@ -2,9 +2,10 @@
 
 Ciphertexts move as they are: their associated data binds account, field and key id, never
 the backend, so the copy opens with the same key and no key is needed to make it. Every
-account's pair, the rotation history and any persisted state are copied in one transaction;
-leases are not (they belong to processes on the old store). A target that already holds a
-pair, history or state is refused: two stores' histories must never be merged by accident.
+account's pair, the rotation history with its outcome counters (which also count the entries
+retention has deleted) and any persisted state are copied in one transaction; leases are not
+(they belong to processes on the old store). A target that already holds a pair, history or
+state is refused: two stores' histories must never be merged by accident.
 
 Stop every `serve` on the SQLite store first: a rotation it makes after the copy would be
 stored there only, and the copy's refresh token would be spent.

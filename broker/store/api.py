@@ -102,6 +102,8 @@ class StoreDump:
     tokens: list[tuple[Any, ...]] = field(default_factory=list)
     rotations: list[tuple[Any, ...]] = field(default_factory=list)  # oldest first
     states: list[tuple[Any, ...]] = field(default_factory=list)
+    # The outcome counters (history.COUNT_COLUMNS): all-time, so more than the rows copied.
+    counts: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 class Store(Protocol):

@@ -43,6 +43,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
+from broker.store.history import compact
 from broker.store.lease import Lease, LeaseResult
 from broker.store.postgres.schema import ACCOUNT_LOCK, SCHEMA, migrate
 from broker.store.postgres.side import DB_NOW, Conn, PgSideTables
@@ -188,10 +189,9 @@ class PgTokenStore(PgSideTables):
         return [history_entry(row) for row in rows]
 
     async def outcome_counts(self) -> dict[str, int]:
-        """Count the history's events by outcome."""
+        """Count every history event ever appended, by outcome, from the counters (O(1))."""
         rows = await self._all(
-            "SELECT outcome, COUNT(*) FROM rotations WHERE account = %s GROUP BY outcome",
-            (self.account,),
+            "SELECT outcome, count FROM rotation_counts WHERE account = %s", (self.account,)
         )
         return {outcome: int(count) for outcome, count in rows}
 
@@ -256,11 +256,13 @@ class PgTokenStore(PgSideTables):
             )
 
     async def _append(self, db: Conn, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
+        """Append one history entry (its counter follows by trigger), then apply retention."""
         await db.execute(
             "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
             "new_fingerprint, outcome, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (self.account, *head, *tail),
         )
+        await compact(db, self.account, "%s")
 
     async def set_state(self, state: str, reason: str, generation: int) -> None:
         """Persist a state all processes honour; it holds until a new pair is stored."""

@@ -78,6 +78,52 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at DOUBLE PRECISION NOT NULL
         )""",
     ),
+    2: (
+        # The history's index, outcome counters and retention (broker/store/history.py), as in
+        # SQLite's migration 4. Trigger functions name the schema: they run with the caller's
+        # search_path, which need not be the broker's.
+        "CREATE INDEX rotations_account_id ON rotations (account, id)",
+        """CREATE TABLE rotation_counts (
+            account TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            kept BIGINT NOT NULL,
+            PRIMARY KEY (account, outcome),
+            CHECK (0 <= kept AND kept <= count)
+        )""",
+        """INSERT INTO rotation_counts (account, outcome, count, kept)
+           SELECT account, outcome, COUNT(*), COUNT(*) FROM rotations GROUP BY account, outcome""",
+        f"""CREATE FUNCTION rotations_count() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             INSERT INTO {SCHEMA}.rotation_counts AS c (account, outcome, count, kept)
+             VALUES (NEW.account, NEW.outcome, 1, 1)
+             ON CONFLICT (account, outcome) DO UPDATE SET count = c.count + 1, kept = c.kept + 1;
+             RETURN NULL;
+           END $$""",  # noqa: S608 -- constant names
+        """CREATE TRIGGER rotations_count AFTER INSERT ON rotations
+           FOR EACH ROW EXECUTE FUNCTION rotations_count()""",
+        # Only compaction may delete: the oldest entry of an account over the bound (10000 is
+        # history.KEEP_ENTRIES; a new bound needs a new migration). The check and the
+        # counter's update are both BEFORE the row goes: AFTER row triggers would run only
+        # at the end of the statement, and the next row's check must see this one gone.
+        f"""CREATE FUNCTION rotations_compaction_only() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF OLD.id <> (SELECT min(id) FROM {SCHEMA}.rotations WHERE account = OLD.account)
+                OR (SELECT COALESCE(sum(kept), 0) FROM {SCHEMA}.rotation_counts
+                    WHERE account = OLD.account) <= 10000 THEN
+               RAISE EXCEPTION
+                 'rotation history is append-only (compaction keeps the newest 10000)';
+             END IF;
+             UPDATE {SCHEMA}.rotation_counts SET kept = kept - 1
+             WHERE account = OLD.account AND outcome = OLD.outcome;
+             RETURN OLD;
+           END $$""",  # noqa: S608 -- constant names
+        "DROP TRIGGER rotations_append_only ON rotations",
+        """CREATE TRIGGER rotations_append_only BEFORE UPDATE ON rotations
+           FOR EACH ROW EXECUTE FUNCTION rotations_append_only()""",
+        """CREATE TRIGGER rotations_compaction_only BEFORE DELETE ON rotations
+           FOR EACH ROW EXECUTE FUNCTION rotations_compaction_only()""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -115,12 +115,15 @@ class PgSideTables:
     async def restore(self, dump: StoreDump) -> dict[str, int]:
         """Write a dump of another store into this empty one; return each account's generation.
 
-        One transaction: a failed copy leaves the target as empty as it was. The generations
-        are read back from the target, so the summary shows what it holds, not what was sent.
+        The history is copied as it is, with its counters. One transaction: a failed copy
+        leaves the target as empty as it was. The generations are read back from the target,
+        so the summary shows what it holds, not what was sent.
         """
         async with self.transaction() as db:
-            await db.execute("LOCK TABLE tokens, rotations, account_state IN EXCLUSIVE MODE")
-            for table in ("tokens", "rotations", "account_state"):
+            await db.execute(
+                "LOCK TABLE tokens, rotations, account_state, rotation_counts IN EXCLUSIVE MODE"
+            )
+            for table in ("tokens", "rotations", "account_state", "rotation_counts"):
                 cursor = await db.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 -- constant
                 if await cursor.fetchone() is not None:
                     raise StoreError(
@@ -139,6 +142,17 @@ class PgSideTables:
                     await cursor.executemany(
                         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608 -- constant
                         rows,
+                    )
+            # The rows were counted by trigger as they went in; the source's counters count
+            # every entry ever appended, compacted ones too, and replace those counts.
+            # `kept` stays what the trigger counted: the rows this store holds.
+            async with db.cursor() as counts:
+                for row in dump.counts:
+                    await counts.execute(
+                        "INSERT INTO rotation_counts (account, outcome, count, kept) "
+                        "VALUES (%s, %s, %s, 0) ON CONFLICT (account, outcome) "
+                        "DO UPDATE SET count = EXCLUDED.count",
+                        row,
                     )
             cursor = await db.execute("SELECT account, generation FROM tokens ORDER BY account")
             return {

@@ -9,7 +9,8 @@ Why these choices:
 - A lease row, not a transaction held over the network call: the HTTP call to amoCRM can take
   seconds, and a lease shows who is refreshing what generation, so a restart after a crash can
   tell that a refresh was under way when it died.
-- The rotation history is append-only, enforced by triggers, for auditors.
+- The rotation history is append-only, enforced by triggers, for auditors; each account keeps
+  its newest entries and counts all of them (broker/store/history.py).
 
 The smaller tables (pacing members, OAuth states) and re-keying are in
 broker/store/sqlite/side.py; the PostgreSQL backend is broker/store/postgres/backend.py.
@@ -43,6 +44,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
+from broker.store.history import compact
 from broker.store.lease import (
     BootClock,
     BootStamp,
@@ -205,10 +207,9 @@ class TokenStore(SideTables):
         return [history_entry(tuple(row)) for row in await cursor.fetchall()]
 
     async def outcome_counts(self) -> dict[str, int]:
-        """Count the history's events by outcome."""
+        """Count every history event ever appended, by outcome, from the counters (O(1))."""
         cursor = await self._db.execute(
-            "SELECT outcome, COUNT(*) FROM rotations WHERE account = ? GROUP BY outcome",
-            (self.account,),
+            "SELECT outcome, count FROM rotation_counts WHERE account = ?", (self.account,)
         )
         return {outcome: count for outcome, count in await cursor.fetchall()}
 
@@ -258,8 +259,10 @@ class TokenStore(SideTables):
             )
             await db.execute("DELETE FROM leases WHERE account = ?", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = ?", (self.account,))
-            await self._append_history(
-                db, now, reason, generation, row[1] if row else None, pair, outcome, None
+            await self._append(
+                db,
+                (now, reason, generation, row[1] if row else None),
+                (pair.refresh_fingerprint or pair.access_fingerprint, outcome, None),
             )
             fault_point("during_commit")
         return generation
@@ -268,46 +271,22 @@ class TokenStore(SideTables):
         self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
     ) -> None:
         """Append a failed rotation attempt to the history."""
+        old_fp = fingerprint(old_refresh) if old_refresh else None
         async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
-                "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-                (
-                    self.account,
-                    time.time(),
-                    reason,
-                    generation,
-                    fingerprint(old_refresh) if old_refresh else None,
-                    outcome,
-                    error,
-                ),
+            await self._append(
+                db, (time.time(), reason, generation, old_fp), (None, outcome, error)
             )
 
-    async def _append_history(
-        self,
-        db: aiosqlite.Connection,
-        now: float,
-        reason: str,
-        generation: int,
-        old_fp: str | None,
-        pair: TokenPair,
-        outcome: str,
-        error: str | None,
+    async def _append(
+        self, db: aiosqlite.Connection, head: tuple[Any, ...], tail: tuple[Any, ...]
     ) -> None:
+        """Append one history entry (its counter follows by trigger), then apply retention."""
         await db.execute(
             "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
             "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                self.account,
-                now,
-                reason,
-                generation,
-                old_fp,
-                pair.refresh_fingerprint or pair.access_fingerprint,
-                outcome,
-                error,
-            ),
+            (self.account, *head, *tail),
         )
+        await compact(db, self.account, "?")
 
     async def set_state(self, state: str, reason: str, generation: int) -> None:
         """Persist a state all processes honour; it holds until a new pair is stored."""

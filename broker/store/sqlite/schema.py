@@ -38,6 +38,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         """CREATE TRIGGER rotations_append_only_update BEFORE UPDATE ON rotations
            BEGIN SELECT RAISE(ABORT, 'rotation history is append-only'); END""",
+        # Replaced in migration 4 by one that lets retention's compaction through.
         """CREATE TRIGGER rotations_append_only_delete BEFORE DELETE ON rotations
            BEGIN SELECT RAISE(ABORT, 'rotation history is append-only'); END""",
         """CREATE TABLE leases (
@@ -81,6 +82,38 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE leases ADD COLUMN boot_id TEXT",
         "ALTER TABLE leases ADD COLUMN boot_acquired REAL",
         "ALTER TABLE leases ADD COLUMN boot_expires REAL",
+    ),
+    5: (
+        # The history's index, outcome counters and retention (broker/store/history.py).
+        "CREATE INDEX rotations_account_id ON rotations (account, id)",
+        """CREATE TABLE rotation_counts (
+            account TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            kept INTEGER NOT NULL,
+            PRIMARY KEY (account, outcome),
+            CHECK (0 <= kept AND kept <= count)
+        )""",
+        """INSERT INTO rotation_counts (account, outcome, count, kept)
+           SELECT account, outcome, COUNT(*), COUNT(*) FROM rotations GROUP BY account, outcome""",
+        """CREATE TRIGGER rotations_count AFTER INSERT ON rotations BEGIN
+             INSERT INTO rotation_counts (account, outcome, count, kept)
+             VALUES (NEW.account, NEW.outcome, 1, 1)
+             ON CONFLICT (account, outcome) DO UPDATE SET count = count + 1, kept = kept + 1;
+           END""",
+        "DROP TRIGGER rotations_append_only_delete",
+        # Only compaction may delete: the oldest entry of an account over the bound. 10000 is
+        # history.KEEP_ENTRIES; a migration never changes, so a new bound needs a new one.
+        """CREATE TRIGGER rotations_append_only_delete BEFORE DELETE ON rotations
+           WHEN OLD.id <> (SELECT MIN(id) FROM rotations WHERE account = OLD.account)
+             OR (SELECT COALESCE(SUM(kept), 0) FROM rotation_counts
+                 WHERE account = OLD.account) <= 10000
+           BEGIN SELECT RAISE(ABORT,
+             'rotation history is append-only (compaction keeps the newest 10000)'); END""",
+        """CREATE TRIGGER rotations_uncount AFTER DELETE ON rotations BEGIN
+             UPDATE rotation_counts SET kept = kept - 1
+             WHERE account = OLD.account AND outcome = OLD.outcome;
+           END""",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -20,6 +20,7 @@ from broker.store.api import (
     StoreDump,
     reseal_rows,
 )
+from broker.store.history import COUNT_COLUMNS
 from broker.store.lease import BootClock, BootStamp, boot_lease_live
 
 
@@ -116,18 +117,21 @@ class SideTables:
         return resealed
 
     async def dump(self) -> StoreDump:
-        """Read every account's pair (ciphertexts), history and state, for `migrate-store`."""
+        """Read every account's pair (ciphertexts), history, counters and state, for
+        `migrate-store`, in one transaction: the counters and the rows they count agree."""
         dump = StoreDump()
-        for table, columns, order, rows in (
-            ("tokens", TOKEN_COLUMNS, "account", dump.tokens),
-            ("rotations", ROTATION_COLUMNS, "id", dump.rotations),
-            ("account_state", STATE_COLUMNS, "account", dump.states),
-        ):
-            cursor = await self._db.execute(
-                f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}"  # noqa: S608 -- constant names
-            )
-            rows.extend(tuple(row) for row in await cursor.fetchall())
-            await cursor.close()
+        async with self.transaction() as db:
+            for table, columns, order, rows in (
+                ("tokens", TOKEN_COLUMNS, "account", dump.tokens),
+                ("rotations", ROTATION_COLUMNS, "id", dump.rotations),
+                ("account_state", STATE_COLUMNS, "account", dump.states),
+                ("rotation_counts", COUNT_COLUMNS, "account, outcome", dump.counts),
+            ):
+                cursor = await db.execute(
+                    f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}"  # noqa: S608 -- constant names
+                )
+                rows.extend(tuple(row) for row in await cursor.fetchall())
+                await cursor.close()
         return dump
 
 
