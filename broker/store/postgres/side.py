@@ -7,9 +7,6 @@ The counterpart of broker/store/sqlite/side.py, kept out of broker/store/postgre
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import Any
-
-import psycopg
 
 from broker.errors import StoreError
 from broker.store.api import (
@@ -21,9 +18,10 @@ from broker.store.api import (
     StoreDump,
     reseal_rows,
 )
+from broker.store.postgres.connection import Conn
 from broker.store.sqlite.side import live_lease_message
 
-Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+ROWS_PER_SECOND = 1000  # a floor for a copy over a slow link; pipelined inserts run far faster
 
 
 class PgSideTables:
@@ -31,7 +29,7 @@ class PgSideTables:
 
     account: str
 
-    def transaction(self) -> AbstractAsyncContextManager[Conn]:
+    def transaction(self, extra: float = 0.0) -> AbstractAsyncContextManager[Conn]:
         raise NotImplementedError  # PgTokenStore's
 
     async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
@@ -113,7 +111,9 @@ class PgSideTables:
         One transaction: a failed copy leaves the target as empty as it was. The generations
         are read back from the target, so the summary shows what it holds, not what was sent.
         """
-        async with self.transaction() as db:
+        copied = len(dump.tokens) + len(dump.rotations) + len(dump.states)
+        # The store's bound is for one pair's write; a long history takes longer to copy.
+        async with self.transaction(extra=copied / ROWS_PER_SECOND) as db:
             await db.execute("LOCK TABLE tokens, rotations, account_state IN EXCLUSIVE MODE")
             for table in ("tokens", "rotations", "account_state"):
                 cursor = await db.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 -- constant
