@@ -75,7 +75,7 @@ async def migrate_store(config: Config, url: str) -> dict[str, Any]:
         dump = await source.dump()
     finally:
         await source.close()
-    target = await open_pg_store(url, sealer, config.account)
+    target = await open_pg_store(url, sealer, config.account, bound=config.store_timeout)
     try:
         generations = await target.restore(dump)
     finally:

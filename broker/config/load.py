@@ -67,6 +67,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "path", "BROKER_DB", parse.path, Path("broker.db")),
     Setting("store", "key_file", "BROKER_KEY_FILE", parse.path),
     Setting("store", "url", "BROKER_STORE_URL", parse.store_url),
+    # PostgreSQL: the most one store call may take; its server-side timeouts are derived.
+    Setting("store", "timeout_seconds", "BROKER_STORE_TIMEOUT", parse.seconds_in(1, 300), 10.0),
     Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", parse.seconds, 600.0),
     Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", parse.seconds, 15.0),
     Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", parse.seconds, 60.0),
@@ -162,6 +164,7 @@ def load_config(
         bootstrap_refresh_token=_secret_env(env, BOOTSTRAP_REFRESH_ENV),
         source=source,
         store_url=values["store.url"],
+        store_timeout=values["store.timeout_seconds"],
     )
     token_file = _beside(source, values["amocrm.long_lived_token_file"], from_file=True)
     long_lived = _secret_env(env, LONG_LIVED_ENV) or (

@@ -120,6 +120,7 @@ class Config:
     oauth_callback: bool = False  # serve GET /oauth/callback (`amo-broker authorize-url`)
     # A PostgreSQL store instead of the SQLite file; may hold a password, so not in the repr.
     store_url: str | None = field(default=None, repr=False)
+    store_timeout: float = 10.0  # seconds one PostgreSQL store call may take
 
     @property
     def loopback_only(self) -> bool:

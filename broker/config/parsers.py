@@ -46,6 +46,16 @@ def seconds(name: str, raw: Any) -> float:
     return value
 
 
+def seconds_in(low: float, high: float) -> Callable[[str, Any], float]:
+    def parse(name: str, raw: Any) -> float:
+        value = seconds(name, raw)
+        if not low <= value <= high:
+            raise ConfigError(f"{name}: expected {low:g} to {high:g} seconds, got {raw!r}")
+        return value
+
+    return parse
+
+
 def rate(name: str, raw: Any) -> float:
     try:
         value = float(raw)

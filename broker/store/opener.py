@@ -29,15 +29,20 @@ async def open_store(config: Config, *, sealer: Sealer | None = None) -> AsyncIt
     if config.store_url is None:
         store = await TokenStore.open(config.db_path, sealer, account=config.account)
     else:
-        store = await open_pg_store(config.store_url, sealer, config.account)
+        store = await open_pg_store(
+            config.store_url, sealer, config.account, bound=config.store_timeout
+        )
     try:
         yield store
     finally:
         await store.close()
 
 
-async def open_pg_store(url: str, sealer: Sealer, account: str) -> PgTokenStore:
-    """Open a PostgreSQL store; psycopg is an extra, imported only when a store URL asks for it."""
+async def open_pg_store(url: str, sealer: Sealer, account: str, *, bound: float) -> PgTokenStore:
+    """Open a PostgreSQL store; psycopg is an extra, imported only when a store URL asks for it.
+
+    `bound`: the seconds any one store call may take ([store] timeout_seconds).
+    """
     password = urlsplit(url).password
     if password:
         redactor.register(password, permanent=True)  # a driver error might quote the URL
@@ -48,4 +53,4 @@ async def open_pg_store(url: str, sealer: Sealer, account: str) -> PgTokenStore:
             "BROKER_STORE_URL / [store] url names PostgreSQL, but psycopg is not installed: "
             "pip install 'amo-broker[postgres]'"
         ) from None
-    return await PgTokenStore.open(url, sealer, account=account)
+    return await PgTokenStore.open(url, sealer, account=account, bound=bound)

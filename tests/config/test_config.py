@@ -327,6 +327,20 @@ def test_bad_margin_names_its_variable(raw: str) -> None:
     assert "BROKER_REFRESH_MARGIN" in message
 
 
+@pytest.mark.parametrize("raw", ["0", "0.5", "301", "nan", "soon"])
+def test_bad_store_timeout_names_its_variable(raw: str) -> None:
+    """The store's bound must be 1 to 300 seconds; the message names BROKER_STORE_TIMEOUT."""
+    message = config_error(path=None, environ={"BROKER_STORE_TIMEOUT": raw})
+    assert "BROKER_STORE_TIMEOUT" in message
+
+
+def test_store_timeout_from_toml_and_default(tmp_path: Path) -> None:
+    """[store] timeout_seconds sets the store's bound; unset, it is 10 seconds."""
+    assert load_config(None, environ={}).store_timeout == 10.0
+    source = toml_file(tmp_path / "broker.toml", "[store]\ntimeout_seconds = 4\n")
+    assert load_config(source, environ={}).store_timeout == 4.0
+
+
 # -- the encryption key ---------------------------------------------------------------------
 
 

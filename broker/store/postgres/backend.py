@@ -15,6 +15,9 @@ changes is how writers take turns and how they hear of each other:
 - A committed pair sends NOTIFY amo_broker_tokens '<account>:<generation>'; each replica
   LISTENs on a connection of its own and wakes its token manager, which adopts the pair
   before any request meets a 401. The listener reconnects by itself; the poll stays behind it.
+- Every call is bounded (broker/store/postgres/connection.py): one whose answer does not come
+  in time, a COMMIT included, raises StoreError, so a granted pair goes to the token manager's
+  keep-in-memory-and-retry path, as on a full disk; the next call reconnects.
 """
 
 from __future__ import annotations
@@ -45,34 +48,27 @@ from broker.store.api import (
 )
 from broker.store.history import compact
 from broker.store.lease import Lease, LeaseResult
-from broker.store.postgres.schema import ACCOUNT_LOCK, SCHEMA, migrate
-from broker.store.postgres.side import DB_NOW, Conn, PgSideTables
+from broker.store.postgres.connection import DEFAULT_TIMEOUT, Conn, Cutoff, connect
+from broker.store.postgres.schema import ACCOUNT_LOCK, migrate
+from broker.store.postgres.side import DB_NOW, PgSideTables
 from broker.store.sealing import Sealer
 
 log = get_logger()
 
 CHANNEL = "amo_broker_tokens"
-CONNECT_TIMEOUT = 10  # seconds; a store that does not answer must fail, not hang `serve`
 LISTEN_RETRY_MAX = 30.0
-
-
-async def connect(url: str) -> Conn:
-    """Open an autocommit connection whose tables are the broker's schema's."""
-    return await psycopg.AsyncConnection.connect(
-        url,
-        autocommit=True,
-        connect_timeout=CONNECT_TIMEOUT,
-        options=f"-c search_path={SCHEMA}",
-        application_name="amo-broker",
-    )
 
 
 class PgTokenStore(PgSideTables):
     """One account's sealed token pair in a PostgreSQL database (the `Store` of replicas)."""
 
-    def __init__(self, conn: Conn, url: str, sealer: Sealer, account: str) -> None:
+    def __init__(
+        self, conn: Conn, url: str, sealer: Sealer, account: str, bound: float = DEFAULT_TIMEOUT
+    ) -> None:
         self._conn = conn
         self._url = url
+        self._bound = bound
+        self._cut = False  # the connection was shut down by a Cutoff: reconnect before use
         self._lock = asyncio.Lock()  # one statement or transaction at a time on this connection
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -80,24 +76,40 @@ class PgTokenStore(PgSideTables):
         self.account = account
 
     @classmethod
-    async def open(cls, url: str, sealer: Sealer, *, account: str = "default") -> PgTokenStore:
-        """Connect (creating and migrating the schema if needed) to the store at `url`."""
+    async def open(
+        cls,
+        url: str,
+        sealer: Sealer,
+        *,
+        account: str = "default",
+        bound: float = DEFAULT_TIMEOUT,
+    ) -> PgTokenStore:
+        """Connect (creating and migrating the schema if needed) to the store at `url`.
+
+        Each step gets `bound` seconds, as every later call does.
+        """
         location = masked_url(url)
         try:
-            conn = await connect(url)
+            conn = await connect(url, bound)
         except psycopg.Error as exc:
             raise StoreError(f"store {location}: cannot connect: {_reason(exc)}") from None
+        except TimeoutError:
+            raise StoreError(f"store {location}: cannot connect within {bound:g}s") from None
+        cutoff = Cutoff(conn, bound)
         try:
             await migrate(conn, location)
         except psycopg.Error as exc:
             await conn.close()
-            raise StoreError(
-                f"store {location}: cannot set up the schema: {_reason(exc)}"
-            ) from None
+            reason = f"no answer within {bound:g}s" if cutoff.fired else _reason(exc)
+            raise StoreError(f"store {location}: cannot set up the schema: {reason}") from None
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, url, sealer, account)
+        finally:
+            cutoff.cancel()
+        if cutoff.fired:  # the answers came, but the socket is gone: start on a new one
+            await conn.close()
+        return cls(conn, url, sealer, account, bound)
 
     @property
     def location(self) -> str:
@@ -111,20 +123,62 @@ class PgTokenStore(PgSideTables):
         await self._conn.close()
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[Conn]:
-        """Lend the connection, reconnecting one the server dropped; errors become StoreError."""
-        async with self._lock:
+    async def _session(self, extra: float = 0.0) -> AsyncIterator[Conn]:
+        """Lend the connection for one call of at most the store timeout; errors: StoreError.
+
+        The bound runs from the call's start, so the calls queued behind one that hangs fail
+        in time too. A connection the server dropped, or a Cutoff shut, is replaced first.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._bound + extra
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise self._no_answer("an earlier call holds the connection") from None
+        try:
             try:
-                if self._conn.closed or self._conn.broken:
-                    self._conn = await connect(self._url)
-                yield self._conn
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connection()
+            except TimeoutError:
+                raise self._no_answer("connecting") from None
+            cutoff = Cutoff(conn, deadline - loop.time())
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                if cutoff.fired:
+                    raise self._no_answer(
+                        "dropped the connection; the next call opens a new one"
+                    ) from None
+                raise StoreError(f"store {self.location}: {_reason(exc)}") from None
+            finally:
+                cutoff.cancel()
+                self._cut = self._cut or cutoff.fired
+        finally:
+            self._lock.release()
+
+    async def _connection(self) -> Conn:
+        """The connection to use now: a new one if the old was dropped or cut off."""
+        if self._cut or self._conn.closed or self._conn.broken:
+            with suppress(psycopg.Error, OSError):
+                await self._conn.close()
+            try:
+                self._conn = await connect(self._url, self._bound)
             except psycopg.Error as exc:
                 raise StoreError(f"store {self.location}: {_reason(exc)}") from None
+            self._cut = False
+        return self._conn
+
+    def _no_answer(self, doing: str) -> StoreError:
+        return StoreError(f"store {self.location} did not answer within {self._bound:g}s ({doing})")
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Conn]:
-        """Run one write transaction for this account, holding its advisory lock until COMMIT."""
-        async with self._session() as conn, conn.transaction():
+    async def transaction(self, extra: float = 0.0) -> AsyncIterator[Conn]:
+        """Run one write transaction for this account, holding its advisory lock until COMMIT.
+
+        `extra`: seconds beyond the store's bound, for a bulk copy (`migrate-store`).
+        """
+        async with self._session(extra) as conn, conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ACCOUNT_LOCK, self.account)
             )
@@ -332,7 +386,7 @@ class PgTokenStore(PgSideTables):
         delay = 1.0
         while True:
             try:
-                async with await connect(self._url) as conn:
+                async with await connect(self._url, self._bound) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Commits made while nobody listened were not heard: have the store re-read.
                     self._changed.set()
@@ -340,7 +394,7 @@ class PgTokenStore(PgSideTables):
                     async for note in conn.notifies():
                         if note.payload.rpartition(":")[0] == self.account:
                             self._changed.set()
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError) as exc:  # OSError: TimeoutError too
                 error = _reason(exc) if isinstance(exc, psycopg.Error) else type(exc).__name__
                 log.warning("store_listen_failed", error=error, retry_in_s=delay)
             await asyncio.sleep(delay)
