@@ -196,13 +196,14 @@ async def _import(config: Config, refresh: str, access: str | None) -> int:
         await _check_key(store)  # a wrong key must fail before anything is overwritten
         pair = pair_from_import(refresh, access, time.time())
         generation = await import_pair(store, pair, reason="import", outcome="imported")
+        location = store.location  # the SQLite file, or PostgreSQL's URL without its password
     _print_json(
         {
             "imported": True,
             "generation": generation,
             "refresh_token_fingerprint": pair.refresh_fingerprint,
             "access_token_fingerprint": pair.access_fingerprint if access else None,
-            "store": str(config.db_path),
+            "store": location,
         }
     )
     return 0

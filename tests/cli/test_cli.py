@@ -293,6 +293,25 @@ def test_import_with_a_wrong_key_keeps_the_store(
     assert doc["key_check"] == "ok"
 
 
+@pytest.mark.usefixtures("store_env")
+def test_import_names_the_postgresql_store_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox: Sandbox,
+    pg_url: str,
+) -> None:
+    """import on a PostgreSQL store prints its masked URL as `store`, not the SQLite default."""
+    # Trust authentication ignores the password: it is here only to be masked.
+    url = pg_url.replace("postgres@", "postgres:hunter2@", 1)
+    assert url != pg_url
+    monkeypatch.setenv("BROKER_STORE_URL", url)
+    set_tokens(monkeypatch, pair_from_sandbox(sandbox))
+    result = run(capsys, "import")
+    assert result.code == 0
+    assert result.json()["store"] == pg_url.replace("postgres@", "postgres:***@", 1)
+    assert "hunter2" not in result.text
+
+
 # -- configuration errors ------------------------------------------------------------------
 
 
