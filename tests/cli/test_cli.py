@@ -312,6 +312,19 @@ def test_import_names_the_postgresql_store_without_its_password(
     assert "hunter2" not in result.text
 
 
+def test_client_add_into_a_missing_directory_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """client add with the clients file in a missing directory names it: exit 2, no traceback."""
+    path = tmp_path / "missing" / "clients.json"
+    monkeypatch.setenv("BROKER_CLIENT_TOKENS_FILE", str(path))
+    result = run(capsys, "client", "add", "billing")
+    line = assert_user_error(result)
+    assert str(path.parent) in line
+    assert result.out == ""  # no secret printed for a caller that was never stored
+    assert not path.parent.exists()
+
+
 # -- configuration errors ------------------------------------------------------------------
 
 
