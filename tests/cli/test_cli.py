@@ -325,6 +325,51 @@ def test_client_add_into_a_missing_directory_is_one_line(
     assert not path.parent.exists()
 
 
+TWO_ACCOUNTS = """
+[[accounts]]
+name = "one"
+default = true
+base_url = "https://one.amocrm.ru"
+client_id = "id-one"
+client_secret = "secret-one"
+redirect_uri = "https://example.com/oauth/callback"
+
+[[accounts]]
+name = "two"
+base_url = "https://two.amocrm.ru"
+client_id = "id-two"
+client_secret = "secret-two"
+redirect_uri = "https://example.com/oauth/callback"
+"""
+
+
+@pytest.mark.usefixtures("store_env")
+def test_import_takes_env_tokens_for_the_named_account_beside_accounts(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """`AMOCRM_REFRESH_TOKEN=… import --account two` works with [[accounts]]: tokens are input."""
+    config = tmp_path / "broker.toml"
+    config.write_text(TWO_ACCOUNTS, encoding="utf-8")
+    config.chmod(0o600)
+    pair = pair_from_sandbox(sandbox)
+    set_tokens(monkeypatch, pair)
+    result = run(capsys, "import", "--account", "two")
+    assert result.code == 0, result
+    assert result.json()["refresh_token_fingerprint"] == pair.refresh_fingerprint
+    monkeypatch.delenv("AMOCRM_REFRESH_TOKEN")
+    monkeypatch.delenv("AMOCRM_ACCESS_TOKEN")
+    two = run(capsys, "status", "--json", "--account", "two").json()
+    one = run(capsys, "status", "--json", "--account", "one").json()
+    assert (two["generation"], two["refresh_token_fingerprint"]) == (1, pair.refresh_fingerprint)
+    assert one["generation"] == 0  # the default account got nothing
+    # Account configuration in AMOCRM_* beside [[accounts]] is still ambiguous: refused.
+    monkeypatch.setenv("AMOCRM_CLIENT_ID", "id-three")
+    assert "not both" in assert_user_error(run(capsys, "import", "--account", "two"))
+
+
 # -- configuration errors ------------------------------------------------------------------
 
 
