@@ -70,6 +70,8 @@ class LongLivedManager(TokenManager):
         if self._reauth_reason is None and not self._trusted(generation):
             if self._probing is None or self._probing.done():
                 self._probing = asyncio.create_task(self._confirm(generation))
+                # Its waiters see any exception; with every waiter gone, don't warn about it.
+                self._probing.add_done_callback(lambda task: task.cancelled() or task.exception())
             # Shielded: a caller that goes away must not cancel the probe the others await.
             await asyncio.shield(self._probing)
         if self._reauth_reason is not None:
