@@ -18,6 +18,10 @@ DEFAULT_ACCESS_LIFETIME = 86400.0
 # Longer than any access token amoCRM issues: an `expires_in` beyond it is a timestamp sent
 # by mistake, or garbage, and must not stop proactive refresh for decades.
 MAX_ACCESS_LIFETIME = 366 * 86400.0
+# 9999-12-31T23:59:59Z. A JWT `exp` past it is garbage (no clock shows it, gmtime cannot
+# format it, and 10**400 is not even a float): read as no expiry, never raised on, since the
+# answer that carries it has already spent the refresh token.
+LAST_EXP = 253_402_300_799
 
 
 def fingerprint(token: str) -> str:
@@ -36,15 +40,18 @@ def jwt_expiry(token: str) -> float | None:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, int | float) and _positive_finite(exp) else None
+    if isinstance(exp, int | float) and _positive_finite(exp) and exp <= LAST_EXP:
+        return float(exp)
+    return None
 
 
 def _positive_finite(value: object) -> bool:
+    # Compared before any float(): a huge int compares exactly, but would not convert.
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
-        and math.isfinite(value)
         and value > 0
+        and (isinstance(value, int) or math.isfinite(value))
     )
 
 
@@ -87,8 +94,8 @@ def expiry_from_grant(access_token: str, expires_in: object, now: float) -> floa
 
     `expires_in` counts from amoCRM's answer, so it is added to our own `now`, not to
     amoCRM's `server_time`: a wrong local clock then shifts both sides equally. A missing or
-    absurd `expires_in` (not positive, not finite, over a year) falls back to the JWT's `exp`,
-    then to the 24 h amoCRM documents.
+    absurd `expires_in` (not positive, not finite, over a year) falls back to the JWT's `exp`
+    (bounded the same way), then to the 24 h amoCRM documents.
     """
     if (
         isinstance(expires_in, int | float)
@@ -97,6 +104,6 @@ def expiry_from_grant(access_token: str, expires_in: object, now: float) -> floa
     ):
         return now + float(expires_in)
     exp = jwt_expiry(access_token)
-    if exp is not None and exp > now:
+    if exp is not None and now < exp <= now + MAX_ACCESS_LIFETIME:
         return exp
     return now + DEFAULT_ACCESS_LIFETIME

@@ -31,6 +31,7 @@ from broker.tokens.endpoint import OAuthClient
 from broker.tokens.importing import bootstrap_from_env, install_long_lived
 from broker.tokens.long_lived import LongLivedManager
 from broker.tokens.manager import TokenManager
+from broker.tokens.probe import account_probe
 
 if TYPE_CHECKING:
     pass
@@ -112,8 +113,14 @@ async def _open_account(
         oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
         manager: TokenManager
         if long_lived is not None:
-            await install_long_lived(store, long_lived.reveal(), time.time())
-            manager = LongLivedManager(store, None, margin=config.margin_seconds)
+            # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
+            probe = (
+                account_probe(session, config.base_url, config.upstream_timeout)
+                if config.base_url is not None
+                else None
+            )
+            await install_long_lived(store, long_lived.reveal(), time.time(), probe)
+            manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
         else:
             manager = TokenManager(store, oauth, margin=config.margin_seconds)
         await manager.load()

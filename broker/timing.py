@@ -8,6 +8,7 @@ from typing import Protocol
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
+LAST_SECOND = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last moment gmtime can format
 
 
 class Clock(Protocol):
@@ -36,4 +37,8 @@ def iso(epoch: float | None) -> str | None:
     """Format epoch seconds as ISO 8601 UTC (`2026-11-27T00:42:21Z`), or None."""
     if epoch is None:
         return None
+    # Clamped, never raised on: a log line or /status must not fail on a garbage expiry
+    # (the pair that carries it may be the only working one). NaN fails both comparisons.
+    if not 0.0 <= epoch <= LAST_SECOND:
+        epoch = 0.0 if epoch < 0 else LAST_SECOND
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

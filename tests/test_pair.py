@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from broker.pair import (
     DEFAULT_ACCESS_LIFETIME,
+    MAX_ACCESS_LIFETIME,
     TokenPair,
     expiry_from_grant,
     fingerprint,
@@ -19,6 +20,7 @@ from broker.pair import (
     needs_refresh,
     refresh_due_at,
 )
+from broker.timing import iso
 from tests.conftest import assert_no_leak
 
 NOW = 1_700_000_000.0
@@ -126,6 +128,29 @@ def test_jwt_expiry_is_none_for_a_non_finite_exp() -> None:
     assert expiry is None
 
 
+@pytest.mark.parametrize(
+    "exp",
+    [10**400, 10**308, 1e308, 253_402_300_800],
+    ids=["10**400", "10**308", "1e308", "year-10000"],
+)
+def test_jwt_expiry_is_none_for_an_exp_no_clock_can_show(exp: float) -> None:
+    """An exp past 9999-12-31 (or past any float) is not an expiry, and raises nothing."""
+    header, payload = b64(b'{"alg":"RS256"}'), b64(json.dumps({"exp": exp}).encode())
+    expiry = jwt_expiry(f"{header}.{payload}.sig")
+    assert expiry is None
+
+
+def test_expiry_from_grant_ignores_a_jwt_exp_beyond_the_longest_lifetime() -> None:
+    """Without expires_in, a JWT exp over a year ahead is as absurd: the 24 h default holds."""
+    far = make_jwt({"exp": NOW + MAX_ACCESS_LIFETIME + DAY})
+    assert expiry_from_grant(far, None, NOW) == NOW + DEFAULT_ACCESS_LIFETIME
+
+
+def test_iso_of_an_epoch_no_clock_can_show_is_clamped() -> None:
+    """iso() never raises: an epoch past year 9999, infinite or NaN prints the last second."""
+    assert iso(1e308) == iso(float("inf")) == iso(float("nan")) == "9999-12-31T23:59:59Z"
+
+
 # -- refresh decisions ----------------------------------------------------------------------
 
 
@@ -179,9 +204,11 @@ def test_expiry_from_grant_uses_expires_in(expires_in: float) -> None:
     assert expires_at == NOW + expires_in
 
 
-@pytest.mark.parametrize("expires_in", [None, 0, -3600, True, False, "3600", [3600]])
+@pytest.mark.parametrize(
+    "expires_in", [None, 0, -3600, True, False, "3600", [3600], 10**400], ids=str
+)
 def test_expiry_from_grant_falls_back_to_the_jwt_exp(expires_in: object) -> None:
-    """A missing, zero, negative, bool or string expires_in falls back to the JWT's exp."""
+    """A missing, zero, negative, bool, string or huge expires_in falls back to the JWT's exp."""
     token = make_jwt({"exp": NOW + 1234})
     expires_at = expiry_from_grant(token, expires_in, NOW)
     assert expires_at == NOW + 1234

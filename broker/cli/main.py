@@ -10,9 +10,10 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,7 +24,7 @@ from broker.cli import migrate as cli_migrate
 from broker.cli import status as cli_status
 from broker.config.keyfile import write_key_file
 from broker.config.load import load_config
-from broker.config.model import Config
+from broker.config.model import BOOTSTRAP_ACCESS_ENV, BOOTSTRAP_REFRESH_ENV, Config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure_logging
 from broker.service import open_runtime, serve
@@ -142,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, **extra: Any) -> Config:
+def _config(
+    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None, **extra: Any
+) -> Config:
     overrides = {
         "store.path": getattr(args, "db", None),
         "store.key_file": getattr(args, "key_file", None),
@@ -150,7 +153,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> Config:
         "log.level": getattr(args, "log_level", None),
         **extra,
     }
-    config = load_config(getattr(args, "config", None), overrides=overrides)
+    config = load_config(getattr(args, "config", None), environ=environ, overrides=overrides)
     configure_logging(config.log_format, config.log_level)
     return config.for_account(getattr(args, "account", None))
 
@@ -182,11 +185,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if config.bootstrap_refresh_token is not None:
-        refresh = config.bootstrap_refresh_token.reveal()
-        access = config.bootstrap_access_token.reveal() if config.bootstrap_access_token else None
-    else:
+    # AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN are this command's input, not account
+    # configuration: `--account` says whose they are, so they are taken out of the environment
+    # the configuration is read from (beside [[accounts]] it would refuse them as ambiguous).
+    environ = dict(os.environ)
+    refresh = environ.pop(BOOTSTRAP_REFRESH_ENV, "").strip()
+    access: str | None = environ.pop(BOOTSTRAP_ACCESS_ENV, "").strip() or None
+    config = _config(args, environ=environ)
+    if not refresh:
         refresh, access = read_tokens_from_stdin()
     return asyncio.run(_import(config, refresh, access))
 
@@ -196,13 +202,14 @@ async def _import(config: Config, refresh: str, access: str | None) -> int:
         await _check_key(store)  # a wrong key must fail before anything is overwritten
         pair = pair_from_import(refresh, access, time.time())
         generation = await import_pair(store, pair, reason="import", outcome="imported")
+        location = store.location  # the SQLite file, or PostgreSQL's URL without its password
     _print_json(
         {
             "imported": True,
             "generation": generation,
             "refresh_token_fingerprint": pair.refresh_fingerprint,
             "access_token_fingerprint": pair.access_fingerprint if access else None,
-            "store": str(config.db_path),
+            "store": location,
         }
     )
     return 0

@@ -208,7 +208,9 @@ def _with_accounts(
     return replace(config, accounts=accounts).for_account(default.name)
 
 
-# The single account's variables: with [[accounts]] they would be ambiguous.
+# The single account's variables: with [[accounts]] they would be ambiguous. (`import` takes
+# AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN as its input, for the account `--account` names,
+# and reads the configuration without them: broker/cli/main.py cmd_import.)
 _SINGLE_ACCOUNT_ENV = (
     "AMOCRM_BASE_URL",
     "AMOCRM_CLIENT_ID",

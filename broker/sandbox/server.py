@@ -61,6 +61,11 @@ _BLOCKED_HTML = "<html><body><h1>403 Forbidden</h1><p>Account is blocked</p></bo
 _T = TypeVar("_T")
 
 
+def _html_error(status: int) -> web.Response:
+    html = f"<html><body><h1>{status}</h1></body></html>"
+    return web.Response(status=status, text=html, content_type="text/html")
+
+
 @dataclass
 class RecordedRequest:
     """One request exactly as it reached the sandbox, for tests to assert on."""
@@ -103,10 +108,11 @@ class Sandbox:
     """An in-memory amoCRM account with one OAuth client, plus knobs and records.
 
     Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, `blocked`,
-    `api_script`, and the token endpoint's faults, described in `broker.sandbox.oauth`) are
-    attributes a test can flip while the server runs; the token endpoint's are forwarded to
-    its server. `arrivals` holds the monotonic time each /api/v4 call arrived, throttled or
-    not, so a test can count what amoCRM would have seen in any one second.
+    `api_script`, `unauthorized_paths`, and the token endpoint's faults, described in
+    `broker.sandbox.oauth`) are attributes a test can flip while the server runs; the token
+    endpoint's are forwarded to its server. `arrivals` holds the monotonic time each /api/v4
+    call arrived, throttled or not, so a test can count what amoCRM would have seen in any
+    one second.
     """
 
     client_id = _OAuthAttribute[str]()
@@ -148,9 +154,9 @@ class Sandbox:
         self.rate_limit_rps = rate_limit_rps
         self.api_delay = 0.0
         self.blocked = False  # every /api/v4 call answers 403 HTML, as a blocked account does
-        self.api_script: deque[int] = deque()  # 429 or 403 answers for the next calls
-        # Path prefixes answered 401 whatever the token: a scope the integration lacks, or a
-        # glitch on amoCRM's side. No new token cures these.
+        # Answers for the next calls, whatever their token: 429, 403, 401, or a 5xx.
+        self.api_script: deque[int] = deque()
+        # Paths that answer 401 whatever the token, as a scope the integration lacks does.
         self.unauthorized_paths: set[str] = set()
         self.api_calls = 0
         self.unauthorized_api_calls = 0
@@ -229,7 +235,9 @@ class Sandbox:
         if scripted == 429 or self._rate_limited():
             self.throttled_api_calls += 1
             return web.Response(status=429, text=_RATE_LIMIT_HTML, content_type="text/html")
-        if not authorized or request.path.startswith(tuple(self.unauthorized_paths)):
+        if scripted is not None and scripted >= 500:
+            return _html_error(scripted)
+        if not authorized or scripted == 401 or request.path in self.unauthorized_paths:
             self.unauthorized_api_calls += 1
             return crm.api_problem(401, "Неверный логин или пароль")
         return await self._crm.handle(request)

@@ -10,6 +10,7 @@ and `client remove` take effect without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -77,13 +78,23 @@ def write_clients(path: Path, clients: list[Client]) -> None:
     """Replace the clients file atomically, readable by its owner only."""
     doc = {"version": 1, "clients": [asdict(c) for c in clients]}
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(doc, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"clients file {path}: directory {path.parent} does not exist (create it first, "
+            "or point BROKER_CLIENT_TOKENS_FILE / [server] client_tokens_file elsewhere)"
+        )
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # the cause above is what the user must see
+            temp.unlink(missing_ok=True)
+        raise ConfigError(f"clients file {path} cannot be written: {exc.strerror}") from None
 
 
 def add_client(path: Path, name: str) -> str:

@@ -9,20 +9,27 @@ from broker.logs import get_logger, redactor
 from broker.pair import TokenPair, fingerprint, jwt_expiry
 from broker.store.api import Store
 from broker.timing import iso
+from broker.tokens.probe import Probe, verdict
 
 log = get_logger()
 
 
-async def install_long_lived(store: Store, token: str, now: float) -> None:
+async def install_long_lived(
+    store: Store, token: str, now: float, probe: Probe | None = None
+) -> None:
     """Store the configured long-lived token as the account's pair, unless it is there already.
 
     A new token replaces the old and lifts reauth_required: configuring it is the person's act.
+    The same token again lifts a persisted reauth_required only when `probe` does not prove it
+    refused (see `_recheck`).
     """
     redactor.register(token, permanent=True)
+    expires_at = jwt_expiry(token)
     info = await store.info()
     if info is not None and info.access_fingerprint == fingerprint(token):
+        if expires_at is not None and expires_at > now and probe is not None:
+            await _recheck(store, token, now, probe)
         return
-    expires_at = jwt_expiry(token)
     if expires_at is None:
         raise ConfigError(
             f"account {store.account}: the long-lived token is not a JWT with an expiry "
@@ -30,6 +37,29 @@ async def install_long_lived(store: Store, token: str, now: float) -> None:
         )
     pair = TokenPair(token, None, expires_at, now, None)
     await import_pair(store, pair, reason="long_lived", outcome="imported")
+
+
+async def _recheck(store: Store, token: str, now: float, probe: Probe) -> None:
+    """Lift a persisted reauth_required for the same, unexpired token, unless amoCRM refuses it.
+
+    Starting with the token again is the person's word that it works, but taken blindly it
+    would hide a revoked token until the next call. So the start probes once: a 401 keeps the
+    state; any other answer, or none (amoCRM unreachable), lifts it, and the next 401 is probed
+    again and declares the token dead if it is. Lifting stores the token anew (a generation
+    with its own history row), which every replica adopts.
+    """
+    state = await store.state()
+    if state is None or state.state != "reauth_required":
+        return
+    found = verdict(await probe(token))
+    if found == "refused":
+        log.error("long_lived_token_still_refused", reason=state.reason)
+        return
+    expires_at = jwt_expiry(token)
+    assert expires_at is not None  # noqa: S101 -- the caller checked it
+    pair = TokenPair(token, None, expires_at, now, None)
+    await import_pair(store, pair, reason="long_lived", outcome="imported")
+    log.info("long_lived_reauth_lifted", probe=found)
 
 
 async def import_pair(store: Store, pair: TokenPair, *, reason: str, outcome: str) -> int:

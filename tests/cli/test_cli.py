@@ -293,6 +293,83 @@ def test_import_with_a_wrong_key_keeps_the_store(
     assert doc["key_check"] == "ok"
 
 
+@pytest.mark.usefixtures("store_env")
+def test_import_names_the_postgresql_store_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox: Sandbox,
+    pg_url: str,
+) -> None:
+    """import on a PostgreSQL store prints its masked URL as `store`, not the SQLite default."""
+    # Trust authentication ignores the password: it is here only to be masked.
+    url = pg_url.replace("postgres@", "postgres:hunter2@", 1)
+    assert url != pg_url
+    monkeypatch.setenv("BROKER_STORE_URL", url)
+    set_tokens(monkeypatch, pair_from_sandbox(sandbox))
+    result = run(capsys, "import")
+    assert result.code == 0
+    assert result.json()["store"] == pg_url.replace("postgres@", "postgres:***@", 1)
+    assert "hunter2" not in result.text
+
+
+def test_client_add_into_a_missing_directory_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """client add with the clients file in a missing directory names it: exit 2, no traceback."""
+    path = tmp_path / "missing" / "clients.json"
+    monkeypatch.setenv("BROKER_CLIENT_TOKENS_FILE", str(path))
+    result = run(capsys, "client", "add", "billing")
+    line = assert_user_error(result)
+    assert str(path.parent) in line
+    assert result.out == ""  # no secret printed for a caller that was never stored
+    assert not path.parent.exists()
+
+
+TWO_ACCOUNTS = """
+[[accounts]]
+name = "one"
+default = true
+base_url = "https://one.amocrm.ru"
+client_id = "id-one"
+client_secret = "secret-one"
+redirect_uri = "https://example.com/oauth/callback"
+
+[[accounts]]
+name = "two"
+base_url = "https://two.amocrm.ru"
+client_id = "id-two"
+client_secret = "secret-two"
+redirect_uri = "https://example.com/oauth/callback"
+"""
+
+
+@pytest.mark.usefixtures("store_env")
+def test_import_takes_env_tokens_for_the_named_account_beside_accounts(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """`AMOCRM_REFRESH_TOKEN=… import --account two` works with [[accounts]]: tokens are input."""
+    config = tmp_path / "broker.toml"
+    config.write_text(TWO_ACCOUNTS, encoding="utf-8")
+    config.chmod(0o600)
+    pair = pair_from_sandbox(sandbox)
+    set_tokens(monkeypatch, pair)
+    result = run(capsys, "import", "--account", "two")
+    assert result.code == 0, result
+    assert result.json()["refresh_token_fingerprint"] == pair.refresh_fingerprint
+    monkeypatch.delenv("AMOCRM_REFRESH_TOKEN")
+    monkeypatch.delenv("AMOCRM_ACCESS_TOKEN")
+    two = run(capsys, "status", "--json", "--account", "two").json()
+    one = run(capsys, "status", "--json", "--account", "one").json()
+    assert (two["generation"], two["refresh_token_fingerprint"]) == (1, pair.refresh_fingerprint)
+    assert one["generation"] == 0  # the default account got nothing
+    # Account configuration in AMOCRM_* beside [[accounts]] is still ambiguous: refused.
+    monkeypatch.setenv("AMOCRM_CLIENT_ID", "id-three")
+    assert "not both" in assert_user_error(run(capsys, "import", "--account", "two"))
+
+
 # -- configuration errors ------------------------------------------------------------------
 
 

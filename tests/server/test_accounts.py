@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -243,3 +244,101 @@ def test_a_long_lived_token_file_open_to_others_is_refused(
         load_config(path, environ=env)
     token_file.chmod(0o600)
     assert load_config(path, environ=env).long_lived_token is not None
+
+
+def probes(sandbox: Sandbox) -> int:
+    """How many times the broker asked amoCRM's /api/v4/account whether its token works."""
+    return sum(r.raw_path == "/api/v4/account" for r in sandbox.requests)
+
+
+async def test_one_spurious_401_does_not_stop_a_long_lived_token(
+    make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """A 401 that a probe of /api/v4/account does not confirm leaves the state ok."""
+    config = make_config(AMOCRM_LONG_LIVED_TOKEN=sandbox.issue_pair()["access_token"])
+    async with serving(config, aiohttp_client) as broker:
+        sandbox.api_script.append(401)  # one call refused, the token itself still good
+        first = await broker.client.get("/api/v4/leads")
+        state = (await (await broker.client.get("/status")).json())["state"]
+        after = await broker.client.get("/api/v4/leads")
+        persisted = await broker.store.state()
+    assert (first.status, state, after.status) == (200, "ok", 200)  # the replay went through
+    assert probes(sandbox) == 1
+    assert persisted is None
+
+
+async def test_a_401_on_one_path_goes_back_as_is_and_stops_nothing(
+    make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """A path the token may not use answers amoCRM's 401; other paths and the state stay ok."""
+    config = make_config(AMOCRM_LONG_LIVED_TOKEN=sandbox.issue_pair()["access_token"])
+    sandbox.unauthorized_paths.add("/api/v4/leads")
+    async with serving(config, aiohttp_client) as broker:
+        refused = [(await broker.client.get("/api/v4/leads")).status for _ in range(3)]
+        other = await broker.client.get("/api/v4/contacts")
+        state = (await (await broker.client.get("/status")).json())["state"]
+    assert refused == [401, 401, 401]
+    assert (other.status, state) == (200, "ok")
+    assert probes(sandbox) == 1  # a confirmed token is trusted for a while: no probe per call
+
+
+async def test_a_probe_that_fails_otherwise_declares_nothing(
+    make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """A 401 whose probe meets a 5xx leaves the state ok; the next 401 probes again."""
+    config = make_config(AMOCRM_LONG_LIVED_TOKEN=sandbox.issue_pair()["access_token"])
+    async with serving(config, aiohttp_client) as broker:
+        sandbox.api_script.extend([401, 502])  # the call, then the probe
+        first = await broker.client.get("/api/v4/leads")
+        sandbox.api_script.append(401)
+        second = await broker.client.get("/api/v4/leads")
+        state = (await (await broker.client.get("/status")).json())["state"]
+    assert (first.status, second.status, state) == (200, 200, "ok")
+    assert probes(sandbox) == 2
+
+
+async def test_a_revoked_long_lived_token_is_declared_after_exactly_one_probe(
+    make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """Concurrent 401s share one probe; its 401 persists reauth_required for every replica."""
+    config = make_config(AMOCRM_LONG_LIVED_TOKEN=sandbox.issue_pair()["access_token"])
+    async with serving(config, aiohttp_client) as broker:
+        sandbox.expire_access_tokens()
+        answers = await asyncio.gather(*(broker.client.get("/api/v4/leads") for _ in range(5)))
+        errors = [(await a.json())["error"] for a in answers]
+        persisted = await broker.store.state()
+    assert errors == ["reauth_required"] * 5
+    assert probes(sandbox) == 1
+    assert persisted is not None and persisted.state == "reauth_required"
+
+
+async def test_a_restart_with_the_same_working_token_clears_reauth_required(
+    make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """A persisted reauth_required for a token that still works ends when the broker starts."""
+    token = sandbox.issue_pair()["access_token"]
+    config = make_config(AMOCRM_LONG_LIVED_TOKEN=token)
+    async with serving(config, aiohttp_client) as broker:
+        generation = broker.manager.generation
+        await broker.store.set_state("reauth_required", "amoCRM refused it (401)", generation)
+    async with serving(config, aiohttp_client) as broker:
+        state = broker.manager.state
+        answer = await broker.client.get("/api/v4/leads")
+        persisted = await broker.store.state()
+    assert (state, answer.status, persisted) == ("ok", 200, None)
+    assert probes(sandbox) == 1  # the start checked the token once
+
+
+async def test_a_restart_with_the_same_revoked_token_keeps_reauth_required(
+    make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """A start whose probe amoCRM also refuses keeps reauth_required: nothing is hidden."""
+    config = make_config(AMOCRM_LONG_LIVED_TOKEN=sandbox.issue_pair()["access_token"])
+    async with serving(config, aiohttp_client) as broker:
+        sandbox.expire_access_tokens()
+        assert (await broker.client.get("/api/v4/leads")).status == 503
+    async with serving(config, aiohttp_client) as broker:
+        state = broker.manager.state
+        answer = await broker.client.get("/api/v4/leads")
+    assert (state, answer.status) == ("reauth_required", 503)
+    assert probes(sandbox) == 2  # one at the 401, one at the start

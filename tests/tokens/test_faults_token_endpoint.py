@@ -7,6 +7,7 @@ and the backoff passes only when a test advances it, so "within the backoff" is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from broker.pair import jwt_expiry, needs_refresh
+from broker.pair import DEFAULT_ACCESS_LIFETIME, jwt_expiry, needs_refresh
 from broker.sandbox.server import Sandbox
 from broker.server.app import create_app
 from broker.service import new_session
@@ -339,3 +340,22 @@ async def test_unusable_expires_in_falls_back_to_jwt_exp_without_storm(
         await rig.manager.tick()
     assert rig.sandbox.token_calls == 1  # no refresh storm
     assert rig.manager.generation == 2
+
+
+def _jwt_with_exp(exp: int) -> str:
+    """An access token whose payload carries `exp` as written (the signature is not read)."""
+    segment = base64.urlsafe_b64encode(json.dumps({"exp": exp}).encode()).rstrip(b"=")
+    return f"eyJhbGciOiJIUzI1NiJ9.{segment.decode()}.c2ln"
+
+
+@pytest.mark.parametrize("exp", [10**400, 10**308], ids=["beyond-float", "beyond-any-clock"])
+async def test_a_grant_whose_jwt_exp_is_absurd_is_committed(rig: Rig, exp: int) -> None:
+    """A JWT exp no clock can show is ignored: the granted pair is stored, with the 24 h default."""
+    rig.sandbox.token_fields = {"access_token": _jwt_with_exp(exp), "expires_in": None}
+    refreshed_at = rig.clock.time()
+    stored = await rig.manager.refresh("manual")
+    generation, _, refresh_fp = await _stored(rig)
+    assert (stored.generation, generation, rig.sandbox.refresh_calls) == (2, 2, 1)
+    assert refresh_fp == stored.pair.refresh_fingerprint
+    assert stored.pair.expires_at == refreshed_at + DEFAULT_ACCESS_LIFETIME
+    assert rig.sandbox.live_refresh_tokens == [stored.pair.refresh_token]
