@@ -99,6 +99,7 @@ def check_state(world: World) -> None:
     if row is not None:
         token = row.pair.refresh_token
         state = store.state_row
+        on_its_way = False
         if state is not None and state.state == "reauth_required":
             if amo.live(token):
                 raise Violation(
@@ -107,8 +108,10 @@ def check_state(world: World) -> None:
                     f"token {_fp(token)} at g{row.generation}",
                 )
         elif token is not None and not amo.live(token):
-            _check_chain(world, token, row.generation)
-        store_dead = token is None or not amo.live(token)
+            on_its_way = _check_chain(world, token, row.generation)
+        # Another lineage may still be live (a person's import does not revoke older tokens):
+        # dropping it matters only while the store's own line is dead and nothing is carried.
+        store_dead = (token is None or not amo.live(token)) and not on_its_way
         if store_dead:
             world.delivered = [g for g in world.delivered if not g.committed and g.status == HELD]
             for grant in world.delivered:
@@ -140,13 +143,20 @@ def check_state(world: World) -> None:
             )
 
 
-def _check_chain(world: World, token: str, generation: int) -> None:
-    """I2: the stored token is spent; follow its grants to the newest and see where it is."""
+def _check_chain(world: World, token: str, generation: int) -> bool:
+    """I2: the stored token is spent; follow its grants to the newest and see where it is.
+
+    True when a pair of its line is on its way to the store (or held unsaved).
+    """
     spent = world.amo.grants[token].spent_by if token in world.amo.grants else None
     while spent is not None:
         grant = spent.grant
-        if grant is None or grant.status == LOST or carried(world, grant):
-            return
+        if grant is None:
+            return True  # amoCRM has not decided yet
+        if grant.status == LOST:
+            return False
+        if carried(world, grant):
+            return True
         if world.amo.live(grant.token):
             raise Violation(
                 "I2",
@@ -155,6 +165,7 @@ def _check_chain(world: World, token: str, generation: int) -> None:
                 "is live but neither stored nor held unsaved by a live process",
             )
         spent = grant.spent_by
+    return False
 
 
 def check_grant(world: World, send: Send, margin: float) -> None:
