@@ -1,0 +1,1 @@
+"""Deterministic simulation of the refresh protocol: seeded loop, clock, store and amoCRM."""
