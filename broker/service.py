@@ -112,17 +112,17 @@ async def _open_account(
     async with open_store(config) as store:
         oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
         manager: TokenManager
+        # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
+        probe = (
+            account_probe(session, config.base_url, config.upstream_timeout)
+            if config.base_url is not None
+            else None
+        )
         if long_lived is not None:
-            # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
-            probe = (
-                account_probe(session, config.base_url, config.upstream_timeout)
-                if config.base_url is not None
-                else None
-            )
             await install_long_lived(store, long_lived.reveal(), time.time(), probe)
             manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
         else:
-            manager = TokenManager(store, oauth, margin=config.margin_seconds)
+            manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
         await manager.load()
         yield AccountRuntime(config, store, oauth, manager)
 

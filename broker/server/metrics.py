@@ -171,6 +171,11 @@ class _LiveCollector(Collector):
             "Refresh attempts by this process, by reason and outcome.",
             labels=["account", "reason", "outcome"],
         )
+        incurable = CounterMetricFamily(
+            "amo_broker_unauthorized_after_refresh",
+            "401s that a fresh token did not cure, sent back to the caller instead of rotating.",
+            labels=["account"],
+        )
         depth = GaugeMetricFamily(
             "amo_broker_queue_depth",
             "Calls waiting for the account's pace now.",
@@ -190,6 +195,7 @@ class _LiveCollector(Collector):
             generation.add_metric([name], manager.generation)
             for (reason, outcome), count in sorted(manager.stats.outcomes.items()):
                 refreshes.add_metric([name, reason, outcome], count)
+            incurable.add_metric([name], manager.stats.unauthorized_after_refresh)
             depth.add_metric([name], limiter.pacer.depth)
             rate.add_metric([name], limiter.settings.rps)
-        yield from (state, expiry, generation, refreshes, depth, rate)
+        yield from (state, expiry, generation, refreshes, incurable, depth, rate)

@@ -147,7 +147,7 @@ class Proxy:
     ) -> Exchange:
         # A 429 is retried only where sending twice is harmless, or where the caller says so.
         may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
-        replayed, retries = False, 0
+        replayed, retries, counted = False, 0, False
         await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
         while True:
             upstream, pause, generation = await self._paced_send(request, target, body, resource)
@@ -161,12 +161,12 @@ class Proxy:
                     return exchange
                 # The connection goes back to the pool before the (perhaps slow) refresh.
                 upstream.release()
-                await self._manager.unauthorized(generation)
+                counted = not await self._manager.unauthorized(generation)
                 replayed = True
                 self.stats.replays_total += 1
                 self._metrics.retries.labels(self.account, "unauthorized").inc()
                 continue
-            if upstream.status == 401:
+            if upstream.status == 401 and not counted:
                 self._manager.note_unauthorized_after_refresh()
             if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
                 upstream.release()

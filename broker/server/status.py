@@ -86,6 +86,7 @@ async def live_status(
     doc["next_attempt_at"] = iso(stats.next_attempt_at)
     doc["refreshes_total"] = stats.refreshes_total
     doc["refresh_failures_total"] = stats.refresh_failures_total
+    doc["unauthorized_after_refresh"] = stats.unauthorized_after_refresh
     doc["long_lived"] = pair is not None and pair.refresh_token is None
     warning = expiry_warning(manager.seconds_until_expiry) if doc["long_lived"] else None
     doc["warnings"] = [warning] if warning else []

@@ -19,28 +19,28 @@ from broker.errors import (
     GrantRejectedError,
     NoTokensError,
     ReauthRequiredError,
-    StaleWriteError,
     StoreError,
     TokenEndpointError,
 )
 from broker.faults import fault_point
 from broker.logs import get_logger, redactor
-from broker.pair import TokenPair
 from broker.store.api import Store, StoredPair
-from broker.store.lease import LeaseResult, holder_id, lost_answer_note
-from broker.timing import Clock, SystemClock, iso
+from broker.store.lease import LeaseResult, lost_answer_note
+from broker.timing import Clock, iso
 from broker.tokens import pair_state as rules
 from broker.tokens.endpoint import REQUEST_FACTOR
+from broker.tokens.keeper import PairKeeper
 from broker.tokens.leasing import take_lease
-from broker.tokens.pair_state import On401, PairState
-from broker.tokens.parts import Refresher, RefreshStats, consume_exception, quietly
+from broker.tokens.pair_state import On401
+from broker.tokens.parts import Refresher, consume_exception, quietly
+from broker.tokens.probe import Probe, Verdict, verdict
 
 log = get_logger()
 
 EXPIRY_SKEW = 5.0  # an access token this close to expiry is refreshed before use
 
 
-class TokenManager:
+class TokenManager(PairKeeper):
     """Own the current pair of one account and every decision to refresh it."""
 
     def __init__(
@@ -51,40 +51,16 @@ class TokenManager:
         margin: float,
         clock: Clock | None = None,
         poll_interval: float = 5.0,
+        probe: Probe | None = None,
     ) -> None:
-        self.store = store
+        super().__init__(store, margin=margin, clock=clock)
+        self._token_probe = probe
+        self._token_probing: asyncio.Task[Verdict] | None = None
         self._refresher = refresher
-        self._margin = margin
-        self._clock = clock or SystemClock()
         self._poll_interval = poll_interval
-        self._holder = holder_id()
-        self._state = PairState()
         self._inflight: asyncio.Task[StoredPair] | None = None
-        # One store write at a time: the pair to write is read once the turn comes, so a
-        # retry can never write a pair that a later grant superseded while it waited.
-        self._writing = asyncio.Lock()
-        self.stats = RefreshStats()
 
     # -- what the proxy and /status read --------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        return self._state.generation
-
-    @property
-    def pair(self) -> TokenPair | None:
-        return self._state.held.pair if self._state.held else None
-
-    @property
-    def store_degraded(self) -> bool:
-        """Say whether the pair in use is held in memory only, because the store failed."""
-        return self._state.unsaved is not None
-
-    @property
-    def seconds_until_expiry(self) -> float | None:
-        if self._state.held is None:
-            return None
-        return self._state.expires_mono - self._clock.monotonic()
 
     @property
     def state(self) -> str:
@@ -95,10 +71,6 @@ class TokenManager:
         if self._inflight is not None and not self._inflight.done():
             return "refreshing"
         return "ok" if self._state.held else "no_tokens"
-
-    @property
-    def reauth_reason(self) -> str | None:
-        return self._state.reauth
 
     async def load(self) -> None:
         """Read the pair and any persisted state; a key that does not fit raises here."""
@@ -129,18 +101,40 @@ class TokenManager:
         Return whether sending the call again may help: True after a rotation (here or by
         another process), False when the token was fresh and the 401 goes back to the caller.
         """
-        decision = rules.on_401(self._state, generation, self._clock.monotonic())
+        decision = self._on_401(generation)
+        if decision is On401.PROBE and await self._token_works(generation):
+            decision = On401.RETURN
         if decision is On401.RETURN:
             self.note_unauthorized_after_refresh()
             return False
-        if decision is On401.ROTATE:
+        if decision is not On401.REPLAY:
             await self.refresh("unauthorized", stale_generation=generation)
             self._state = rules.cured_401(self._state, self._clock.monotonic())
         return True
 
     def may_cure_401(self, generation: int) -> bool:
         """Say, without waiting, whether a 401 for `generation`'s token calls for a replay."""
-        return rules.on_401(self._state, generation, self._clock.monotonic()) is not On401.RETURN
+        return self._on_401(generation) is not On401.RETURN
+
+    def _on_401(self, generation: int) -> On401:
+        now = self._clock.monotonic()
+        return rules.on_401(self._state, generation, now, can_probe=self._token_probe is not None)
+
+    async def _token_works(self, generation: int) -> bool:
+        """Probe the held token once for all who ask now; remember a working one."""
+        pair, probe = self.pair, self._token_probe
+        if pair is None or probe is None:
+            return True
+        if self._token_probing is None or self._token_probing.done():
+
+            async def run() -> Verdict:
+                return verdict(await probe(pair.access_token))
+
+            self._token_probing = asyncio.create_task(run())
+        found = await asyncio.shield(self._token_probing)
+        if found == "alive" and generation == self.generation:
+            self._state = replace(self._state, probed_alive=generation)
+        return found != "refused"
 
     def note_unauthorized_after_refresh(self) -> None:
         """Count a 401 that a fresh token did not cure (shown in /status and /metrics)."""
@@ -203,11 +197,7 @@ class TokenManager:
             raise TokenEndpointError("no OAuth client configured: cannot refresh")
         try:
             lease = await take_lease(
-                self.store,
-                self._holder,
-                stale,
-                refresher.timeout_seconds * REQUEST_FACTOR + 10,  # outlives the request
-                self._clock,
+                self.store, self._holder, stale, self._lease_seconds(), self._clock
             )
         except StoreError as exc:
             if self._state.unsaved is None:
@@ -222,7 +212,14 @@ class TokenManager:
         try:
             return await self._spend_refresh_token(refresher, reason, lease)
         finally:
-            await quietly(self.store.release_lease(self._holder))
+            # A pair held unsaved keeps the lease (tick renews it): released, another process
+            # would read the store's pair, whose refresh token this one already spent.
+            if not self._holds_news():
+                await quietly(self.store.release_lease(self._holder))
+
+    def _lease_seconds(self) -> float:
+        timeout = self._refresher.timeout_seconds if self._refresher else 15.0
+        return timeout * REQUEST_FACTOR + 10  # outlives the request
 
     async def _spend_refresh_token(
         self, refresher: Refresher, reason: str, lease: LeaseResult
@@ -274,44 +271,6 @@ class TokenManager:
         )
         return await self._held()
 
-    async def _write(self) -> None:
-        """Write the unsaved pair, if any, by compare-and-swap; on failure keep it in memory.
-
-        The old refresh token is spent once amoCRM answered: the unsaved pair is the only one
-        that works, and losing it would lose the integration.
-        """
-        async with self._writing:
-            while (pair := self._state.unsaved) is not None:
-                expected = self._state.durable
-                try:
-                    generation = await self.store.store_pair(
-                        pair, reason=self._state.unsaved_reason, expected_generation=expected
-                    )
-                except StaleWriteError:
-                    row = await self.store.load()
-                    if rules.write_conflict(self._state, row):
-                        assert row is not None  # noqa: S101 -- write_conflict saw it
-                        self._state = replace(self._state, durable=row.generation)
-                        continue  # our own superseded pair: write over it
-                    log.warning("token_superseded", generation=row.generation if row else 0)
-                    await self._follow(row, announce=True)
-                    return
-                except StoreError as exc:
-                    self.stats.store_error = exc.message
-                    log.error(
-                        "store_write_failed",
-                        error=exc.message,
-                        generation=self.generation,
-                        new_fingerprint=pair.refresh_fingerprint,
-                    )
-                    return
-                was_unsaved = self.stats.store_error is not None
-                self._state = rules.committed(self._state, pair, generation)
-                if self._state.unsaved is None:
-                    self.stats.store_error = None
-                    if was_unsaved:
-                        log.warning("store_write_recovered", generation=generation)
-
     async def _rejected(
         self, exc: GrantRejectedError, reason: str, current: StoredPair, lease: LeaseResult
     ) -> StoredPair:
@@ -323,8 +282,9 @@ class TokenManager:
         message += ": re-authorise with `amo-broker exchange-code CODE` or `amo-broker import`"
         log.error("token_refresh_failed", reason=reason, error=message, status=exc.status)
         await self._record_failure(reason, current, message, "rejected")
-        await quietly(self.store.set_state("reauth_required", message, current.generation))
         self._state = replace(self._state, reauth=message)
+        self._owed_refusal = (message, current.generation)
+        await self._record_refusal()
         log.error("reauth_required", reason=message, generation=current.generation)
         raise ReauthRequiredError(message)
 
@@ -355,35 +315,7 @@ class TokenManager:
             )
         )
 
-    async def _follow_store(self) -> bool:
-        """Adopt the store's pair if it is newer than ours; say whether it was."""
-        try:
-            if await self.store.generation() <= self._state.durable:
-                return False
-            before = self._state.held
-            await self._follow(await self.store.load(), announce=True)
-        except StoreError:
-            return False
-        return self._state.held is not before
-
-    async def _follow(self, stored: StoredPair | None, *, announce: bool) -> None:
-        """Take the store's pair and persisted state as ours, where they are news."""
-        persisted = await self.store.state()
-        reauth = persisted.reason if persisted and persisted.state == "reauth_required" else None
-        before = self._state
-        self._state = rules.adopt(
-            before, stored, reauth, self._clock.time(), self._clock.monotonic(), self._margin
-        )
-        held = self._state.held
-        if held is not None and held is not before.held:
-            redactor.register(held.pair.access_token, held.pair.refresh_token)
-            if before.retry_at:
-                self.stats.next_attempt_at = None  # adoption ends the back-off
-            if announce and held.generation != before.generation:
-                log.info("token_adopted", generation=held.generation)
-
     # -- proactive loop ---------------------------------------------------------------------
-
     async def run(self) -> None:
         """Refresh before expiry with no traffic, and follow other processes' rotations: at once
         on PostgreSQL (a commit wakes the store's wait), by polling on SQLite."""
@@ -400,6 +332,11 @@ class TokenManager:
         """Do one round of the proactive loop."""
         if self._state.unsaved is not None:
             await self._write()
+        await self._record_refusal()
+        if self._holds_news():  # the store still lacks it: keep the lease while we wait
+            await quietly(
+                self.store.try_lease(self._holder, self._lease_seconds(), self._clock.time())
+            )
         if await self.store.generation() > self._state.durable or self._state.reauth:
             await self._follow(await self.store.load(), announce=True)
         if rules.refresh_due(self._state, self._clock.monotonic()):

@@ -37,6 +37,7 @@ class PairState:
     due_mono: float = 0.0  # when to refresh proactively, on the monotonic clock
     expires_mono: float = 0.0
     cured_401_mono: float = float("-inf")  # when a refresh for a 401 last ended, monotonic
+    probed_alive: int = -1  # the generation a probe found working despite a 401
     durable: int = 0
     unsaved: TokenPair | None = None  # granted, not yet in the store: serve it, write it
     unsaved_reason: str = ""
@@ -59,6 +60,7 @@ class On401(Enum):
     REPLAY = "replay"  # the pair rotated since that call left: send it again
     ROTATE = "rotate"  # the token in use was refused: refresh once, then replay
     RETURN = "return"  # a fresh token was refused: the 401 is not about the token
+    PROBE = "probe"  # a fresh token was refused: ask amoCRM whether it still works
 
 
 def scheduled(
@@ -90,12 +92,14 @@ def adopt(
 
     A row at or below `durable`, or holding a pair whose refresh token we spent, is our own
     past: never adopted over a newer pair in memory. Anything newer (a replica's rotation, a
-    person's import) wins, ends back-off and drops an unsaved pair it supersedes.
+    person's import) wins, ends back-off and drops an unsaved pair it supersedes. A refusal
+    this process knows of is lifted by a new pair only.
     """
     if stored is None or not is_news(state, stored):
         if state.unsaved is not None:
             return state  # the store is behind us: keep serving, and writing, our pair
-        return replace(state, reauth=reauth)
+        # Only a new pair lifts a refusal: a store that failed to record ours still has none.
+        return replace(state, reauth=reauth or state.reauth)
     adopted = scheduled(state, stored, now_wall, now_mono, margin)
     return replace(
         adopted,
@@ -175,13 +179,20 @@ def write_conflict(state: PairState, row: StoredPair | None) -> bool:
     return row is not None and row.pair.refresh_fingerprint in state.spent
 
 
-def on_401(state: PairState, generation: int, now_mono: float) -> On401:
-    """Decide about a 401 for a call sent with `generation`'s token."""
+def on_401(state: PairState, generation: int, now_mono: float, *, can_probe: bool) -> On401:
+    """Decide about a 401 for a call sent with `generation`'s token.
+
+    Within the cool-down a 401 rotates only if a probe shows the token itself refused (amoCRM
+    dropped it again); one probe per generation, whose "still works" sends every later 401
+    for that generation straight back.
+    """
     if generation < state.generation:
         return On401.REPLAY
-    if now_mono - state.cured_401_mono < UNAUTHORIZED_COOLDOWN:
-        return On401.RETURN
-    return On401.ROTATE
+    if now_mono - state.cured_401_mono >= UNAUTHORIZED_COOLDOWN:
+        return On401.ROTATE
+    if can_probe and state.probed_alive != state.generation:
+        return On401.PROBE
+    return On401.RETURN
 
 
 def cured_401(state: PairState, now_mono: float) -> PairState:

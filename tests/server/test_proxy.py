@@ -395,3 +395,19 @@ async def test_redirects_are_relayed_not_followed(
     assert response.status == 302
     assert response.headers["Location"] == "https://elsewhere.example/steal"
     assert fake.api_calls == 1
+
+
+async def test_401s_no_token_cures_go_back_and_show_in_status_and_metrics(broker: Broker) -> None:
+    """A path amoCRM always answers 401: one rotation, one probe, then 401s straight back."""
+    broker.sandbox.unauthorized_paths.add("/api/v4/leads")
+    statuses = [(await broker.client.get("/api/v4/leads")).status for _ in range(5)]
+    assert statuses == [401] * 5
+    assert broker.sandbox.refresh_calls == 1  # the first 401 rotates; none after it
+    probes = [r for r in broker.sandbox.requests if r.raw_path == "/api/v4/account"]
+    assert len(probes) == 1  # the second asks whether the token works; it does
+    assert (await broker.client.get("/api/v4/contacts")).status == 200
+    status = await (await broker.client.get("/status")).json()
+    assert (status["state"], status["generation"]) == ("ok", 2)
+    assert status["unauthorized_after_refresh"] == 5
+    metrics = await (await broker.client.get("/metrics")).text()
+    assert 'amo_broker_unauthorized_after_refresh_total{account="default"} 5.0' in metrics

@@ -54,6 +54,15 @@ PROFILES = {
         {"calm": 3, "slow": 1},
         incurable_share=0.0,
     ),
+    # A limit, not a defect: store outages longer than the refresh lease (see max_outage).
+    "long_outage": Profile(
+        "long_outage",
+        {**ACTIONS, "store_weather": 1.0, "crash": 0.0, "clock_step": 0.0, "incurable": 0.0},
+        {"calm": 1, "failing": 3},
+        {"calm": 3, "slow": 1},
+        incurable_share=0.0,
+        max_outage=None,
+    ),
     # Defect 2: calls amoCRM answers 401 whatever the token.
     "incurable": Profile(
         "incurable",
@@ -179,6 +188,7 @@ def _act(world: World, action: str) -> None:
     elif action == "store_weather":
         modes = world.profile.store_modes
         world.store_mode = rng.choices(list(modes), list(modes.values()))[0]
+        world.store_mode_since = world.now()
         world.trace("store", world.store_mode)
     elif action == "endpoint_weather":
         modes = world.profile.endpoint_modes

@@ -197,6 +197,10 @@ def check_request_error(
     """I6: a request that failed for back-off while a newer working pair sat in the store."""
     if not isinstance(exc, TokenEndpointError) or isinstance(exc, GrantRejectedError):
         return
+    if not proc.alive:
+        return  # a killed process's callers are gone: what it would answer reaches nobody
+    if "refresh failed recently" not in exc.message:
+        return  # a refresh that was tried and failed (a lost answer, a 5xx): not back-off
     retry_at = proc.manager.stats.next_attempt_at
     row = world.store.row
     if (

@@ -12,8 +12,8 @@ full, a statement timeout after a hung connection). A dead process's view raises
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import broker.errors
@@ -55,12 +55,11 @@ STORE = "store"  # with the store's own clock, which never steps (the fix for de
 
 
 def real_lease_clock() -> str:
-    """Tell which lease clock the real SQLite backend uses: CALLER while try_lease takes `now`."""
-    from broker.store.sqlite.backend import TokenStore
+    """Tell which lease clock the real SQLite backend uses: the host's boot clock (STORE) since
+    leases carry a boot stamp, the caller's wall clock (CALLER) before."""
+    from broker.store import lease
 
-    params = inspect.signature(TokenStore.try_lease).parameters
-    now = params.get("now")
-    return CALLER if now is not None and now.default is inspect.Parameter.empty else STORE
+    return STORE if hasattr(lease, "SystemBootClock") else CALLER
 
 
 class SharedStore:
@@ -119,6 +118,11 @@ class SharedStore:
         self.world.trace("commit", who, f"g{generation}", fingerprint(token), reason)
         return generation
 
+    def current_lease(self) -> Lease | None:
+        """The lease row, `live` as the store's own clock judges it."""
+        row = self.lease_row
+        return row and replace(row, live=row.expires_at > self.world.now())
+
     def lease_now(self, caller_now: float) -> float:
         return caller_now if self.lease_clock == CALLER else self.world.now()
 
@@ -132,7 +136,7 @@ class SharedStore:
             and self.world.holder_alive(held.holder)
         ):
             return LeaseResult(False, self.generation, held)
-        lease = Lease(holder, self.generation, now, now + ttl)
+        lease = Lease(holder, self.generation, now, now + ttl, True)
         self.lease_row = lease
         self.world.trace("lease", holder, f"g{self.generation}")
         taken_over = held if held is not None and held.holder != holder else None
@@ -207,7 +211,7 @@ class StoreView:
         return await self._call(False, "state", lambda: self._shared.state_row)
 
     async def lease(self) -> Lease | None:
-        return await self._call(False, "lease", lambda: self._shared.lease_row)
+        return await self._call(False, "lease", self._shared.current_lease)
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
         return list(reversed(self._shared.rows))[:limit]

@@ -47,18 +47,27 @@ DEFECTS: dict[str, tuple[frozenset[str], str, range]] = {
     "degraded pair leaves the lease to others": (
         frozenset({"I1", "I5"}),
         "degraded_shared",
-        range(0, 20),
+        range(0, 100),  # on the old code: seeds 21, 50, 52, 78, 81, 98
     ),
     # Found by the simulator: when writing reauth_required fails, the next refresh re-reads
     # no state from the store, forgets the refusal and sends the refused token again.
     "a refusal whose state write failed is forgotten": (
         frozenset({"I1"}),
-        "degraded",
-        range(140, 200),
+        "degraded_shared",
+        range(220, 230),  # on the old code: seed 224
     ),
 }
+# Limits of the design, shown by the simulator and documented (docs/reliability.md): never
+# tolerated by the sweep, whose profile stays inside them; each has a strict-xfail test.
+LIMITS: dict[str, tuple[frozenset[str], str, range]] = {
+    # A store that refuses writes for longer than the refresh lease: the degraded process
+    # cannot renew it, and when the store is back another process may take the lapsed lease
+    # and send the stored refresh token, which the degraded process already spent. amoCRM
+    # refuses it; the degraded process's write then lands and lifts the refusal.
+    "store outage longer than the lease": (frozenset({"I1"}), "long_outage", range(0, 60)),
+}
 # The defects today's code still has: delete a name here when its fix lands.
-KNOWN_DEFECTS: frozenset[str] = frozenset(DEFECTS)
+KNOWN_DEFECTS: frozenset[str] = frozenset()
 
 SWEEP_PROFILE = "mixed"
 CHUNK = 250  # seeds per sweep test: each stays far inside the 60 s per-test timeout
@@ -105,7 +114,7 @@ def test_seed_sweep_keeps_the_invariants(seeds: range) -> None:
 
 
 def _regression(defect: str) -> None:
-    codes, profile, seeds = DEFECTS[defect]
+    codes, profile, seeds = DEFECTS.get(defect) or LIMITS[defect]
     for seed in seeds:
         result = run_seed(seed, profile)
         if result.violation is not None and result.violation.code in codes:
@@ -150,6 +159,12 @@ def test_no_process_spends_a_token_a_degraded_process_already_spent() -> None:
 def test_a_refused_token_is_not_sent_again_when_the_state_write_fails() -> None:
     """A refused refresh token is never sent again, even when reauth_required was not saved."""
     _regression("a refusal whose state write failed is forgotten")
+
+
+@pytest.mark.xfail(reason="a limit of the design: see LIMITS", strict=True)
+def test_a_store_outage_longer_than_the_lease_may_resend_a_spent_token() -> None:
+    """The limit is real: past the lease, a long outage lets another process resend a token."""
+    _regression("store outage longer than the lease")
 
 
 def test_a_seed_replays_the_same_run() -> None:

@@ -113,6 +113,10 @@ class Profile:
     steps: int = 40
     procs: tuple[int, ...] = (2, 2, 3)  # drawn from: how many processes share the store
     incurable_share: float = 0.2  # of the calls in a `requests` step
+    # A store that fails writes (failing, flaky) recovers after this long: the guarantees hold
+    # for outages shorter than the refresh lease (70 s here), which a degraded process cannot
+    # renew while the store refuses it. None: unbounded, the `long_outage` profile's limit.
+    max_outage: float | None = 60.0
 
 
 @dataclass
@@ -155,6 +159,7 @@ class World:
         self.violation: invariants.Violation | None = None
         self.checking = True
         self.store_mode = "calm"
+        self.store_mode_since = 0.0
         self.endpoint_mode_now = "calm"
         self.loop_errors: list[str] = []
         self._started = 0
@@ -262,6 +267,11 @@ class World:
     def store_fault(self, proc: Proc | None, write: bool) -> tuple[float, str]:
         """Draw one store call's fate: (delay before it takes effect, failure or '')."""
         mode, r = self.store_mode, self.rng.random()
+        limit = self.profile.max_outage
+        if mode in ("failing", "flaky") and limit is not None:
+            if self.now() - self.store_mode_since > limit:
+                mode = self.store_mode = "calm"  # the outage ends, as any bounded one does
+                self.trace("store", "calm")
         if mode == "calm":
             return 0.0, ""
         if mode == "contended":  # another connection holds the write lock for a while

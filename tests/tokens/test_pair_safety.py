@@ -25,6 +25,7 @@ from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import TokenStore
 from broker.tokens.endpoint import OAuthClient
 from broker.tokens.manager import TokenManager
+from broker.tokens.probe import PROBE_PATH, account_probe
 from tests.conftest import ConfigFactory, pair_from_sandbox, seed_store
 
 
@@ -247,3 +248,31 @@ async def test_the_loop_in_back_off_still_follows_the_store(
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
         await store.close()
+
+
+async def test_a_401_in_the_cool_down_rotates_only_if_a_probe_finds_the_token_dead(
+    parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
+) -> None:
+    """Within the cool-down one probe per generation decides: dead token rotates, live one not."""
+    config, session = parts
+    store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
+    oauth = OAuthClient(session, config.require_oauth(), timeout=5)
+    probe = account_probe(session, str(config.base_url), 5)
+    manager = TokenManager(store, oauth, margin=600, probe=probe)
+    await manager.load()
+
+    def probes() -> int:
+        return sum(r.raw_path == PROBE_PATH for r in sandbox.requests)
+
+    sandbox.expire_access_tokens()
+    assert await manager.unauthorized(manager.generation)  # the first 401: rotate at once
+    assert (sandbox.refresh_calls, probes()) == (1, 0)
+    sandbox.expire_access_tokens()  # amoCRM drops the new token too: the probe sees it
+    assert await manager.unauthorized(manager.generation)
+    assert (sandbox.refresh_calls, probes(), manager.generation) == (2, 1, 3)
+    # The token works, the call does not: one probe, then straight back, nothing rotates.
+    replays = [await manager.unauthorized(manager.generation) for _ in range(10)]
+    assert replays == [False] * 10
+    assert (sandbox.refresh_calls, probes()) == (2, 2)
+    assert manager.stats.unauthorized_after_refresh == 10
+    await store.close()

@@ -40,6 +40,7 @@ from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import AccountState, TokenStore
 from broker.tokens.endpoint import OAuthClient, parse_token_answer
 from broker.tokens.manager import TokenManager
+from broker.tokens.probe import account_probe
 
 T = TypeVar("T")
 
@@ -268,7 +269,9 @@ class TokenLifecycle(RuleBasedStateMachine):
         oauth = OAuthClient(self.session, client, timeout=5)
         refresher = RecordingRefresher(oauth, self.observer.state, self._issued, self._refused)
         clock = ProcessClock(self.world, origin=self.spawned * 100_000.0)
-        manager = TokenManager(store, refresher, margin=MARGIN, clock=clock)
+        # As `serve` wires it: a 401 soon after a rotation is confirmed with a probe.
+        probe = account_probe(self.session, self.url, 5)
+        manager = TokenManager(store, refresher, margin=MARGIN, clock=clock, probe=probe)
         pid = start_pid()
         self.pids.append(pid)
         # All "processes" share this test's pid, so each lease holder is named after a child

@@ -1,0 +1,148 @@
+"""The pair one process holds, kept in step with the store: adopt what is news, write what the
+store lacks (by compare-and-swap, one write at a time), and keep the lease while it lacks it.
+
+The base of TokenManager (broker/tokens/manager.py), which decides when to refresh; the rules
+both follow are the pure transitions of broker/tokens/pair_state.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from broker.errors import StaleWriteError, StoreError
+from broker.logs import get_logger, redactor
+from broker.pair import TokenPair
+from broker.store.api import Store, StoredPair
+from broker.store.lease import holder_id
+from broker.timing import Clock, SystemClock
+from broker.tokens import pair_state as rules
+from broker.tokens.pair_state import PairState
+from broker.tokens.parts import RefreshStats, quietly
+
+log = get_logger()
+
+
+class PairKeeper:
+    """Hold one account's pair and keep it in step with the store."""
+
+    def __init__(self, store: Store, *, margin: float, clock: Clock | None = None) -> None:
+        self.store = store
+        self._margin = margin
+        self._clock = clock or SystemClock()
+        self._holder = holder_id()
+        self._state = PairState()
+        # One store write at a time: the pair to write is read once the turn comes, so a
+        # retry can never write a pair that a later grant superseded while it waited.
+        self._writing = asyncio.Lock()
+        # A refusal the store did not take (message, generation): until it does, this process
+        # keeps the lease, or another would send the refused token again.
+        self._owed_refusal: tuple[str, int] | None = None
+        self.stats = RefreshStats()
+
+    @property
+    def generation(self) -> int:
+        return self._state.generation
+
+    @property
+    def pair(self) -> TokenPair | None:
+        return self._state.held.pair if self._state.held else None
+
+    @property
+    def store_degraded(self) -> bool:
+        """Say whether the pair in use is held in memory only, because the store failed."""
+        return self._state.unsaved is not None
+
+    @property
+    def seconds_until_expiry(self) -> float | None:
+        if self._state.held is None:
+            return None
+        return self._state.expires_mono - self._clock.monotonic()
+
+    @property
+    def reauth_reason(self) -> str | None:
+        return self._state.reauth
+
+    def _holds_news(self) -> bool:
+        """Say whether this process knows what the store does not: an unsaved pair, or a
+        refusal it could not record. Either way it keeps the lease until the store has it."""
+        return self._state.unsaved is not None or self._owed_refusal is not None
+
+    async def _record_refusal(self) -> None:
+        """Persist an owed reauth_required, then give the lease back; on failure keep both."""
+        if self._owed_refusal is None:
+            return
+        message, generation = self._owed_refusal
+        try:
+            await self.store.set_state("reauth_required", message, generation)
+        except StoreError as exc:
+            log.error("store_write_failed", error=exc.message)
+            return
+        self._owed_refusal = None
+        await quietly(self.store.release_lease(self._holder))
+
+    async def _write(self) -> None:
+        """Write the unsaved pair, if any, by compare-and-swap; on failure keep it in memory.
+
+        The old refresh token is spent once amoCRM answered: the unsaved pair is the only one
+        that works, and losing it would lose the integration.
+        """
+        async with self._writing:
+            while (pair := self._state.unsaved) is not None:
+                expected = self._state.durable
+                try:
+                    generation = await self.store.store_pair(
+                        pair, reason=self._state.unsaved_reason, expected_generation=expected
+                    )
+                except StaleWriteError:
+                    row = await self.store.load()
+                    if rules.write_conflict(self._state, row):
+                        assert row is not None  # noqa: S101 -- write_conflict saw it
+                        self._state = replace(self._state, durable=row.generation)
+                        continue  # our own superseded pair: write over it
+                    log.warning("token_superseded", generation=row.generation if row else 0)
+                    await self._follow(row, announce=True)
+                    await quietly(self.store.release_lease(self._holder))
+                    return
+                except StoreError as exc:
+                    self.stats.store_error = exc.message
+                    log.error(
+                        "store_write_failed",
+                        error=exc.message,
+                        generation=self.generation,
+                        new_fingerprint=pair.refresh_fingerprint,
+                    )
+                    return
+                was_unsaved = self.stats.store_error is not None
+                self._state = rules.committed(self._state, pair, generation)
+                if self._state.unsaved is None:
+                    self.stats.store_error = None
+                    if was_unsaved:
+                        log.warning("store_write_recovered", generation=generation)
+
+    async def _follow_store(self) -> bool:
+        """Adopt the store's pair if it is newer than ours; say whether it was."""
+        try:
+            if await self.store.generation() <= self._state.durable:
+                return False
+            before = self._state.held
+            await self._follow(await self.store.load(), announce=True)
+        except StoreError:
+            return False
+        return self._state.held is not before
+
+    async def _follow(self, stored: StoredPair | None, *, announce: bool) -> None:
+        """Take the store's pair and persisted state as ours, where they are news."""
+        persisted = await self.store.state()
+        reauth = persisted.reason if persisted and persisted.state == "reauth_required" else None
+        before = self._state
+        self._state = rules.adopt(
+            before, stored, reauth, self._clock.time(), self._clock.monotonic(), self._margin
+        )
+        held = self._state.held
+        if held is not None and held is not before.held:
+            redactor.register(held.pair.access_token, held.pair.refresh_token)
+            if before.retry_at:
+                self.stats.next_attempt_at = None  # adoption ends the back-off
+            if announce and held.generation != before.generation:
+                log.info("token_adopted", generation=held.generation)
