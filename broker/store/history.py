@@ -48,3 +48,17 @@ async def compact(db: Any, account: str, mark: str) -> int:
             (account,),
         )
     return max(excess, 0)
+
+
+async def append(
+    db: Any, account: str, head: tuple[Any, ...], tail: tuple[Any, ...], mark: str
+) -> None:
+    """Append one history entry (its counter follows by trigger), then apply retention.
+
+    `mark` is the backend's placeholder (`?` or `%s`): the statements are otherwise the same.
+    """
+    values = ", ".join([mark] * 8)
+    columns = "account, at, reason, generation, old_fingerprint, new_fingerprint, outcome, error"
+    statement = f"INSERT INTO rotations ({columns}) VALUES ({values})"  # noqa: S608 -- constants
+    await db.execute(statement, (account, *head, *tail))
+    await compact(db, account, mark)

@@ -46,7 +46,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
-from broker.store.history import compact
+from broker.store.history import append as append_entry
 from broker.store.lease import Lease, LeaseResult
 from broker.store.postgres.connection import DEFAULT_TIMEOUT, Conn, Cutoff, connect
 from broker.store.postgres.schema import ACCOUNT_LOCK, migrate
@@ -290,10 +290,12 @@ class PgTokenStore(PgSideTables):
             )
             await db.execute("DELETE FROM leases WHERE account = %s", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = %s", (self.account,))
-            await self._append(
+            await append_entry(
                 db,
+                self.account,
                 (now, reason, generation, row[1] if row else None),
                 (pair.refresh_fingerprint or pair.access_fingerprint, outcome, None),
+                "%s",
             )
             await db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.account}:{generation}"))
             fault_point("during_commit")
@@ -305,18 +307,13 @@ class PgTokenStore(PgSideTables):
         """Append a failed rotation attempt to the history."""
         old_fp = fingerprint(old_refresh) if old_refresh else None
         async with self.transaction() as db:
-            await self._append(
-                db, (time.time(), reason, generation, old_fp), (None, outcome, error)
+            await append_entry(
+                db,
+                self.account,
+                (time.time(), reason, generation, old_fp),
+                (None, outcome, error),
+                "%s",
             )
-
-    async def _append(self, db: Conn, head: tuple[Any, ...], tail: tuple[Any, ...]) -> None:
-        """Append one history entry (its counter follows by trigger), then apply retention."""
-        await db.execute(
-            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
-            "new_fingerprint, outcome, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (self.account, *head, *tail),
-        )
-        await compact(db, self.account, "%s")
 
     async def set_state(self, state: str, reason: str, generation: int) -> None:
         """Persist a state all processes honour; it holds until a new pair is stored."""

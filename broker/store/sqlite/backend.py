@@ -44,7 +44,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
-from broker.store.history import compact
+from broker.store.history import append as append_entry
 from broker.store.lease import (
     BootClock,
     BootStamp,
@@ -259,10 +259,12 @@ class TokenStore(SideTables):
             )
             await db.execute("DELETE FROM leases WHERE account = ?", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = ?", (self.account,))
-            await self._append(
+            await append_entry(
                 db,
+                self.account,
                 (now, reason, generation, row[1] if row else None),
                 (pair.refresh_fingerprint or pair.access_fingerprint, outcome, None),
+                "?",
             )
             fault_point("during_commit")
         return generation
@@ -273,20 +275,13 @@ class TokenStore(SideTables):
         """Append a failed rotation attempt to the history."""
         old_fp = fingerprint(old_refresh) if old_refresh else None
         async with self.transaction() as db:
-            await self._append(
-                db, (time.time(), reason, generation, old_fp), (None, outcome, error)
+            await append_entry(
+                db,
+                self.account,
+                (time.time(), reason, generation, old_fp),
+                (None, outcome, error),
+                "?",
             )
-
-    async def _append(
-        self, db: aiosqlite.Connection, head: tuple[Any, ...], tail: tuple[Any, ...]
-    ) -> None:
-        """Append one history entry (its counter follows by trigger), then apply retention."""
-        await db.execute(
-            "INSERT INTO rotations (account, at, reason, generation, old_fingerprint, "
-            "new_fingerprint, outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.account, *head, *tail),
-        )
-        await compact(db, self.account, "?")
 
     async def set_state(self, state: str, reason: str, generation: int) -> None:
         """Persist a state all processes honour; it holds until a new pair is stored."""
