@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -233,4 +234,40 @@ async def test_sigterm_exits_0_and_stops_answering(
     with pytest.raises(aiohttp.ClientConnectionError):
         await get(http, serve, "/healthz")
     assert len(serve.named("stopping")) == 1
+    procs.assert_no_leak(issued)
+
+
+def libfaketime() -> Path:
+    """Find libfaketime (Debian's `faketime`); skip without it, but fail under CI."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if found:
+        return found[0]
+    message = "libfaketime is not installed (apt-get install faketime)"
+    if os.environ.get("CI"):
+        pytest.fail(message + ": .ci/run installs it")
+    pytest.skip(message)
+
+
+async def test_a_wall_clock_step_in_one_process_never_takes_a_live_lease(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    seeded: TokenPair,
+    issued: Issued,
+) -> None:
+    """A process whose wall clock is an hour ahead waits for the lease a slow refresh holds."""
+    stepped = {
+        "LD_PRELOAD": str(libfaketime()),
+        "FAKETIME": "+1h",  # an NTP step or a resumed VM: this process's wall clock only
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # monotonic and boot clocks go on as the host's
+    }
+    steady = await procs.start()
+    ahead = await procs.start(procs.env(**stepped))
+    sandbox.token_delay = 2.0  # steady's refresh holds the lease while `ahead` meets a 401
+    sandbox.expire_access_tokens()
+    first = asyncio.ensure_future(get(http, steady))
+    await until(lambda: sandbox.token_calls == 1, "steady's refresh reaches amoCRM")
+    second = await get(http, ahead)
+    assert ((await first).status, second.status) == (200, 200)
+    assert (sandbox.refresh_calls, sandbox.rejected_refresh_calls) == (1, 0)
     procs.assert_no_leak(issued)
