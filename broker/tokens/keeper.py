@@ -88,37 +88,70 @@ class PairKeeper:
         that works, and losing it would lose the integration.
         """
         async with self._writing:
-            while (pair := self._state.unsaved) is not None:
-                expected = self._state.durable
-                try:
-                    generation = await self.store.store_pair(
-                        pair, reason=self._state.unsaved_reason, expected_generation=expected
-                    )
-                except StaleWriteError:
-                    row = await self.store.load()
-                    if rules.write_conflict(self._state, row):
-                        assert row is not None  # noqa: S101 -- write_conflict saw it
-                        self._state = replace(self._state, durable=row.generation)
-                        continue  # our own superseded pair: write over it
-                    log.warning("token_superseded", generation=row.generation if row else 0)
-                    await self._follow(row, announce=True)
-                    await quietly(self.store.release_lease(self._holder))
-                    return
-                except StoreError as exc:
-                    self.stats.store_error = exc.message
-                    log.error(
-                        "store_write_failed",
-                        error=exc.message,
-                        generation=self.generation,
-                        new_fingerprint=pair.refresh_fingerprint,
-                    )
-                    return
-                was_unsaved = self.stats.store_error is not None
-                self._state = rules.committed(self._state, pair, generation)
-                if self._state.unsaved is None:
-                    self.stats.store_error = None
-                    if was_unsaved:
-                        log.warning("store_write_recovered", generation=generation)
+            await self._write_held()
+
+    async def _commit_grant(self, fresh: TokenPair, reason: str) -> None:
+        """Write a pair amoCRM just granted, then make it the pair in use.
+
+        Until its first write ends, callers keep the pair they had: nothing uses a new pair
+        before the store took it, or refused it (then it is served from memory, degraded).
+        """
+        async with self._writing:
+            try:
+                generation = await self._store(fresh, reason, self._state.durable)
+                conflict = False
+            except StaleWriteError:
+                generation, conflict = None, True
+            now_wall, now_mono = self._clock.time(), self._clock.monotonic()
+            self._state = rules.granted(
+                self._state, fresh, reason, now_wall, now_mono, self._margin
+            )
+            if generation is not None:
+                self._committed(fresh, generation)
+            elif conflict:
+                await self._write_held()  # meets the conflict again, and settles it
+
+    async def _write_held(self) -> None:
+        """Write the unsaved pair until it lands, the store refuses, or a newer pair wins."""
+        while (pair := self._state.unsaved) is not None:
+            try:
+                generation = await self._store(
+                    pair, self._state.unsaved_reason, self._state.durable
+                )
+            except StaleWriteError:
+                row = await self.store.load()
+                if rules.write_conflict(self._state, row):
+                    assert row is not None  # noqa: S101 -- write_conflict saw it
+                    self._state = replace(self._state, durable=row.generation)
+                    continue  # our own superseded pair: write over it
+                log.warning("token_superseded", generation=row.generation if row else 0)
+                await self._follow(row, announce=True)
+                return
+            if generation is None:
+                return
+            self._committed(pair, generation)
+
+    async def _store(self, pair: TokenPair, reason: str, expected: int) -> int | None:
+        """One compare-and-swap write: the generation, or None when the store refused it."""
+        try:
+            return await self.store.store_pair(pair, reason=reason, expected_generation=expected)
+        except StoreError as exc:
+            self.stats.store_error = exc.message
+            log.error(
+                "store_write_failed",
+                error=exc.message,
+                generation=self.generation,
+                new_fingerprint=pair.refresh_fingerprint,
+            )
+            return None
+
+    def _committed(self, pair: TokenPair, generation: int) -> None:
+        was_unsaved = self.stats.store_error is not None
+        self._state = rules.committed(self._state, pair, generation)
+        if self._state.unsaved is None:
+            self.stats.store_error = None
+            if was_unsaved:
+                log.warning("store_write_recovered", generation=generation)
 
     async def _follow_store(self) -> bool:
         """Adopt the store's pair if it is newer than ours; say whether it was."""
@@ -146,3 +179,6 @@ class PairKeeper:
                 self.stats.next_attempt_at = None  # adoption ends the back-off
             if announce and held.generation != before.generation:
                 log.info("token_adopted", generation=held.generation)
+        if before.unsaved is not None and self._state.unsaved is None:
+            # A newer pair superseded the one we kept the lease for: give the lease back.
+            await quietly(self.store.release_lease(self._holder))

@@ -254,10 +254,7 @@ class TokenManager(PairKeeper):
         if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
             fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)
         redactor.register(fresh.access_token, fresh.refresh_token)
-        self._state = rules.granted(
-            self._state, fresh, reason, self._clock.time(), self._clock.monotonic(), self._margin
-        )
-        await self._write()
+        await self._commit_grant(fresh, reason)
         self.stats.count_rotation(reason, self._clock.time())
         log.info(
             "token_refreshed",
@@ -343,4 +340,7 @@ class TokenManager(PairKeeper):
             await self.refresh("expiry")
 
     def _next_wakeup(self) -> float:
-        return rules.next_wakeup(self._state, self._clock.monotonic(), self._poll_interval)
+        now = self._clock.monotonic()
+        return rules.next_wakeup(
+            self._state, now, self._poll_interval, holds_news=self._holds_news()
+        )

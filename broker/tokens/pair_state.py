@@ -28,6 +28,9 @@ from broker.timing import backoff_delay
 # 401s rotate at most once per cool-down and process; the rest go back to the caller.
 UNAUTHORIZED_COOLDOWN = 300.0
 
+# How soon a process retries a write the store refused while it holds the only working pair.
+DEGRADED_RETRY = 1.0
+
 
 @dataclass(frozen=True)
 class PairState:
@@ -208,10 +211,14 @@ def failed(state: PairState, now_mono: float) -> tuple[PairState, float]:
     return replace(state, failures=failures, retry_at=now_mono + delay), delay
 
 
-def next_wakeup(state: PairState, now_mono: float, poll_interval: float) -> float:
+def next_wakeup(
+    state: PairState, now_mono: float, poll_interval: float, *, holds_news: bool = False
+) -> float:
     """Seconds until the proactive loop looks again: never later than the poll interval, so
-    it hears of other processes' pairs even while its own refresh backs off."""
-    delay = poll_interval
+    it hears of other processes' pairs even while its own refresh backs off; within a second
+    while it holds what the store lacks, so the write lands, and the lease it keeps goes back,
+    as soon as the store takes writes again."""
+    delay = min(poll_interval, DEGRADED_RETRY) if holds_news else poll_interval
     if state.held is not None and state.reauth is None:
         delay = min(delay, max(state.due_mono, state.retry_at) - now_mono)
     return max(delay, 0.05)

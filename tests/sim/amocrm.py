@@ -49,6 +49,9 @@ class Grant:
     delivered_at: float = 0.0
     committed: bool = False  # the store has held it at some point
     write_tried: bool = False  # its process has asked the store to write it
+    # A person imported a pair before this one reached the store: the import wins by design,
+    # so dropping this one for it is no loss (I3 does not judge it).
+    superseded: bool = False
     lost_why: str = ""
     spent_by: Send | None = field(default=None, repr=False)
 

@@ -121,6 +121,7 @@ def check_state(world: World) -> None:
                     and owner.alive
                     and amo.live(grant.token)
                     and token != grant.token
+                    and not grant.superseded
                     and not carried(world, grant)
                 ):
                     raise Violation(

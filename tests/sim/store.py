@@ -115,6 +115,9 @@ class SharedStore:
         grant = self.world.amo.grants.get(token)
         if grant is not None:
             grant.committed = True
+        if self.row_imported:
+            for other in self.world.amo.grants.values():
+                other.superseded = other.superseded or not other.committed
         self.world.trace("commit", who, f"g{generation}", fingerprint(token), reason)
         return generation
 

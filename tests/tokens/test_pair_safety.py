@@ -270,3 +270,25 @@ async def test_a_401_in_the_cool_down_rotates_only_if_a_probe_finds_the_token_de
     assert (sandbox.refresh_calls, probes()) == (2, 2)
     assert manager.stats.unauthorized_after_refresh == 10
     await store.close()
+
+
+async def test_a_granted_pair_is_used_only_once_its_first_write_ended(
+    parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
+) -> None:
+    """While the new pair's write waits at the store, callers get the old pair, never the new."""
+    manager, store = await open_gated(parts)
+    before = manager.pair
+    assert before is not None
+    gate = asyncio.Event()
+    store.others.append(gate)
+    refresh = asyncio.create_task(manager.refresh("manual"))
+    await store.held.wait()
+    token, generation = await manager.token()
+    assert (token == before.access_token, generation) == (True, 1)
+    assert manager.generation == 1
+    gate.set()
+    await refresh
+    assert (manager.generation, await store.inner.generation()) == (2, 2)
+    assert manager.pair is not None
+    assert manager.pair.refresh_fingerprint != before.refresh_fingerprint
+    await store.inner.close()
