@@ -47,10 +47,10 @@ from broker.store.api import (
     token_row,
 )
 from broker.store.history import append as append_entry
-from broker.store.lease import Lease, LeaseResult
+from broker.store.lease import Lease
 from broker.store.postgres.connection import DEFAULT_TIMEOUT, Conn, Cutoff, connect
 from broker.store.postgres.schema import ACCOUNT_LOCK, migrate
-from broker.store.postgres.side import DB_NOW, PgSideTables
+from broker.store.postgres.side import LEASE_COLUMNS, PgSideTables
 from broker.store.sealing import Sealer
 
 log = get_logger()
@@ -228,7 +228,7 @@ class PgTokenStore(PgSideTables):
 
     async def lease(self) -> Lease | None:
         row = await self._one(
-            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE account = %s",  # noqa: S608 -- constant
+            f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = %s",  # noqa: S608 -- constant
             (self.account,),
         )
         return Lease(*row) if row else None
@@ -326,47 +326,6 @@ class PgTokenStore(PgSideTables):
                 (self.account, state, reason, time.time(), generation),
             )
 
-    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
-        """Take the refresh lease unless another holder's has not expired; report the generation.
-
-        Acquisition, expiry and the comparison are on the database's clock; the caller's wall
-        time `now` is not used (the Store protocol passes it for SQLite's display times).
-        """
-        async with self.transaction() as db:
-            cursor = await db.execute(
-                "SELECT generation FROM tokens WHERE account = %s FOR UPDATE", (self.account,)
-            )
-            found = await cursor.fetchone()
-            generation = int(found[0]) if found else 0
-            cursor = await db.execute(
-                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE account = %s FOR UPDATE",  # noqa: S608 -- constant
-                (self.account,),
-            )
-            row = await cursor.fetchone()
-            held = Lease(*row) if row else None
-            if held and held.holder != holder and held.live:
-                return LeaseResult(False, generation, held)
-            cursor = await db.execute(
-                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "  # noqa: S608 -- constant
-                f"SELECT %s, %s, %s, t, t + %s FROM {_DB_NOW} ON CONFLICT (account) DO UPDATE "
-                "SET holder = EXCLUDED.holder, generation = EXCLUDED.generation, "
-                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at "
-                "RETURNING acquired_at, expires_at",
-                (self.account, holder, generation, float(ttl)),
-            )
-            times = await cursor.fetchone()
-            assert times is not None  # noqa: S101 -- an upsert always returns its row
-            lease = Lease(holder, generation, times[0], times[1], live=True)
-        taken_over = held if held and held.holder != holder else None
-        return LeaseResult(True, generation, lease, taken_over)
-
-    async def release_lease(self, holder: str) -> None:
-        """Give the lease back, if it is still ours."""
-        async with self.transaction() as db:
-            await db.execute(
-                "DELETE FROM leases WHERE account = %s AND holder = %s", (self.account, holder)
-            )
-
     # -- hearing of other replicas' commits --------------------------------------------------
 
     async def wait_for_change(self, seconds: float) -> None:
@@ -396,10 +355,6 @@ class PgTokenStore(PgSideTables):
                 log.warning("store_listen_failed", error=error, retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX)
-
-
-_DB_NOW = f"(SELECT {DB_NOW} AS t) AS db_clock"
-_LEASE_COLUMNS = f"holder, generation, acquired_at, expires_at, expires_at > {DB_NOW}"
 
 
 def _reason(exc: psycopg.Error) -> str:

@@ -1,4 +1,4 @@
-"""The PostgreSQL store's side tables: pacing members, OAuth states, re-keying, migration.
+"""The PostgreSQL store's lease and side tables: pacing members, OAuth states, re-keying, migration.
 
 The counterpart of broker/store/sqlite/side.py, kept out of broker/store/postgres/backend.py
 (the pair, its history, the lease and LISTEN) for size.
@@ -18,6 +18,7 @@ from broker.store.api import (
     StoreDump,
     reseal_rows,
 )
+from broker.store.lease import Lease, LeaseResult
 from broker.store.postgres.connection import Conn
 from broker.store.sqlite.side import live_lease_message
 
@@ -26,16 +27,61 @@ from broker.store.sqlite.side import live_lease_message
 DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 
 
+# The lease's columns, its liveness judged on the database's clock; and that clock as a row.
+LEASE_COLUMNS = f"holder, generation, acquired_at, expires_at, expires_at > {DB_NOW}"
+_DB_NOW = f"(SELECT {DB_NOW} AS t) AS db_clock"
+
 ROWS_PER_SECOND = 1000  # a floor for a copy over a slow link; pipelined inserts run far faster
 
 
 class PgSideTables:
-    """Mixed into PgTokenStore: the methods of `Store` that are not about the pair itself."""
+    """Mixed into PgTokenStore: the refresh lease and the methods of `Store` not about the pair."""
 
     account: str
 
     def transaction(self, extra: float = 0.0) -> AbstractAsyncContextManager[Conn]:
         raise NotImplementedError  # PgTokenStore's
+
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
+        """Take the refresh lease unless another holder's has not expired; report the generation.
+
+        Acquisition, expiry and the comparison are on the database's clock; the caller's wall
+        time `now` is not used (the Store protocol passes it for SQLite's display times).
+        """
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT generation FROM tokens WHERE account = %s FOR UPDATE", (self.account,)
+            )
+            found = await cursor.fetchone()
+            generation = int(found[0]) if found else 0
+            cursor = await db.execute(
+                f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = %s FOR UPDATE",  # noqa: S608 -- constant
+                (self.account,),
+            )
+            row = await cursor.fetchone()
+            held = Lease(*row) if row else None
+            if held and held.holder != holder and held.live:
+                return LeaseResult(False, generation, held)
+            cursor = await db.execute(
+                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "  # noqa: S608 -- constant
+                f"SELECT %s, %s, %s, t, t + %s FROM {_DB_NOW} ON CONFLICT (account) DO UPDATE "
+                "SET holder = EXCLUDED.holder, generation = EXCLUDED.generation, "
+                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at "
+                "RETURNING acquired_at, expires_at",
+                (self.account, holder, generation, float(ttl)),
+            )
+            times = await cursor.fetchone()
+            assert times is not None  # noqa: S101 -- an upsert always returns its row
+            lease = Lease(holder, generation, times[0], times[1], live=True)
+        taken_over = held if held and held.holder != holder else None
+        return LeaseResult(True, generation, lease, taken_over)
+
+    async def release_lease(self, holder: str) -> None:
+        """Give the lease back, if it is still ours."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM leases WHERE account = %s AND holder = %s", (self.account, holder)
+            )
 
     async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
         """Record `holder` as pacing now; return its rank and the live member count."""
