@@ -229,6 +229,9 @@ async def _manual(world: World, proc: Proc) -> None:
     except BrokerError as exc:
         world.trace("error", proc.name, exc.code, "manual")
     finally:
+        # The person's refresh goes on after its caller's wait ends (a slow endpoint, a lease
+        # held elsewhere): its send is still the person's, until the refresh itself ends.
+        await proc.manager.wait_idle()
         proc.refresher.manual = False
 
 
