@@ -152,7 +152,10 @@ class Store(Protocol):
         self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
     ) -> None: ...
 
-    async def set_state(self, state: str, reason: str, generation: int) -> None: ...
+    async def set_state(self, state: str, reason: str, generation: int) -> bool:
+        """Persist `state` about the pair at `generation`; False (nothing written) when a newer
+        pair is stored: a refusal of an older pair must never stop the newer one."""
+        ...
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
         """Take the lease for `ttl` seconds unless another holder's binds; report the generation.

@@ -68,18 +68,25 @@ class PairKeeper:
         refusal it could not record. Either way it keeps the lease until the store has it."""
         return self._state.unsaved is not None or self._owed_refusal is not None
 
-    async def _record_refusal(self) -> None:
-        """Persist an owed reauth_required, then give the lease back; on failure keep both."""
+    async def _record_refusal(self) -> bool:
+        """Persist an owed reauth_required; say whether it was settled just now: recorded, or
+        moot because a newer pair was stored meanwhile (a person's import), which is adopted."""
         if self._owed_refusal is None:
-            return
+            return False
         message, generation = self._owed_refusal
         try:
-            await self.store.set_state("reauth_required", message, generation)
+            recorded = await self.store.set_state("reauth_required", message, generation)
         except StoreError as exc:
             log.error("store_write_failed", error=exc.message)
-            return
+            return False
         self._owed_refusal = None
-        await quietly(self.store.release_lease(self._holder))
+        if not recorded:
+            log.info("refusal_superseded", generation=generation)
+            try:
+                await self._follow(await self.store.load(), announce=True)
+            except StoreError as exc:  # the loop adopts it at its next look
+                log.error("store_read_failed", error=exc.message)
+        return True
 
     async def _write(self) -> None:
         """Write the unsaved pair, if any, by compare-and-swap; on failure keep it in memory.

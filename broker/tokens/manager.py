@@ -282,6 +282,8 @@ class TokenManager(PairKeeper):
         self._state = replace(self._state, reauth=message)
         self._owed_refusal = (message, current.generation)
         await self._record_refusal()
+        if self._state.reauth is None:  # a newer pair landed before the refusal was written
+            return await self._held()
         log.error("reauth_required", reason=message, generation=current.generation)
         raise ReauthRequiredError(message)
 
@@ -329,7 +331,8 @@ class TokenManager(PairKeeper):
         """Do one round of the proactive loop."""
         if self._state.unsaved is not None:
             await self._write()
-        await self._record_refusal()
+        if await self._record_refusal():  # the store has the refusal now: the lease can go
+            await quietly(self.store.release_lease(self._holder))
         if self._holds_news():  # the store still lacks it: keep the lease while we wait
             await quietly(
                 self.store.try_lease(self._holder, self._lease_seconds(), self._clock.time())

@@ -267,14 +267,17 @@ class StoreView:
         }
         await self._call(True, "record_failure", lambda: self._shared.rows.append(row))
 
-    async def set_state(self, state: str, reason: str, generation: int) -> None:
-        def effect() -> None:
+    async def set_state(self, state: str, reason: str, generation: int) -> bool:
+        def effect() -> bool:
+            if self._shared.generation > generation:
+                return False  # as the backends: never over a newer pair
             self._shared.state_row = AccountState(
                 state, reason, self._world.true_time(), generation
             )
             self._world.trace("state", self._who, state, f"g{generation}")
+            return True
 
-        await self._call(True, "set_state", effect)
+        return await self._call(True, "set_state", effect)
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
         return await self._call(True, "try_lease", lambda: self._shared.try_lease(holder, ttl, now))

@@ -637,3 +637,16 @@ async def test_a_refused_compare_and_swap_leaves_lease_and_state_alone(
     state = await any_store.state()
     assert lease is not None and lease.holder == "host:1:a"
     assert state is not None and state.state == "reauth_required"
+
+
+async def test_a_state_is_never_written_over_a_newer_pair(
+    any_store: Store, sandbox: Sandbox
+) -> None:
+    """set_state about generation 1 once generation 2 is stored writes nothing, and says so."""
+    await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
+    await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
+    assert await any_store.set_state("reauth_required", "refused", 1) is False
+    assert await any_store.state() is None
+    assert await any_store.set_state("reauth_required", "refused", 2) is True
+    state = await any_store.state()
+    assert state is not None and state.generation == 2

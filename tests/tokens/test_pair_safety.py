@@ -41,9 +41,16 @@ class GatedStore:
         self.steps: dict[str | None, deque[str | asyncio.Event]] = {}
         self.others: deque[str | asyncio.Event] = deque()
         self.held = asyncio.Event()  # set while a write waits at its gate
+        self.state_gate: asyncio.Event | None = None  # holds set_state until it is set
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    async def set_state(self, state: str, reason: str, generation: int) -> bool:
+        if self.state_gate is not None:
+            self.held.set()
+            await self.state_gate.wait()
+        return await self.inner.set_state(state, reason, generation)
 
     async def store_pair(self, pair: TokenPair, **kwargs: Any) -> int:
         queue = self.steps.get(pair.refresh_fingerprint, self.others)
@@ -291,4 +298,24 @@ async def test_a_granted_pair_is_used_only_once_its_first_write_ended(
     assert (manager.generation, await store.inner.generation()) == (2, 2)
     assert manager.pair is not None
     assert manager.pair.refresh_fingerprint != before.refresh_fingerprint
+    await store.inner.close()
+
+
+async def test_a_refusal_is_never_written_over_a_pair_imported_meanwhile(
+    parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
+) -> None:
+    """A refusal whose state write waits while a person imports a pair ends on that pair."""
+    manager, store = await open_gated(parts)
+    store.state_gate = asyncio.Event()
+    sandbox.revoke_refresh_tokens()
+    refresh = asyncio.create_task(manager.refresh("manual"))
+    await store.held.wait()  # amoCRM refused; reauth_required waits at the store
+    imported = pair_from_sandbox(sandbox)
+    await store.inner.store_pair(imported, reason="import", outcome="imported")
+    store.state_gate.set()
+    stored = await refresh
+    assert (stored.generation, manager.state) == (2, "ok")
+    assert await store.inner.state() is None
+    token, _ = await manager.token()
+    assert token == imported.access_token
     await store.inner.close()

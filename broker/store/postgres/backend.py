@@ -315,9 +315,16 @@ class PgTokenStore(PgSideTables):
                 "%s",
             )
 
-    async def set_state(self, state: str, reason: str, generation: int) -> None:
-        """Persist a state all processes honour; it holds until a new pair is stored."""
+    async def set_state(self, state: str, reason: str, generation: int) -> bool:
+        """Persist a state all processes honour, about the pair at `generation`; it holds until
+        a new pair is stored. Refused (False) once a newer pair is stored: it is not about it."""
         async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT generation FROM tokens WHERE account = %s FOR UPDATE", (self.account,)
+            )
+            found = await cursor.fetchone()
+            if found is not None and int(found[0]) > generation:
+                return False
             await db.execute(
                 "INSERT INTO account_state (account, state, reason, since, generation) "
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account) DO UPDATE SET "
@@ -325,6 +332,7 @@ class PgTokenStore(PgSideTables):
                 "generation = EXCLUDED.generation",
                 (self.account, state, reason, time.time(), generation),
             )
+        return True
 
     # -- hearing of other replicas' commits --------------------------------------------------
 

@@ -283,14 +283,18 @@ class TokenStore(SideTables):
                 "?",
             )
 
-    async def set_state(self, state: str, reason: str, generation: int) -> None:
-        """Persist a state all processes honour; it holds until a new pair is stored."""
+    async def set_state(self, state: str, reason: str, generation: int) -> bool:
+        """Persist a state all processes honour, about the pair at `generation`; it holds until
+        a new pair is stored. Refused (False) once a newer pair is stored: it is not about it."""
         async with self.transaction() as db:
+            if await _generation(db, self.account) > generation:
+                return False
             await db.execute(
                 "INSERT OR REPLACE INTO account_state (account, state, reason, since, generation)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (self.account, state, reason, time.time(), generation),
             )
+        return True
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
         """Take the refresh lease unless a live holder has it; report the generation seen.
