@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import time
 from collections import deque
@@ -108,11 +109,15 @@ class Sandbox:
     """An in-memory amoCRM account with one OAuth client, plus knobs and records.
 
     Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, `blocked`,
-    `api_script`, `unauthorized_paths`, and the token endpoint's faults, described in
+    `api_script`, `unauthorized_paths`, `arrival_jitter`, `fresh_connection_every`, and the
+    token endpoint's faults, described in
     `broker.sandbox.oauth`) are attributes a test can flip while the server runs; the token
     endpoint's are forwarded to its server. `arrivals` holds the monotonic time each /api/v4
     call arrived, throttled or not, so a test can count what amoCRM would have seen in any
-    one second.
+    one second. `arrival_jitter` emulates the internet between the broker and amoCRM: each
+    call arrives a random 0 to `arrival_jitter` seconds after it was received (seeded by
+    `seed`), and every `fresh_connection_every`-th answer closes its connection, so the next
+    call pays for a new one.
     """
 
     client_id = _OAuthAttribute[str]()
@@ -141,6 +146,7 @@ class Sandbox:
         access_ttl: int = 86_400,
         clock: Callable[[], float] = time.time,
         rate_limit_rps: float | None = None,
+        seed: int = 0,
     ) -> None:
         self._oauth = oauth.OAuthServer(
             client_id=client_id,
@@ -153,6 +159,9 @@ class Sandbox:
         )
         self.rate_limit_rps = rate_limit_rps
         self.api_delay = 0.0
+        self.arrival_jitter = 0.0
+        self.fresh_connection_every = 0
+        self._random = random.Random(seed)  # noqa: S311 -- emulated network delays, not secrets
         self.blocked = False  # every /api/v4 call answers 403 HTML, as a blocked account does
         # Answers for the next calls, whatever their token: 429, 403, 401, or a 5xx.
         self.api_script: deque[int] = deque()
@@ -221,8 +230,16 @@ class Sandbox:
         return False
 
     async def _api(self, request: web.Request) -> web.Response:
+        if self.arrival_jitter > 0:
+            await asyncio.sleep(self._random.uniform(0.0, self.arrival_jitter))
         self.arrivals.append(time.monotonic())
         self.api_calls += 1
+        response = await self._api_answer(request)
+        if self.fresh_connection_every and self.api_calls % self.fresh_connection_every == 0:
+            response.force_close()
+        return response
+
+    async def _api_answer(self, request: web.Request) -> web.Response:
         authorized = self._access_token_valid(request.headers.get("Authorization", ""))
         request[_RECORD].authorized = authorized
         if self.api_delay > 0:
