@@ -73,10 +73,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", parse.seconds, 15.0),
     Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", parse.seconds, 60.0),
     Setting("proxy", "max_body_bytes", "BROKER_MAX_BODY_BYTES", parse.int_in(1, 1 << 31), 16 << 20),
+    # What the bodies of all waiting calls may hold in memory together (over it: 503).
+    Setting(
+        "proxy",
+        "max_buffered_bytes",
+        "BROKER_MAX_BUFFERED_BYTES",
+        parse.int_in(1, 1 << 40),
+        64 << 20,
+    ),
     Setting("limits", "rps", "BROKER_RPS", parse.rate, 7.0),
-    Setting("limits", "burst", "BROKER_BURST", parse.int_in(1, 1_000_000), 7),
+    Setting("limits", "burst", "BROKER_BURST", parse.int_in(1, 1_000_000), 2),
     Setting("limits", "max_queue", "BROKER_MAX_QUEUE", parse.int_in(0, 1_000_000), 256),
     Setting("limits", "max_wait_seconds", "BROKER_MAX_WAIT", parse.seconds, 30.0),
+    # How much later than its write a request may reach amoCRM (the pace holds at its side).
+    Setting("limits", "jitter_seconds", "BROKER_JITTER", parse.delay_up_to(5), 0.1),
     Setting("limits", "max_retries", "BROKER_MAX_RETRIES", parse.int_in(0, 10), 3),
     Setting("limits", "block_after", "BROKER_BLOCK_AFTER", parse.int_in(1, 100), 3),
     Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", parse.seconds, 600.0),
@@ -121,6 +131,12 @@ def load_config(
         source, values["store.path"], from_file="store.path" not in flags and "BROKER_DB" not in env
     )
     assert db_path is not None  # noqa: S101 -- store.path has a default
+    if values["proxy.max_buffered_bytes"] < values["proxy.max_body_bytes"]:
+        raise ConfigError(
+            f"[proxy] max_buffered_bytes ({values['proxy.max_buffered_bytes']}) is below "
+            f"max_body_bytes ({values['proxy.max_body_bytes']}): a body at the limit could "
+            "never be accepted"
+        )
     secret = values["amocrm.client_secret"]
     config = Config(
         base_url=values["amocrm.base_url"],
@@ -146,6 +162,7 @@ def load_config(
         refresh_timeout=values["refresh.timeout_seconds"],
         upstream_timeout=values["proxy.timeout_seconds"],
         max_body_bytes=values["proxy.max_body_bytes"],
+        max_buffered_bytes=values["proxy.max_buffered_bytes"],
         limits=LimitSettings(
             rps=values["limits.rps"],
             burst=values["limits.burst"],
@@ -154,6 +171,7 @@ def load_config(
             max_retries=values["limits.max_retries"],
             block_after=values["limits.block_after"],
             block_cooldown=values["limits.block_cooldown_seconds"],
+            jitter=values["limits.jitter_seconds"],
             shared=values["store.url"] is not None
             if values["limits.shared"] is None
             else values["limits.shared"],

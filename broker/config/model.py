@@ -79,13 +79,14 @@ class LimitSettings:
     """The [limits] settings: the account's pace, its queue, 429 retries and block handling."""
 
     rps: float = 7.0
-    burst: int = 7
+    burst: int = 2  # spread through the second: a burst meets jitter and new connections
     max_queue: int = 256
     max_wait: float = 30.0
     max_retries: int = 3
     block_after: int = 3
     block_cooldown: float = 600.0
     shared: bool = False  # divide the pace among the processes sharing the store
+    jitter: float = 0.1  # how much later than its write a request may reach amoCRM
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Config:
     refresh_timeout: float
     upstream_timeout: float
     max_body_bytes: int
+    max_buffered_bytes: int
     limits: LimitSettings
     log_format: str
     log_level: str

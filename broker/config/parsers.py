@@ -46,6 +46,21 @@ def seconds(name: str, raw: Any) -> float:
     return value
 
 
+def delay_up_to(high: float) -> Callable[[str, Any], float]:
+    """Seconds from 0 (no delay) to `high`."""
+
+    def parse(name: str, raw: Any) -> float:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+        if isinstance(raw, bool) or not 0 <= value <= high:
+            raise ConfigError(f"{name}: expected 0 to {high:g} seconds, got {raw!r}")
+        return value
+
+    return parse
+
+
 def seconds_in(low: float, high: float) -> Callable[[str, Any], float]:
     def parse(name: str, raw: Any) -> float:
         value = seconds(name, raw)

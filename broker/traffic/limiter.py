@@ -1,8 +1,10 @@
 """Keep one amoCRM account inside its limits: pace every call, react to 429 and to a block.
 
-The proxy asks `admit()` before each send (first sends, replays and retries alike) and
-reports each answer to `observe()`. Everything account-wide lives here, shared by all
-callers: the FIFO pacer, the 429 back-off, the block state, and what /status shows of them.
+The proxy asks `check()` before it reads a caller's body, `admit()` before each send (first
+sends, replays and retries alike), tells when each request was written and answered (the
+pace is kept at amoCRM's side: broker/traffic/pacing.py), and reports each answer to
+`observe()`. Everything account-wide lives here, shared by all callers: the FIFO queue, the
+429 back-off, the block state, and what /status shows of them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from broker.errors import AccountBlocked
 from broker.logs import get_logger
 from broker.timing import iso
 from broker.traffic.guard import AccountGuard
-from broker.traffic.pacing import Pacer, Schedule
+from broker.traffic.pacing import Departure, Schedule
+from broker.traffic.queue import Pacer
 from broker.traffic.share import Share
 
 log = get_logger()
@@ -42,12 +45,13 @@ def status_class(status: int) -> str:
 class AccountLimiter:
     """The pacer and the guard of one account, with what they did for /status and /metrics."""
 
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(self, settings: LimitSettings, *, connections: int = 64) -> None:
         self.settings = settings
         self.pacer = Pacer(
-            Schedule(settings.rps, settings.burst),
+            Schedule(settings.rps, settings.burst, jitter=settings.jitter),
             max_queue=settings.max_queue,
             max_wait=settings.max_wait,
+            connections=connections,
         )
         self.guard = AccountGuard(
             block_after=settings.block_after, cooldown=settings.block_cooldown
@@ -74,22 +78,53 @@ class AccountLimiter:
         """`blocked` while amoCRM blocks the account, else None (the token state applies)."""
         return "blocked" if self.guard.blocked else None
 
-    async def admit(self) -> tuple[float, float]:
-        """Wait for the account's turn to send; return (seconds waited, send time).
+    def check(self) -> None:
+        """Refuse at once (AccountBlocked, RateLimited) a call that could not get its turn."""
+        try:
+            self.guard.check(asyncio.get_running_loop().time())
+        except AccountBlocked:
+            self.upstream.blocked_refusals_total += 1
+            raise
+        self.pacer.check()
+
+    async def admit(self, *, holds_connection: bool = False) -> tuple[Departure, float]:
+        """Wait for the account's turn to send (and a connection); return it and the wait.
 
         Raises AccountBlocked without queueing during a block, RateLimited when the queue
-        is full or the wait too long.
+        is full or the wait too long. Unless `holds_connection` (a replay or retry), the
+        caller then holds one of the account's connections: `release_connection()` after.
         """
         loop = asyncio.get_running_loop()
         try:
             self.guard.check(loop.time())
-            waited = await self.pacer.acquire()
-            now = loop.time()
-            self.guard.admit(now)  # a block may have engaged while this call waited
+            departure, waited = await self.pacer.acquire(holds_connection=holds_connection)
         except AccountBlocked:
             self.upstream.blocked_refusals_total += 1
             raise
-        return waited, now
+        try:
+            self.guard.admit(loop.time())  # a block may have engaged while this call waited
+        except AccountBlocked:
+            self.upstream.blocked_refusals_total += 1
+            self.pacer.abandoned(departure)
+            if not holds_connection:
+                self.pacer.release_connection()
+            raise
+        return departure, waited
+
+    def sent(self, departure: Departure) -> None:
+        """The call's request has been written to amoCRM, now."""
+        self.pacer.sent(departure, asyncio.get_running_loop().time())
+
+    def answered(self, departure: Departure) -> None:
+        """amoCRM's answer to the call has come, now."""
+        self.pacer.answered(departure, asyncio.get_running_loop().time())
+
+    def abandoned(self, departure: Departure) -> None:
+        """The call got its turn but was not written (its caller left, no connection)."""
+        self.pacer.abandoned(departure)
+
+    def release_connection(self) -> None:
+        self.pacer.release_connection()
 
     def observe(self, status: int, content_type: str, sent_at: float) -> float | None:
         """Take amoCRM's answer into account; return the back-off in seconds after a 429."""
@@ -134,7 +169,10 @@ class AccountLimiter:
             "process_rps": pacer.schedule.rate,
             "process_burst": pacer.schedule.burst,
             "per_second_cap": pacer.schedule.cap,
+            "jitter_seconds": pacer.schedule.jitter,
             "queue_depth": pacer.depth,
+            "connections_busy": pacer.busy,
+            "connections": pacer.connections,
             "max_queue": pacer.max_queue,
             "max_wait_seconds": pacer.max_wait,
             "admitted_total": stats.admitted_total,
