@@ -13,6 +13,7 @@
     ├── UpstreamError             bad_gateway                 502   1   amoCRM unreachable
     │   └── UpstreamTimeout       gateway_timeout             504   1   amoCRM too slow
     ├── RateLimited               rate_limited                503   1   over the account's pace
+    ├── Overloaded                overloaded                  503   1   waiting bodies over budget
     └── AccountBlocked            account_blocked             503   1   amoCRM blocked the account
 
 Messages never carry a token or secret: they are shown to callers and printed on the terminal.
@@ -137,6 +138,14 @@ class RateLimited(BrokerError):
     """The account's request queue is full: come back after `retry_after` seconds."""
 
     code = "rate_limited"
+    http_status = 503
+    exit_code = 1
+
+
+class Overloaded(BrokerError):
+    """The bodies of the calls waiting here fill the memory budget: come back shortly."""
+
+    code = "overloaded"
     http_status = 503
     exit_code = 1
 

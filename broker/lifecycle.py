@@ -37,6 +37,20 @@ log = get_logger()
 DRAIN_SECONDS = 10.0
 
 
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The one runner the broker serves with (`serve`, and the tests that stand for it).
+
+    Handler cancellation on: when a caller hangs up, its handler is cancelled, so a call
+    still waiting for its turn is never sent (aiohttp's default since 3.9 is off, its test
+    server's on: a test on the test server proved what `serve` did not do).
+    """
+    # InFlight cuts handlers at DRAIN_SECONDS; aiohttp's timeout is only the backstop for a
+    # response still being written after its handler returned.
+    return web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=DRAIN_SECONDS
+    )
+
+
 async def drain(runner: web.AppRunner, in_flight: InFlight, signals: Signals) -> None:
     """Refuse new connections, let requests in flight finish, cut what outlives the bound."""
     for site in list(runner.sites):

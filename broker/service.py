@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import http_parser, web
 
-from broker import lifecycle
 from broker.config.model import Config
 from broker.errors import ConfigError
-from broker.lifecycle import InFlight, Signals, drain, listen
+from broker.lifecycle import InFlight, Signals, drain, listen, make_runner
 from broker.logs import get_logger, redactor
 from broker.server.app import create_app
 from broker.server.clients import ClientRegistry
 from broker.server.oauth_callback import make_callback_handler
+from broker.server.proxy import WriteTellingRequest
 from broker.server.routing import AccountSetup
 from broker.store.api import Store
 from broker.store.opener import open_store
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-# Connections to amoCRM held open at once; calls beyond them wait for one (see Proxy._slots).
+# Connections to amoCRM held open at once; calls beyond them wait for one in the account's
+# queue (broker/traffic/queue.py), bounded like every other wait.
 UPSTREAM_CONNECTIONS = 64
 
 
@@ -52,6 +53,8 @@ def new_session() -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         # Send only what the caller sent: no aiohttp defaults in its name.
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        # Tells when each proxied request is written: the pace is kept at amoCRM's side by it.
+        request_class=WriteTellingRequest,
     )
 
 
@@ -154,6 +157,7 @@ def build_app(
         base_url=_base_url(config),
         upstream_timeout=config.upstream_timeout,
         max_body_bytes=config.max_body_bytes,
+        max_buffered_bytes=config.max_buffered_bytes,
         proactive=proactive,
         clients=clients,
         limits=config.limits,
@@ -214,9 +218,7 @@ async def serve(
             app = build_app(runtime, config, proactive=proactive, clients=clients)
             in_flight = InFlight()
             app.middlewares.insert(0, in_flight.middleware)
-            # InFlight cuts handlers at DRAIN_SECONDS; aiohttp's timeout is only the backstop
-            # for a response still being written after its handler returned.
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=lifecycle.DRAIN_SECONDS)
+            runner = make_runner(app)
             await runner.setup()
             try:
                 url = await listen(runner, config)

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from broker.config.load import load_config
 from broker.config.model import Config
+from broker.lifecycle import make_runner
 from broker.logs import configure_logging
 from broker.pair import TokenPair, fingerprint
 from broker.sandbox.server import Sandbox, start_sandbox
@@ -77,6 +79,7 @@ def broker_env(sandbox: Sandbox, sandbox_url: str, db_path: Path, key: str) -> d
         # the way. The pacing tests set amoCRM's real 7 per second themselves.
         "BROKER_RPS": "100000",
         "BROKER_BURST": "100000",
+        "BROKER_MAX_QUEUE": "100000",  # every waiter counts, for a connection too
     }
 
 
@@ -109,6 +112,14 @@ async def seed_store(config: Config, sandbox: Sandbox) -> TokenPair:
     return pair
 
 
+class ServeLikeServer(TestServer):
+    """aiohttp's test server on the runner `serve` uses, not on one with the test's defaults."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        assert isinstance(self.app, web.Application)
+        return make_runner(self.app)
+
+
 @dataclass
 class Broker:
     """A running broker app in this test's loop, with handles on its parts."""
@@ -129,7 +140,7 @@ async def broker(
     await seed_store(config, sandbox)
     async with open_runtime(config) as runtime:
         app = build_app(runtime, config, proactive=False)
-        client = await aiohttp_client(app)  # type: ignore[operator]
+        client = await aiohttp_client(ServeLikeServer(app))  # type: ignore[operator]
         yield Broker(client, runtime.manager, runtime.store, sandbox, config)
 
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.config.model import LimitSettings
+from broker.server.bodies import BodyBudget
 from broker.server.clients import ClientRegistry
 from broker.server.metrics import Metrics
 from broker.server.middlewares import CLIENTS, Handler, caller_auth, json_errors
@@ -43,6 +44,7 @@ def create_app(
     base_url: str,
     upstream_timeout: float = 60.0,
     max_body_bytes: int = 16 << 20,
+    max_buffered_bytes: int = 64 << 20,
     proactive: bool = True,
     clients: ClientRegistry | None = None,
     limits: LimitSettings | None = None,
@@ -62,8 +64,10 @@ def create_app(
     setups = [AccountSetup(account, manager, base_url, limits or LimitSettings()), *others]
     accounts: dict[str, Account] = {}
     metrics = Metrics(lambda: list(accounts.values()))
+    budget = BodyBudget(max(max_buffered_bytes, max_body_bytes))  # one process, one memory
+    connections = session.connector.limit if session.connector is not None else 0
     for setup in setups:
-        limiter = AccountLimiter(setup.limits)
+        limiter = AccountLimiter(setup.limits, connections=connections or 1024)
         proxy = Proxy(
             setup.manager,
             session,
@@ -72,6 +76,7 @@ def create_app(
             max_body_bytes=max_body_bytes,
             limiter=limiter,
             metrics=metrics,
+            budget=budget,
             account=setup.name,
         )
         accounts[setup.name] = Account(setup.name, setup.manager, limiter, proxy)

@@ -13,6 +13,7 @@ from broker.pair import fingerprint
 from broker.server.clients import ClientRegistry, presented_secret
 from broker.server.oauth_callback import CALLBACK_PATH
 from broker.server.proxy import CALLER, error_response
+from broker.server.proxy_rules import check_method
 
 log = get_logger()
 
@@ -64,6 +65,10 @@ async def caller_auth(request: web.Request, handler: Handler) -> web.StreamRespo
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer every error the broker makes itself as JSON `{"error", "message"}`."""
     try:
+        if request.method == "CONNECT":
+            # aiohttp reads CONNECT's target as an authority, so no route matches it (a 404):
+            # it is a method outside the allow-list like any other.
+            check_method(request.method)
         return await handler(request)
     except BrokerError as exc:
         return error_response(exc)

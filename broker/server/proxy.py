@@ -1,32 +1,39 @@
 """Forward /api/v4 calls to amoCRM with the broker's token, at the account's pace.
 
-Every send waits for the account limiter (first sends, replays and retries alike). A 401 is
-replayed once with a fresh token; a 429 is retried, within a budget, for idempotent calls or
-when the caller says it is safe (`X-Broker-Retry: 1`). The request body is buffered (up to
-the configured limit) so it can be sent again; the response streams back chunk by chunk and
-is never held whole in memory.
+Every send waits for the account limiter (first sends, replays and retries alike), which also
+hands out the account's upstream connections, so every waiting caller is in one bounded queue.
+A 401 is replayed once with a fresh token; a 429 is retried, within a budget, for idempotent
+calls or when the caller says it is safe (`X-Broker-Retry: 1`). The request body is buffered
+(within the process's budget: broker/server/bodies.py) so it can be sent again; the response
+streams back chunk by chunk and is never held whole in memory. A caller who hangs up before
+its request is written sends nothing (broker/server/call.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.connector import Connection
 from yarl import URL
 
 from broker.errors import (
     AccountBlocked,
     BrokerError,
+    Overloaded,
     RateLimited,
     RequestRejected,
     UpstreamError,
     UpstreamTimeout,
 )
 from broker.logs import get_logger
+from broker.server.bodies import BodyBudget, read_body
+from broker.server.call import ANSWERING, QUEUED, SENT, Call
 from broker.server.metrics import Metrics, resource_label
 from broker.server.proxy_rules import (
     check_method,
@@ -37,6 +44,7 @@ from broker.server.proxy_rules import (
 )
 from broker.tokens.manager import TokenManager
 from broker.traffic.limiter import AccountLimiter, status_class
+from broker.traffic.pacing import Departure
 
 log = get_logger()
 
@@ -47,6 +55,8 @@ CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it 
 ACCOUNT = web.RequestKey("account", str)  # the account whose proxy handles the call
 # Safe to send twice: the second has the same effect as the first. POST and PATCH are not.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# Logged (and counted) for a caller who hung up before its answer: nginx's "client closed".
+CLIENT_CLOSED = 499
 
 
 @dataclass
@@ -79,9 +89,11 @@ class Proxy:
         max_body_bytes: int,
         limiter: AccountLimiter,
         metrics: Metrics,
+        budget: BodyBudget,
         account: str = "default",
     ) -> None:
         self.account = account
+        self._budget = budget
         self._queue_wait = metrics.queue_wait.labels(account)
         self._manager = manager
         self._limiter = limiter
@@ -92,10 +104,6 @@ class Proxy:
         self._origin = URL(self._base).origin()
         # No total timeout: a large body may take long. A stalled connection may not.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
-        # One slot per pooled connection, taken before the token is read: calls waiting for
-        # a connection must not hold a token that a 401 in front of them is about to replace.
-        limit = session.connector.limit if session.connector is not None else 0
-        self._slots = asyncio.Semaphore(limit or 1024)
         self.stats = ProxyStats()
 
     async def handle(
@@ -108,24 +116,34 @@ class Proxy:
 
     async def _handle(self, request: web.Request, raw_target: str) -> web.StreamResponse:
         started = time.monotonic()
-        status, exchange = 0, None
+        status, exchange, call = 0, None, None
         path = raw_target.partition("?")[0]
         resource = resource_of(path)
         self.stats.requests_total += 1
         try:
             check_method(request.method)
             target = check_target(raw_target)
-            body = await self._read_body(request)
-            async with self._slots:
-                exchange = await self._exchange(request, target, body, resource_label(resource))
-                status = exchange.upstream.status
-                return await self._relay(request, exchange)
+            self._limiter.check()  # before the body: a caller refused now uploads nothing
+            call = Call(await read_body(request, self._budget, self._max_body), self._limiter)
+            exchange = await self._exchange(request, target, call, resource_label(resource))
+            status = exchange.upstream.status
+            call.stage = ANSWERING
+            return await self._relay(request, exchange)
         except BrokerError as exc:
             status = exc.http_status
-            if isinstance(exc, RateLimited | AccountBlocked):
+            if isinstance(exc, RateLimited | AccountBlocked | Overloaded):
                 self._metrics.refused.labels(self.account, exc.code).inc()
             return error_response(exc)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            stage = call.stage if call is not None else QUEUED
+            gone = request.transport is None or request.transport.is_closing()
+            if stage != SENT:  # a send in flight says so itself when amoCRM has answered
+                log.info("caller_went_away" if gone else "request_cut", stage=stage)
+            raise
         finally:
+            if call is not None:
+                call.close()
             caller = request.get(CALLER)
             self._metrics.count_request(
                 self.account, request.method, status_class(status), caller or "-"
@@ -143,14 +161,14 @@ class Proxy:
             )
 
     async def _exchange(
-        self, request: web.Request, target: str, body: bytes, resource: str
+        self, request: web.Request, target: str, call: Call, resource: str
     ) -> Exchange:
         # A 429 is retried only where sending twice is harmless, or where the caller says so.
         may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
         replayed, retries, counted = False, 0, False
         await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
         while True:
-            upstream, pause, generation = await self._paced_send(request, target, body, resource)
+            upstream, pause, generation = await self._paced_send(request, target, call, resource)
             exchange = Exchange(upstream, replayed, retries, pause)
             if upstream.status == 401 and not replayed:
                 # One refresh for everyone who hit this 401, then exactly one replay: a 401
@@ -177,25 +195,62 @@ class Proxy:
             return exchange
 
     async def _paced_send(
-        self, request: web.Request, target: str, body: bytes, resource: str
+        self, request: web.Request, target: str, call: Call, resource: str
     ) -> tuple[aiohttp.ClientResponse, float | None, int]:
         """Wait for the account's turn, send, and report amoCRM's answer to the limiter.
 
-        The token is read after the wait: a refresh may have happened meanwhile.
+        The token is read after the wait: a refresh may have happened meanwhile. A caller
+        who leaves before the request is written sends nothing; after, the send finishes
+        without it (broker/server/call.py).
         """
-        waited, sent_at = await self._limiter.admit()
+        call.stage = QUEUED
+        departure, waited = await self._limiter.admit(holds_connection=call.holds_connection)
+        call.holds_connection = True
         self._queue_wait.observe(waited)
-        token, generation = await self._manager.token()
-        upstream = await self._send(request, target, body, token)
+        try:
+            token, generation = await self._manager.token()
+        except BaseException:
+            self._limiter.abandoned(departure)
+            raise
+        sending = asyncio.ensure_future(
+            self._send_observed(request, target, call.body.data, token, departure, resource)
+        )
+        try:
+            upstream, pause = await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            if departure.written:
+                call.stage = SENT
+                call.finish_without_caller(sending)
+            else:
+                sending.cancel()  # still connecting: nothing has left, nothing will
+            raise
+        return upstream, pause, generation
+
+    async def _send_observed(
+        self,
+        request: web.Request,
+        target: str,
+        body: bytes,
+        token: str,
+        departure: Departure,
+        resource: str,
+    ) -> tuple[aiohttp.ClientResponse, float | None]:
+        """Send one request and tell the limiter of it: written, answered, and the answer."""
+        _WRITING.set(_Written(self._limiter, departure))  # this task's own context
+        try:
+            upstream = await self._send(request, target, body, token)
+        finally:
+            self._limiter.abandoned(departure)  # no-op once written
+        self._limiter.answered(departure)
         loop = asyncio.get_running_loop()
         self._metrics.observe_upstream(
-            self.account, resource, status_class(upstream.status), loop.time() - sent_at
+            self.account, resource, status_class(upstream.status), loop.time() - departure.granted
         )
         content_type = upstream.headers.get("Content-Type", "")
-        pause = self._limiter.observe(upstream.status, content_type, sent_at)
+        pause = self._limiter.observe(upstream.status, content_type, departure.granted)
         if pause is not None:
             self._metrics.upstream_throttled.labels(self.account).inc()
-        return upstream, pause, generation
+        return upstream, pause
 
     async def _send(
         self, request: web.Request, target: str, body: bytes, token: str
@@ -225,24 +280,6 @@ class Proxy:
         self.stats.upstream_errors_total += 1
         self._limiter.error(kind)
         self._metrics.upstream_errors.labels(self.account, kind).inc()
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        if not request.body_exists:
-            return b""
-        if request.content_length is not None and request.content_length > self._max_body:
-            raise self._too_large()
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise self._too_large() from None
-        if len(body) > self._max_body:
-            raise self._too_large()
-        return body
-
-    def _too_large(self) -> RequestRejected:
-        return RequestRejected(
-            "body_too_large", f"the request body is over the limit of {self._max_body} bytes", 413
-        )
 
     async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         upstream = exchange.upstream
@@ -293,13 +330,43 @@ class Proxy:
             # connection, never from amoCRM: counting it as an upstream error sent on-call
             # after amoCRM whenever a caller timed out. Leaving the `async with` closes the
             # unfinished upstream connection instead of returning it to the pool.
-            log.info("caller_went_away", status=upstream.status)
+            log.info("caller_went_away", stage=ANSWERING, status=upstream.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is a cut connection.
             self._upstream_error("broken_stream")
             log.warning("upstream_stream_broken", error=type(exc).__name__)
             if request.transport is not None:
                 request.transport.close()
+        return response
+
+
+class _Written:
+    """Where to tell the moment a call's request is written: its limiter and departure."""
+
+    __slots__ = ("departure", "limiter")
+
+    def __init__(self, limiter: AccountLimiter, departure: Departure) -> None:
+        self.limiter = limiter
+        self.departure = departure
+
+
+# Set by the task that sends one proxied call; read by WriteTellingRequest in that same task.
+_WRITING: ContextVar[_Written | None] = ContextVar("writing", default=None)
+
+
+class WriteTellingRequest(aiohttp.ClientRequest):
+    """aiohttp's request, telling the proxied call's limiter when its headers were written.
+
+    A connection is in hand when `send` runs (a new one has been set up), and the headers
+    leave on return, within one turn of the loop: the moment that bounds the call's arrival
+    at amoCRM. Cheaper than a TraceConfig, which costs every request a dozen signal sends.
+    """
+
+    async def send(self, conn: Connection) -> aiohttp.ClientResponse:
+        response = await super().send(conn)
+        written = _WRITING.get()
+        if written is not None:
+            written.limiter.sent(written.departure)
         return response
 
 
