@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from broker.errors import StaleWriteError, StoreLockedError
 from broker.pair import TokenPair
 from broker.store.lease import Lease, LeaseResult
+from broker.store.pace_grants import Grant
 from broker.store.sealing import Sealer
 
 # Column orders shared by both backends' tables, and by `migrate-store`, which copies rows.
@@ -168,11 +169,23 @@ class Store(Protocol):
 
     async def release_lease(self, holder: str) -> None: ...
 
-    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
-        """Record `holder` as pacing now; return its rank and the live member count."""
+    async def claim_pace(
+        self,
+        holder: str,
+        *,
+        calls_per_window: int,
+        lease: float,
+        window: float,
+        gone_after: float,
+    ) -> Grant:
+        """Renew `holder`'s share of the account's pace: a grant of whole calls per `window`
+        for at most `lease` seconds, decided in one transaction on the store's clock
+        (broker/store/pace_grants.py), so the grants in use never exceed `calls_per_window`."""
         ...
 
-    async def check_out(self, holder: str) -> None: ...
+    async def check_out(self, holder: str, window: float) -> None:
+        """Give `holder`'s grant back (it has stopped sending); its calls count one window more."""
+        ...
 
     async def reseal(self, resealer: Resealer, new_key_id: str, now: float) -> int:
         """Re-seal every account's row in one transaction; refuse while a lease is live."""

@@ -62,12 +62,17 @@ class AccountLimiter:
     def take_share(self, share: Share) -> None:
         """Pace at this process's share of the account (shared mode)."""
         if share != self.share:
-            self.pacer.retune(share.rate, share.burst)
+            # calls == 0 (send nothing) is not applied yet: the pacer has no such rate.
+            if share.calls > 0:
+                self.pacer.retune(share.rate, share.burst)
             if self.share is None or share.members != self.share.members:
                 log.info(
                     "pace_shared",
                     members=share.members,
                     rank=share.rank,
+                    calls=share.calls,
+                    target=share.target,
+                    room_in=round(share.room_in, 3),
                     rps=round(share.rate, 3),
                     burst=share.burst,
                 )

@@ -1,13 +1,16 @@
 """Divide the account's pace among the processes that share one store ([limits] shared).
 
 amoCRM's limit is per account, and every broker process paces on its own: two processes at
-7 per second each send 14. In shared mode each process checks in to the store every few
-seconds and takes its share of the rate: the per-second calls are dealt out whole, the
-earliest holders getting one more when they do not divide evenly, so the shares add up to
-exactly the account's rate. The price: a share is reserved whether its process is busy or
-idle, and for a few seconds after a process joins the others still pace at their old share.
-The members are rows of the store, so this works across hosts on a PostgreSQL store as well
-(their wall clocks must agree within a second or so: NTP).
+7 per second each send 14. In shared mode each process holds a *grant* from the store: a
+number of whole calls per window, valid for a few seconds, renewed every second. The store
+decides every grant in one transaction (broker/store/pace_grants.py) and never hands out more
+than the others leave, counting a grant as spent until a window after it ends: the grants in
+use add up to at most N = floor(rps) with any number of processes (one may hold 0 and wait its
+turn), and while they join and leave (a newcomer sends nothing until it holds a grant).
+
+This module is the process's side: claim before serving, renew, check out on the way out, and
+turn each grant into the `Share` the limiter paces at. A grant ends on its own: when the store
+cannot be reached, the last share lapses at its deadline, it never grows.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -24,69 +26,145 @@ from broker.errors import StoreError
 from broker.logs import get_logger
 from broker.store.api import Store
 from broker.store.lease import holder_id
+from broker.store.pace_grants import Grant
+from broker.traffic.pacing import WINDOW, WINDOW_GUARD
 
 log = get_logger()
 
-CHECK_IN_EVERY = 2.0
-# A process that has not checked in for this long is gone: its share goes to the others.
-GONE_AFTER = 3 * CHECK_IN_EVERY
+# Renew every second; a grant lasts three, so two lost or slow renewals in a row do not stop
+# a busy process, while a crashed one's calls come back to the others within a lease and a
+# window (about 4 s), which is also about as long as a newcomer waits for its first calls.
+CHECK_IN_EVERY = 1.0
+LEASE = 3.0
+# A process silent this long is out of the deal (its calls are dealt to the others). At least
+# a lease and a window, so its grant has lapsed by then; two renewals more, so one slow store
+# answer does not reshuffle everyone's share.
+GONE_AFTER = LEASE + 2 * CHECK_IN_EVERY
+# The pacer's sliding window: what a grant's calls are counted in.
+PACE_WINDOW = WINDOW + WINDOW_GUARD
 
 
 @dataclass(frozen=True)
 class Share:
-    """One process's part of the account's pace."""
+    """This process's part of the account's pace, on the event loop's clock."""
 
-    rate: float
-    burst: int
+    calls: int  # at most this many calls in any window; 0: send nothing
+    rate: float  # calls per second for the pacer's bucket (0 when calls is 0)
+    burst: int  # at least 1 when calls > 0, never more than calls
+    until: float  # loop time at which the share ends unless renewed
+    target: int  # the calls a fair deal gives this process
+    room_in: float  # seconds until the target is likely granted (0: it is)
     rank: int
     members: int
 
 
-def share_of(rate: float, burst: int, rank: int, members: int) -> Share:
-    """Return the part of (`rate`, `burst`) that the process at `rank` of `members` may use."""
-    whole = math.floor(rate)
-    if whole >= members:
-        mine: float = whole // members + (1 if rank < whole % members else 0)
-    else:
-        mine = rate / members  # more processes than calls per second: each gets a fraction
-    return Share(mine, max(1, math.floor(burst * mine / rate)), rank, members)
+def calls_per_window(rps: float) -> int:
+    """Return N, the whole calls per window the account allows: floor(rps), at least 1."""
+    return max(1, math.floor(rps))
 
 
-async def check_in(store: Store, holder: str, now: float) -> tuple[int, int]:
-    """Record `holder` as pacing the account now; return its rank and the live member count."""
-    return await store.check_in(holder, now, GONE_AFTER)
+def share_of(grant: Grant, settings: LimitSettings, started: float) -> Share:
+    """Turn a grant into a share; `started` is the loop time taken before the claim was sent,
+    so the share ends no later than the grant does on the store's clock."""
+    n = calls_per_window(settings.rps)
+    calls = grant.calls
+    # Whole calls: floor(rate), the pacer's cap per window, is `calls` (all N: exactly rps).
+    rate = settings.rps if calls == n else settings.rps * calls / n
+    burst = min(calls, max(1, math.floor(settings.burst * calls / n))) if calls else 0
+    return Share(
+        calls,
+        rate,
+        burst,
+        started + grant.valid_for,
+        grant.target,
+        grant.room_in,
+        grant.rank,
+        grant.members,
+    )
 
 
-async def check_out(store: Store, holder: str) -> None:
-    """Give this process's share back at once (a clean stop)."""
-    await store.check_out(holder)
+def lapsed(share: Share) -> Share:
+    """The share once its grant has ended: no calls until a renewal succeeds."""
+    return Share(0, 0.0, 0, share.until, share.target, share.room_in, share.rank, share.members)
+
+
+class PaceClaims:
+    """Claim and renew this process's grant, and say once when that fails or lapses."""
+
+    def __init__(
+        self, store: Store, settings: LimitSettings, take: Callable[[Share], None], window: float
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.take = take
+        self.window = window
+        self.holder = holder_id()
+        self.share: Share | None = None
+        self.failing = False
+
+    async def renew(self) -> None:
+        """Claim the grant again; on a store error keep the last share until it ends."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            grant = await self.store.claim_pace(
+                self.holder,
+                calls_per_window=calls_per_window(self.settings.rps),
+                lease=LEASE,
+                window=self.window,
+                gone_after=GONE_AFTER,
+            )
+        except StoreError as exc:
+            self._failed(exc, loop.time())
+            return
+        if self.failing:
+            log.info("pace_share_restored")
+        self.failing = False
+        self.share = share_of(grant, self.settings, started)
+        self.take(self.share)
+
+    def _failed(self, exc: StoreError, now: float) -> None:
+        if not self.failing:
+            log.warning("pace_share_failed", error=exc.message, holder=self.holder)
+            self.failing = True
+        if self.share is None:  # never held a grant: nothing to send until one is held
+            self.share = Share(0, 0.0, 0, now, 0, 0.0, 0, 0)
+            self.take(self.share)
+        elif self.share.calls and self.share.until <= now:
+            log.warning("pace_share_expired", calls=self.share.calls, holder=self.holder)
+            self.share = lapsed(self.share)
+            self.take(self.share)
+
+    async def check_out(self) -> None:
+        """Stop sending, then give the grant back so the others may use it a window later."""
+        if self.share is not None and self.share.calls:
+            self.share = lapsed(self.share)
+            self.take(self.share)
+        with contextlib.suppress(StoreError):
+            await self.store.check_out(self.holder, self.window)
 
 
 @contextlib.asynccontextmanager
 async def sharing_pace(
-    store: Store, settings: LimitSettings, take: Callable[[Share], None]
+    store: Store,
+    settings: LimitSettings,
+    take: Callable[[Share], None],
+    *,
+    window: float = PACE_WINDOW,
 ) -> AsyncIterator[None]:
-    """Check in before serving, keep checking in while serving, check out when stopping.
+    """Claim a grant before serving, renew it every CHECK_IN_EVERY, check out when stopping.
 
-    A store that fails a check-in leaves the last share in place (and says so): the pace
-    never rises because the store is unwell.
+    A claim that fails leaves the last share, which ends at its deadline: the pace never rises
+    because the store is unwell, and falls to nothing if the store stays away past the lease.
     """
-    holder = holder_id()
-
-    async def renew() -> None:
-        try:
-            rank, members = await check_in(store, holder, time.time())
-        except StoreError as exc:
-            log.warning("pace_share_failed", error=exc.message)
-            return
-        take(share_of(settings.rps, settings.burst, rank, members))
+    claims = PaceClaims(store, settings, take, window)
 
     async def keep() -> None:
         while True:
             await asyncio.sleep(CHECK_IN_EVERY)
-            await renew()
+            await claims.renew()
 
-    await renew()
+    await claims.renew()
     task = asyncio.create_task(keep(), name="pace-share")
     try:
         yield
@@ -94,5 +172,4 @@ async def sharing_pace(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        with contextlib.suppress(StoreError):
-            await check_out(store, holder)
+        await claims.check_out()

@@ -21,6 +21,7 @@ from broker.errors import StoreError
 from broker.pair import TokenPair, fingerprint
 from broker.store.api import AccountState, PairInfo, StoredPair
 from broker.store.lease import Lease, LeaseResult
+from broker.store.pace_grants import Grant
 from broker.store.sealing import Sealer
 
 if TYPE_CHECKING:
@@ -298,10 +299,18 @@ class StoreView:
 
     # -- side tables the refresh protocol never touches ---------------------------------------
 
-    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
-        return 0, 1
+    async def claim_pace(
+        self,
+        holder: str,
+        *,
+        calls_per_window: int,
+        lease: float,
+        window: float,
+        gone_after: float,
+    ) -> Grant:
+        return Grant(calls_per_window, lease, calls_per_window, 0, 1, 0.0)
 
-    async def check_out(self, holder: str) -> None:
+    async def check_out(self, holder: str, window: float) -> None:
         pass
 
     async def reseal(self, resealer: Any, new_key_id: str, now: float) -> int:

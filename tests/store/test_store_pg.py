@@ -28,7 +28,6 @@ from broker.store.postgres.schema import SCHEMA, SCHEMA_VERSION
 from broker.store.rekey import reseal
 from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import TokenStore
-from broker.traffic.share import check_in, check_out
 from tests.cli_harness import assert_user_error, run
 from tests.conftest import ConfigFactory, pair_from_sandbox, seed_store
 
@@ -219,20 +218,6 @@ async def test_an_unreachable_server_is_one_error_without_the_password(sealer: S
         await PgTokenStore.open("postgresql://broker:hunter2@127.0.0.1:1/x", sealer)
     assert "hunter2" not in caught.value.message
     assert "postgresql://broker:***@127.0.0.1:1/x" in caught.value.message
-
-
-async def test_shared_pace_members_on_postgres(pg_url: str, sealer: Sealer) -> None:
-    """Pacing check-ins rank replicas through the database, as on SQLite."""
-    a = await PgTokenStore.open(pg_url, sealer)
-    b = await PgTokenStore.open(pg_url, sealer)
-    try:
-        assert await check_in(a, "host:1:a", 100.0) == (0, 1)
-        assert await check_in(b, "host:2:b", 101.0) == (1, 2)
-        await check_out(a, "host:1:a")
-        assert await check_in(b, "host:2:b", 102.0) == (0, 1)
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_rekey_on_postgres(pg: PgTokenStore, pg_url: str, sandbox: Sandbox) -> None:

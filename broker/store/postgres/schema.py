@@ -124,6 +124,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """CREATE TRIGGER rotations_compaction_only BEFORE DELETE ON rotations
            FOR EACH ROW EXECUTE FUNCTION rotations_compaction_only()""",
     ),
+    3: (
+        # Pace grants ([limits] shared; broker/store/pace_grants.py), times on the database's
+        # clock, as in SQLite's migration 6 (without its boot columns: one clock for all).
+        # `pacers` stays for replicas of the older release during an upgrade.
+        """CREATE TABLE pace_grants (
+            account TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL,
+            calls INTEGER NOT NULL CHECK (calls >= 0),
+            ends_at DOUBLE PRECISION NOT NULL,
+            held INTEGER NOT NULL CHECK (held >= 0),
+            held_until DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (account, holder)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL store's lease and side tables: pacing members, OAuth states, re-keying, migration.
+"""The PostgreSQL store's lease and side tables: pace grants, OAuth states, re-keying, migration.
 
 The counterpart of broker/store/sqlite/side.py, kept out of broker/store/postgres/backend.py
 (the pair, its history, the lease and LISTEN) for size.
@@ -7,8 +7,10 @@ The counterpart of broker/store/sqlite/side.py, kept out of broker/store/postgre
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
+from dataclasses import astuple
 
 from broker.errors import StoreError
+from broker.store import pace_grants
 from broker.store.api import (
     ROTATION_COLUMNS,
     STATE_COLUMNS,
@@ -19,6 +21,7 @@ from broker.store.api import (
     reseal_rows,
 )
 from broker.store.lease import Lease, LeaseResult
+from broker.store.pace_grants import Grant, Member
 from broker.store.postgres.connection import Conn
 from broker.store.sqlite.side import live_lease_message
 
@@ -83,32 +86,71 @@ class PgSideTables:
                 "DELETE FROM leases WHERE account = %s AND holder = %s", (self.account, holder)
             )
 
-    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
-        """Record `holder` as pacing now; return its rank and the live member count."""
-        async with self.transaction() as db:
-            await db.execute(
-                "INSERT INTO pacers (account, holder, seen_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (account, holder) DO UPDATE SET seen_at = EXCLUDED.seen_at",
-                (self.account, holder, now),
-            )
-            await db.execute(
-                "DELETE FROM pacers WHERE account = %s AND seen_at < %s",
-                (self.account, now - gone_after),
-            )
-            cursor = await db.execute(
-                # COLLATE "C": the same order on every replica, whatever the database's locale.
-                'SELECT holder FROM pacers WHERE account = %s ORDER BY holder COLLATE "C"',
-                (self.account,),
-            )
-            holders = [row[0] for row in await cursor.fetchall()]
-        return holders.index(holder), len(holders)
+    async def claim_pace(
+        self,
+        holder: str,
+        *,
+        calls_per_window: int,
+        lease: float,
+        window: float,
+        gone_after: float,
+    ) -> Grant:
+        """Renew `holder`'s pace grant on the database's clock, decided in one transaction.
 
-    async def check_out(self, holder: str) -> None:
-        """Give this process's share back at once (a clean stop)."""
+        The account's advisory lock (taken by `transaction`) serialises the claims of every
+        replica, even on an empty table, where there is no row to lock FOR UPDATE.
+        """
         async with self.transaction() as db:
-            await db.execute(
-                "DELETE FROM pacers WHERE account = %s AND holder = %s", (self.account, holder)
+            now, before = await self._pace_rows(db)
+            after, grant = pace_grants.claim(
+                before,
+                holder,
+                now,
+                calls_per_window=calls_per_window,
+                lease=lease,
+                window=window,
+                gone_after=gone_after,
             )
+            await self._write_pace(db, before, after)
+        return grant
+
+    async def check_out(self, holder: str, window: float) -> None:
+        """Give this process's grant back (a clean stop): its calls count one window more."""
+        async with self.transaction() as db:
+            now, before = await self._pace_rows(db)
+            after = pace_grants.check_out(before, holder, now, window=window)
+            await self._write_pace(db, before, after)
+
+    async def _pace_rows(self, db: Conn) -> tuple[float, list[Member]]:
+        """The database's clock now (read under the account's lock), and the account's grants."""
+        cursor = await db.execute(f"SELECT {DB_NOW}")
+        row = await cursor.fetchone()
+        assert row is not None  # noqa: S101 -- a SELECT of one value returns one row
+        cursor = await db.execute(
+            "SELECT holder, seen_at, calls, ends_at, held, held_until FROM pace_grants "
+            "WHERE account = %s",
+            (self.account,),
+        )
+        return float(row[0]), [Member(*grant) for grant in await cursor.fetchall()]
+
+    async def _write_pace(self, db: Conn, before: list[Member], after: list[Member]) -> None:
+        """Write the rows the decision changed, delete the ones it dropped."""
+        writes, deletes = pace_grants.changes(before, after)
+        async with db.cursor() as cursor:
+            for holder in deletes:
+                await cursor.execute(
+                    "DELETE FROM pace_grants WHERE account = %s AND holder = %s",
+                    (self.account, holder),
+                )
+            for member in writes:
+                await cursor.execute(
+                    "INSERT INTO pace_grants (account, holder, seen_at, calls, ends_at, held, "
+                    "held_until) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (account, holder) DO UPDATE SET seen_at = EXCLUDED.seen_at, "
+                    "calls = EXCLUDED.calls, ends_at = EXCLUDED.ends_at, held = EXCLUDED.held, "
+                    "held_until = EXCLUDED.held_until",
+                    (self.account, *astuple(member)),
+                )
 
     async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None:
         """Remember an OAuth `state` (its hash) issued for `account`."""

@@ -115,6 +115,24 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
              WHERE account = OLD.account AND outcome = OLD.outcome;
            END""",
     ),
+    6: (
+        # Pace grants ([limits] shared; broker/store/pace_grants.py): each process's calls per
+        # window until `ends_at`, and a larger old grant still `held`, all on the boot clock of
+        # `boot_id`; `stamp` is when the row was written on it. A new table: `pacers` (wall
+        # times, no grants) stays for processes of the older release during an upgrade.
+        """CREATE TABLE pace_grants (
+            account TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            boot_id TEXT NOT NULL,
+            stamp REAL NOT NULL,
+            seen_at REAL NOT NULL,
+            calls INTEGER NOT NULL CHECK (calls >= 0),
+            ends_at REAL NOT NULL,
+            held INTEGER NOT NULL CHECK (held >= 0),
+            held_until REAL NOT NULL,
+            PRIMARY KEY (account, holder)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

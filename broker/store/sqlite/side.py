@@ -1,4 +1,4 @@
-"""The SQLite store's side tables: pacing members, OAuth states, re-keying, the migration dump.
+"""The SQLite store's side tables: pace grants, OAuth states, re-keying, the migration dump.
 
 Kept apart from broker/store/sqlite/backend.py, which holds the pair, its history and the lease:
 these are the store's smaller duties, each one short transaction on the same connection.
@@ -7,10 +7,12 @@ these are the store's smaller duties, each one short transaction on the same con
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
+from dataclasses import astuple
 
 import aiosqlite
 
 from broker.errors import StoreError
+from broker.store import pace_grants
 from broker.store.api import (
     ROTATION_COLUMNS,
     STATE_COLUMNS,
@@ -21,7 +23,8 @@ from broker.store.api import (
     reseal_rows,
 )
 from broker.store.history import COUNT_COLUMNS
-from broker.store.lease import BootClock, BootStamp, boot_lease_live
+from broker.store.lease import UNKNOWN_BOOT, BootClock, BootStamp, boot_lease_live
+from broker.store.pace_grants import Grant, Member
 
 
 class SideTables:
@@ -34,32 +37,83 @@ class SideTables:
     def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
         raise NotImplementedError  # TokenStore's
 
-    # -- pacing members ([limits] shared) -----------------------------------------------------
+    # -- pace grants ([limits] shared) ---------------------------------------------------------
 
-    async def check_in(self, holder: str, now: float, gone_after: float) -> tuple[int, int]:
-        """Record `holder` as pacing now; return its rank and the live member count."""
+    async def claim_pace(
+        self,
+        holder: str,
+        *,
+        calls_per_window: int,
+        lease: float,
+        window: float,
+        gone_after: float,
+    ) -> Grant:
+        """Renew `holder`'s pace grant on the boot clock, decided in one write transaction."""
         async with self.transaction() as db:
-            await db.execute(
-                "INSERT OR REPLACE INTO pacers (account, holder, seen_at) VALUES (?, ?, ?)",
-                (self.account, holder, now),
+            now = self.boot_clock.now()
+            before, void = await self._pace_rows(db, now)
+            after, grant = pace_grants.claim(
+                before,
+                holder,
+                now,
+                calls_per_window=calls_per_window,
+                lease=lease,
+                window=window,
+                gone_after=gone_after,
             )
-            await db.execute(
-                "DELETE FROM pacers WHERE account = ? AND seen_at < ?",
-                (self.account, now - gone_after),
-            )
-            cursor = await db.execute(
-                "SELECT holder FROM pacers WHERE account = ? ORDER BY holder", (self.account,)
-            )
-            holders = [row[0] for row in await cursor.fetchall()]
-            await cursor.close()
-        return holders.index(holder), len(holders)
+            await self._write_pace(db, now, before, after, void)
+        return grant
 
-    async def check_out(self, holder: str) -> None:
-        """Give this process's share back at once (a clean stop)."""
+    async def check_out(self, holder: str, window: float) -> None:
+        """Give this process's grant back (a clean stop): its calls count one window more."""
         async with self.transaction() as db:
-            await db.execute(
-                "DELETE FROM pacers WHERE account = ? AND holder = ?", (self.account, holder)
-            )
+            now = self.boot_clock.now()
+            before, void = await self._pace_rows(db, now)
+            after = pace_grants.check_out(before, holder, now, window=window)
+            await self._write_pace(db, now, before, after, void)
+
+    async def _pace_rows(
+        self, db: aiosqlite.Connection, now: float
+    ) -> tuple[list[Member], list[str]]:
+        """The account's grants of this boot, and the holders of rows left by an earlier one.
+
+        A grant is timed on its boot's clock: a row of another boot means nothing on this one,
+        and its process cannot be running. Without a boot id, a row written later on the boot
+        clock than now is from before the clock restarted.
+        """
+        cursor = await db.execute(
+            "SELECT holder, boot_id, stamp, seen_at, calls, ends_at, held, held_until "
+            "FROM pace_grants WHERE account = ?",
+            (self.account,),
+        )
+        rows, void = [], []
+        boot_id = self.boot_clock.boot_id
+        for holder, row_boot, stamp, *grant in await cursor.fetchall():
+            if row_boot != boot_id or (boot_id == UNKNOWN_BOOT and stamp > now):
+                void.append(holder)
+            else:
+                rows.append(Member(holder, *grant))
+        await cursor.close()
+        return rows, void
+
+    async def _write_pace(
+        self,
+        db: aiosqlite.Connection,
+        now: float,
+        before: list[Member],
+        after: list[Member],
+        void: list[str],
+    ) -> None:
+        writes, deletes = pace_grants.changes(before, after)
+        await db.executemany(
+            "DELETE FROM pace_grants WHERE account = ? AND holder = ?",
+            [(self.account, holder) for holder in [*void, *deletes]],
+        )
+        await db.executemany(
+            "INSERT OR REPLACE INTO pace_grants (account, boot_id, stamp, holder, seen_at, "
+            "calls, ends_at, held, held_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(self.account, self.boot_clock.boot_id, now, *astuple(m)) for m in writes],
+        )
 
     # -- OAuth states (the authorization callback) ----------------------------------------------
 
