@@ -126,7 +126,12 @@ def _background(proactive: bool) -> Any:
                 if account.limiter.settings.shared:
                     limiter = account.limiter
                     await stack.enter_async_context(
-                        sharing_pace(account.manager.store, limiter.settings, limiter.take_share)
+                        sharing_pace(
+                            account.manager.store,
+                            limiter.settings,
+                            limiter.take_share,
+                            window=limiter.grant_window,
+                        )
                     )
             yield
             for task in tasks:

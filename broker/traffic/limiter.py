@@ -10,6 +10,7 @@ pace is kept at amoCRM's side: broker/traffic/pacing.py), and reports each answe
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from broker.traffic.queue import Pacer
 from broker.traffic.share import Share
 
 log = get_logger()
+
+# In shared mode no call starts this close to the end of the process's grant: it must be
+# written (a new connection set up) before the grant's tail, which the others wait out, begins.
+WRITE_SLACK = 0.5
 
 
 @dataclass
@@ -59,24 +64,34 @@ class AccountLimiter:
         self.upstream = UpstreamStats()
         self.share: Share | None = None  # in shared mode, once this process has checked in
 
+    @property
+    def grant_window(self) -> float:
+        """How long a shared grant's calls count after it ends: a window past their arrival."""
+        return self.pacer.schedule.window + self.pacer.schedule.jitter
+
     def take_share(self, share: Share) -> None:
-        """Pace at this process's share of the account (shared mode)."""
-        if share != self.share:
-            # calls == 0 (send nothing) is not applied yet: the pacer has no such rate.
-            if share.calls > 0:
-                self.pacer.retune(share.rate, share.burst)
-            if self.share is None or share.members != self.share.members:
-                log.info(
-                    "pace_shared",
-                    members=share.members,
-                    rank=share.rank,
-                    calls=share.calls,
-                    target=share.target,
-                    room_in=round(share.room_in, 3),
-                    rps=round(share.rate, 3),
-                    burst=share.burst,
-                )
-            self.share = share
+        """Pace at this process's share of the account (shared mode); 0 calls: send nothing."""
+        if share == self.share:
+            return
+        previous, self.share = self.share, share
+        loop_now = asyncio.get_running_loop().time()
+        if share.calls > 0:
+            self.pacer.retune(share.rate, share.burst)
+            # A call started later could still be on its way when the grant's tail ends.
+            self.pacer.close_at(share.until - WRITE_SLACK)
+        else:
+            self.pacer.close_at(-math.inf, reopens_at=loop_now + share.room_in)
+        if previous is None or (share.members, share.calls) != (previous.members, previous.calls):
+            log.info(
+                "pace_shared",
+                members=share.members,
+                rank=share.rank,
+                calls=share.calls,
+                target=share.target,
+                room_in=round(share.room_in, 3),
+                rps=round(share.rate, 3),
+                burst=share.burst,
+            )
 
     @property
     def state(self) -> str | None:
@@ -174,6 +189,8 @@ class AccountLimiter:
             "process_rps": pacer.schedule.rate,
             "process_burst": pacer.schedule.burst,
             "per_second_cap": pacer.schedule.cap,
+            # Shared mode: the calls per window this process holds now (0: waiting its turn).
+            "process_calls": self.share.calls if self.share else pacer.schedule.cap,
             "jitter_seconds": pacer.schedule.jitter,
             "queue_depth": pacer.depth,
             "connections_busy": pacer.busy,

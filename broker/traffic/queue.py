@@ -56,6 +56,7 @@ class Pacer:
         self.stats = PacerStats()
         self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._reopens_at: float | None = None
 
     @property
     def depth(self) -> int:
@@ -140,9 +141,14 @@ class Pacer:
         self.schedule.retune(rate, burst)
         self._rearm()
 
-    def close_at(self, until: float) -> None:
-        """Start nothing at or after `until` (loop time) until told otherwise."""
+    def close_at(self, until: float, *, reopens_at: float | None = None) -> None:
+        """Start nothing at or after `until` (loop time) until told otherwise.
+
+        `reopens_at`, when known, is when starts are likely to resume: a waiting caller's
+        forecast counts from it instead of refusing everyone while a grant is on its way.
+        """
         self.schedule.close_at(until)
+        self._reopens_at = reopens_at
         self._rearm()
 
     def _at_once(self, now: float, *, needs_connection: bool) -> bool:
@@ -174,6 +180,8 @@ class Pacer:
     def _forecast(self, now: float, ahead: int) -> float:
         """Bound from below the wait of a caller with `ahead` callers before it."""
         first = self.schedule.earliest(now, forecast=True) - now
+        if first == math.inf and self._reopens_at is not None:
+            first = max(0.0, self._reopens_at - now)
         return first + ahead * self.schedule.spacing
 
     def _come_back_in(self, wait: float, ahead: int) -> float:
