@@ -21,9 +21,9 @@ from broker.errors import ConfigError
 from broker.lifecycle import InFlight, Signals, drain, listen, make_runner
 from broker.logs import get_logger, redactor
 from broker.server.app import create_app
+from broker.server.call import WriteTellingRequest
 from broker.server.clients import ClientRegistry
 from broker.server.oauth_callback import make_callback_handler
-from broker.server.proxy import WriteTellingRequest
 from broker.server.routing import AccountSetup
 from broker.store.api import Store
 from broker.store.opener import open_store

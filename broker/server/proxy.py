@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.connector import Connection
 from yarl import URL
 
 from broker.errors import (
@@ -33,7 +31,7 @@ from broker.errors import (
 )
 from broker.logs import get_logger
 from broker.server.bodies import BodyBudget, read_body
-from broker.server.call import ANSWERING, QUEUED, SENT, Call
+from broker.server.call import ANSWERING, QUEUED, SENT, Call, tell_when_written
 from broker.server.metrics import Metrics, resource_label
 from broker.server.proxy_rules import (
     check_method,
@@ -166,9 +164,15 @@ class Proxy:
         # A 429 is retried only where sending twice is harmless, or where the caller says so.
         may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
         replayed, retries, counted = False, 0, False
+        arrived = time.monotonic()
         await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
+        # A first send's wait for a refresh in flight counts against max_wait like its queueing.
+        waited = time.monotonic() - arrived
         while True:
-            upstream, pause, generation = await self._paced_send(request, target, call, resource)
+            upstream, pause, generation = await self._paced_send(
+                request, target, call, resource, waited
+            )
+            waited = 0.0  # a replay or retry waits its own turn
             exchange = Exchange(upstream, replayed, retries, pause)
             if upstream.status == 401 and not replayed:
                 # One refresh for everyone who hit this 401, then exactly one replay: a 401
@@ -195,7 +199,7 @@ class Proxy:
             return exchange
 
     async def _paced_send(
-        self, request: web.Request, target: str, call: Call, resource: str
+        self, request: web.Request, target: str, call: Call, resource: str, waited: float
     ) -> tuple[aiohttp.ClientResponse, float | None, int]:
         """Wait for the account's turn, send, and report amoCRM's answer to the limiter.
 
@@ -204,9 +208,11 @@ class Proxy:
         without it (broker/server/call.py).
         """
         call.stage = QUEUED
-        departure, waited = await self._limiter.admit(holds_connection=call.holds_connection)
+        departure, queued = await self._limiter.admit(
+            holds_connection=call.holds_connection, waited_already=waited
+        )
         call.holds_connection = True
-        self._queue_wait.observe(waited)
+        self._queue_wait.observe(queued)
         try:
             token, generation = await self._manager.token()
         except BaseException:
@@ -236,7 +242,7 @@ class Proxy:
         resource: str,
     ) -> tuple[aiohttp.ClientResponse, float | None]:
         """Send one request and tell the limiter of it: written, answered, and the answer."""
-        _WRITING.set(_Written(self._limiter, departure))  # this task's own context
+        tell_when_written(self._limiter, departure)  # in this task's own context
         try:
             upstream = await self._send(request, target, body, token)
         finally:
@@ -337,36 +343,6 @@ class Proxy:
             log.warning("upstream_stream_broken", error=type(exc).__name__)
             if request.transport is not None:
                 request.transport.close()
-        return response
-
-
-class _Written:
-    """Where to tell the moment a call's request is written: its limiter and departure."""
-
-    __slots__ = ("departure", "limiter")
-
-    def __init__(self, limiter: AccountLimiter, departure: Departure) -> None:
-        self.limiter = limiter
-        self.departure = departure
-
-
-# Set by the task that sends one proxied call; read by WriteTellingRequest in that same task.
-_WRITING: ContextVar[_Written | None] = ContextVar("writing", default=None)
-
-
-class WriteTellingRequest(aiohttp.ClientRequest):
-    """aiohttp's request, telling the proxied call's limiter when its headers were written.
-
-    A connection is in hand when `send` runs (a new one has been set up), and the headers
-    leave on return, within one turn of the loop: the moment that bounds the call's arrival
-    at amoCRM. Cheaper than a TraceConfig, which costs every request a dozen signal sends.
-    """
-
-    async def send(self, conn: Connection) -> aiohttp.ClientResponse:
-        response = await super().send(conn)
-        written = _WRITING.get()
-        if written is not None:
-            written.limiter.sent(written.departure)
         return response
 
 

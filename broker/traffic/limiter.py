@@ -107,17 +107,22 @@ class AccountLimiter:
             raise
         self.pacer.check()
 
-    async def admit(self, *, holds_connection: bool = False) -> tuple[Departure, float]:
+    async def admit(
+        self, *, holds_connection: bool = False, waited_already: float = 0.0
+    ) -> tuple[Departure, float]:
         """Wait for the account's turn to send (and a connection); return it and the wait.
 
         Raises AccountBlocked without queueing during a block, RateLimited when the queue
-        is full or the wait too long. Unless `holds_connection` (a replay or retry), the
-        caller then holds one of the account's connections: `release_connection()` after.
+        is full or the wait too long (`waited_already` counts against `max_wait`). Unless
+        `holds_connection` (a replay or retry), the caller then holds one of the account's
+        connections: `release_connection()` after.
         """
         loop = asyncio.get_running_loop()
         try:
             self.guard.check(loop.time())
-            departure, waited = await self.pacer.acquire(holds_connection=holds_connection)
+            departure, waited = await self.pacer.acquire(
+                holds_connection=holds_connection, waited_already=waited_already
+            )
         except AccountBlocked:
             self.upstream.blocked_refusals_total += 1
             raise

@@ -77,13 +77,16 @@ class Pacer:
         if ahead >= self.max_queue or wait > self.max_wait:
             raise self._rejected(wait, ahead)
 
-    async def acquire(self, *, holds_connection: bool = False) -> tuple[Departure, float]:
+    async def acquire(
+        self, *, holds_connection: bool = False, waited_already: float = 0.0
+    ) -> tuple[Departure, float]:
         """Wait for this call's turn (and a connection, unless it holds one already).
 
         Return the call's departure record and the seconds waited. Raises RateLimited, with a
         Retry-After computed from the queue, when the queue is full, when the forecast wait
-        exceeds `max_wait`, or when the wait reaches `max_wait` (a 429 pause stretched it,
-        the connections stayed busy). A cancelled caller leaves the queue and sends nothing.
+        exceeds what is left of `max_wait` (`waited_already`: spent before, on a refresh), or
+        when the wait reaches it (a 429 pause stretched it, the connections stayed busy). A
+        cancelled caller leaves the queue and sends nothing.
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -92,13 +95,14 @@ class Pacer:
             return self._grant(now, needs), 0.0
         ahead = self.depth
         wait = self._forecast(now, ahead)
-        if ahead >= self.max_queue or wait > self.max_wait:
+        patience = self.max_wait - waited_already
+        if ahead >= self.max_queue or wait > patience:
             raise self._rejected(wait, ahead)
         waiter = _Waiter(loop.create_future(), needs)
         self._waiters.append(waiter)
         self._arm(loop)
         try:
-            async with asyncio.timeout(self.max_wait):
+            async with asyncio.timeout(patience):
                 departure = await waiter.future
         except BaseException as exc:
             self._leave(waiter)

@@ -275,3 +275,31 @@ async def test_a_wait_stretched_past_max_wait_is_refused() -> None:
     with pytest.raises(RateLimited):
         await waiter
     assert pacer.depth == 0
+
+
+async def test_time_already_spent_waiting_counts_against_max_wait() -> None:
+    """A caller that waited 1.8 s for a refresh has 0.2 s of a 2 s bound left for its turn."""
+    pacer = Pacer(Schedule(1, 1), max_queue=10, max_wait=2.0)
+    await go(pacer)
+    with pytest.raises(RateLimited):
+        await pacer.acquire(waited_already=1.8)  # its turn is a second away
+    _, waited = await pacer.acquire(waited_already=0.5)
+    assert waited > 0.5  # it did wait for its turn, within what it had left
+    assert pacer.stats.rejected_total == 1
+
+
+async def test_callers_waiting_for_a_connection_count_in_the_queue() -> None:
+    """With every connection busy, waiters for one are in `depth`, bounded by max_queue."""
+    pacer = Pacer(Schedule(1000, 1000), max_queue=2, max_wait=5, connections=1)
+    await pacer.acquire()  # holds the only connection
+    waiting = [asyncio.create_task(pacer.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert pacer.depth == 2
+    with pytest.raises(RateLimited):
+        await pacer.acquire()
+    pacer.release_connection()
+    await waiting[0]
+    assert not waiting[1].done()  # one connection: the second still waits for it
+    pacer.release_connection()
+    await waiting[1]
+    assert pacer.busy == 1
