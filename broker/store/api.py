@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from broker.errors import StaleWriteError, StoreLockedError
 from broker.pair import TokenPair
 from broker.store.lease import Lease, LeaseResult
-from broker.store.pace_grants import Grant
+from broker.store.pace_grants import Grant, PaceTerms
 from broker.store.sealing import Sealer
 
 # Column orders shared by both backends' tables, and by `migrate-store`, which copies rows.
@@ -169,18 +169,10 @@ class Store(Protocol):
 
     async def release_lease(self, holder: str) -> None: ...
 
-    async def claim_pace(
-        self,
-        holder: str,
-        *,
-        calls_per_window: int,
-        lease: float,
-        window: float,
-        gone_after: float,
-    ) -> Grant:
-        """Renew `holder`'s share of the account's pace: a grant of whole calls per `window`
-        for at most `lease` seconds, decided in one transaction on the store's clock
-        (broker/store/pace_grants.py), so the grants in use never exceed `calls_per_window`."""
+    async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
+        """Renew `holder`'s share of the account's pace: a grant of whole calls per window
+        for at most `terms.lease` seconds, decided in one transaction on the store's clock
+        (broker/store/pace_grants.py), so the grants in use never exceed N."""
         ...
 
     async def check_out(self, holder: str, window: float) -> None:

@@ -46,6 +46,20 @@ class Member:
 
 
 @dataclass(frozen=True)
+class PaceTerms:
+    """What a process claims under: N calls per window, for `lease` seconds at most.
+
+    A grant's calls count `window` seconds after it ends; a process silent for `gone_after`
+    (at least `lease + window`, so its reservation has lapsed by then) leaves the fair deal.
+    """
+
+    calls_per_window: int
+    lease: float
+    window: float
+    gone_after: float
+
+
+@dataclass(frozen=True)
 class Grant:
     """What a claim gives its process: `calls` per window for `valid_for` seconds."""
 
@@ -77,21 +91,18 @@ def fair_target(rank: int, members: int, calls_per_window: int, epoch: int) -> i
 
 
 def claim(
-    members: Sequence[Member],
-    holder: str,
-    now: float,
-    *,
-    calls_per_window: int,
-    lease: float,
-    window: float,
-    gone_after: float,
+    members: Sequence[Member], holder: str, now: float, terms: PaceTerms
 ) -> tuple[list[Member], Grant]:
     """Renew (or give a first) grant to `holder`; return the account's new rows and its grant.
 
-    `gone_after` (at least `lease + window`, so a silent process's reservation has lapsed when
-    it stops counting) only decides who shares the fair deal; capacity is freed by lapsing.
+    `terms.gone_after` only decides who shares the fair deal; capacity is freed by lapsing.
     """
-    n = calls_per_window
+    n, lease, window, gone_after = (
+        terms.calls_per_window,
+        terms.lease,
+        terms.window,
+        terms.gone_after,
+    )
     old = next((m for m in members if m.holder == holder), Member(holder, now, 0, now))
     others = [m for m in members if m.holder != holder]
     live = sorted([holder, *(m.holder for m in others if now - m.seen < gone_after)])

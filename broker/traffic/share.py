@@ -26,7 +26,7 @@ from broker.errors import StoreError
 from broker.logs import get_logger
 from broker.store.api import Store
 from broker.store.lease import holder_id
-from broker.store.pace_grants import Grant
+from broker.store.pace_grants import Grant, PaceTerms
 from broker.traffic.pacing import WINDOW, WINDOW_GUARD
 
 log = get_logger()
@@ -98,6 +98,7 @@ class PaceClaims:
         self.settings = settings
         self.take = take
         self.window = window
+        self.terms = PaceTerms(calls_per_window(settings.rps), LEASE, window, GONE_AFTER)
         self.holder = holder_id()
         self.share: Share | None = None
         self.failing = False
@@ -107,13 +108,7 @@ class PaceClaims:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            grant = await self.store.claim_pace(
-                self.holder,
-                calls_per_window=calls_per_window(self.settings.rps),
-                lease=LEASE,
-                window=self.window,
-                gone_after=GONE_AFTER,
-            )
+            grant = await self.store.claim_pace(self.holder, self.terms)
         except StoreError as exc:
             self._failed(exc, loop.time())
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from typing import Any, cast
+from typing import cast
 
 import aiohttp
 import pytest
@@ -17,7 +17,7 @@ from broker.config.model import LimitSettings
 from broker.errors import StoreError
 from broker.sandbox.server import Sandbox
 from broker.store.api import Store
-from broker.store.pace_grants import Grant, fair_target
+from broker.store.pace_grants import Grant, PaceTerms, fair_target
 from broker.traffic.share import (
     GONE_AFTER,
     LEASE,
@@ -37,11 +37,11 @@ class FakeStore:
 
     def __init__(self, *answers: Grant | StoreError) -> None:
         self.answers = list(answers)
-        self.claims: list[dict[str, Any]] = []
+        self.claims: list[tuple[str, PaceTerms]] = []
         self.checked_out: list[tuple[str, float]] = []
 
-    async def claim_pace(self, holder: str, **kwargs: Any) -> Grant:
-        self.claims.append({"holder": holder, **kwargs})
+    async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
+        self.claims.append((holder, terms))
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, StoreError):
             raise answer
@@ -92,13 +92,7 @@ async def test_a_share_ends_before_its_grant_and_lapses_when_the_store_is_away()
     await claims.renew()
     assert taken[-1].calls == 4
     assert before + 3.0 <= taken[-1].until <= asyncio.get_running_loop().time() + 3.0
-    assert store.claims[0] == {
-        "holder": claims.holder,
-        "calls_per_window": 7,
-        "lease": LEASE,
-        "window": 1.025,
-        "gone_after": GONE_AFTER,
-    }
+    assert store.claims[0] == (claims.holder, PaceTerms(7, LEASE, 1.025, GONE_AFTER))
     await claims.renew()
     assert len(taken) == 1  # the store failed: the share stays, it never rises
     with capture_logs() as logs:
@@ -131,7 +125,7 @@ async def test_stopping_sends_nothing_more_then_checks_out() -> None:
     async with sharing_pace(cast(Store, store), LimitSettings(shared=True), taken.append):
         assert [s.calls for s in taken] == [7]
     assert [s.calls for s in taken] == [7, 0]
-    assert store.checked_out == [(store.claims[0]["holder"], PACE_WINDOW)]
+    assert store.checked_out == [(store.claims[0][0], PACE_WINDOW)]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from broker.errors import StoreError
 from broker.pair import TokenPair, fingerprint
 from broker.store.api import AccountState, PairInfo, StoredPair
 from broker.store.lease import Lease, LeaseResult
-from broker.store.pace_grants import Grant
+from broker.store.pace_grants import Grant, PaceTerms
 from broker.store.sealing import Sealer
 
 if TYPE_CHECKING:
@@ -299,16 +299,9 @@ class StoreView:
 
     # -- side tables the refresh protocol never touches ---------------------------------------
 
-    async def claim_pace(
-        self,
-        holder: str,
-        *,
-        calls_per_window: int,
-        lease: float,
-        window: float,
-        gone_after: float,
-    ) -> Grant:
-        return Grant(calls_per_window, lease, calls_per_window, 0, 1, 0.0)
+    async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
+        n = terms.calls_per_window
+        return Grant(n, terms.lease, n, 0, 1, 0.0)
 
     async def check_out(self, holder: str, window: float) -> None:
         pass

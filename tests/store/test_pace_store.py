@@ -18,7 +18,7 @@ import pytest
 
 from broker.config.keyfile import decode_key
 from broker.store.api import Store
-from broker.store.pace_grants import Grant
+from broker.store.pace_grants import Grant, PaceTerms
 from broker.store.postgres.schema import SCHEMA
 from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import TokenStore
@@ -47,9 +47,7 @@ class Handles:
     advance: Callable[[float], Awaitable[None]]
 
     async def claim(self, i: int, holder: str, n: int = 7) -> Grant:
-        return await self.stores[i].claim_pace(
-            holder, calls_per_window=n, lease=LEASE, window=WINDOW, gone_after=GONE_AFTER
-        )
+        return await self.stores[i].claim_pace(holder, PaceTerms(n, LEASE, WINDOW, GONE_AFTER))
 
 
 @pytest.fixture

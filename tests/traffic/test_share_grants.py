@@ -20,6 +20,7 @@ from broker.store.pace_grants import (
     ROTATE_EVERY,
     Grant,
     Member,
+    PaceTerms,
     check_out,
     claim,
     fair_target,
@@ -51,15 +52,8 @@ class World:
     uses: list[Use] = field(default_factory=list)
 
     def claim(self, holder: str) -> Grant:
-        self.rows, grant = claim(
-            self.rows,
-            holder,
-            self.now,
-            calls_per_window=self.n,
-            lease=LEASE,
-            window=WINDOW,
-            gone_after=GONE_AFTER,
-        )
+        terms = PaceTerms(self.n, LEASE, WINDOW, GONE_AFTER)
+        self.rows, grant = claim(self.rows, holder, self.now, terms)
         self.uses.append(Use(holder, grant.calls, self.now, self.now + grant.valid_for))
         return grant
 

@@ -21,7 +21,7 @@ from broker.store.api import (
     reseal_rows,
 )
 from broker.store.lease import Lease, LeaseResult
-from broker.store.pace_grants import Grant, Member
+from broker.store.pace_grants import Grant, Member, PaceTerms
 from broker.store.postgres.connection import Conn
 from broker.store.sqlite.side import live_lease_message
 
@@ -86,15 +86,7 @@ class PgSideTables:
                 "DELETE FROM leases WHERE account = %s AND holder = %s", (self.account, holder)
             )
 
-    async def claim_pace(
-        self,
-        holder: str,
-        *,
-        calls_per_window: int,
-        lease: float,
-        window: float,
-        gone_after: float,
-    ) -> Grant:
+    async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
         """Renew `holder`'s pace grant on the database's clock, decided in one transaction.
 
         The account's advisory lock (taken by `transaction`) serialises the claims of every
@@ -102,15 +94,7 @@ class PgSideTables:
         """
         async with self.transaction() as db:
             now, before = await self._pace_rows(db)
-            after, grant = pace_grants.claim(
-                before,
-                holder,
-                now,
-                calls_per_window=calls_per_window,
-                lease=lease,
-                window=window,
-                gone_after=gone_after,
-            )
+            after, grant = pace_grants.claim(before, holder, now, terms)
             await self._write_pace(db, before, after)
         return grant
 

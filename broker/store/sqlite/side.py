@@ -24,7 +24,7 @@ from broker.store.api import (
 )
 from broker.store.history import COUNT_COLUMNS
 from broker.store.lease import UNKNOWN_BOOT, BootClock, BootStamp, boot_lease_live
-from broker.store.pace_grants import Grant, Member
+from broker.store.pace_grants import Grant, Member, PaceTerms
 
 
 class SideTables:
@@ -39,28 +39,12 @@ class SideTables:
 
     # -- pace grants ([limits] shared) ---------------------------------------------------------
 
-    async def claim_pace(
-        self,
-        holder: str,
-        *,
-        calls_per_window: int,
-        lease: float,
-        window: float,
-        gone_after: float,
-    ) -> Grant:
+    async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
         """Renew `holder`'s pace grant on the boot clock, decided in one write transaction."""
         async with self.transaction() as db:
             now = self.boot_clock.now()
             before, void = await self._pace_rows(db, now)
-            after, grant = pace_grants.claim(
-                before,
-                holder,
-                now,
-                calls_per_window=calls_per_window,
-                lease=lease,
-                window=window,
-                gone_after=gone_after,
-            )
+            after, grant = pace_grants.claim(before, holder, now, terms)
             await self._write_pace(db, now, before, after, void)
         return grant
 
