@@ -12,7 +12,8 @@ from broker.logs import get_logger
 from broker.pair import fingerprint
 from broker.server.clients import ClientRegistry, presented_secret
 from broker.server.oauth_callback import CALLBACK_PATH
-from broker.server.proxy import CALLER, error_response
+from broker.server.problems import error_response, problem
+from broker.server.proxy import CALLER
 from broker.server.proxy_rules import check_method
 
 log = get_logger()
@@ -47,15 +48,13 @@ async def caller_auth(request: web.Request, handler: Handler) -> web.StreamRespo
             presented_fingerprint=fingerprint(secret) if secret else None,
             path=request.raw_path.partition("?")[0][:512],
         )
-        return web.json_response(
-            {
-                "error": "unauthorized",
-                "message": "send a caller secret as `Authorization: Bearer …` or `X-Broker-Key`"
-                if reason == "missing"
-                else "the caller secret is not registered",
-            },
-            status=401,
-            headers={"WWW-Authenticate": 'Bearer realm="amo-broker"'},
+        return problem(
+            401,
+            "unauthorized",
+            "send a caller secret as `Authorization: Bearer …` or `X-Broker-Key`"
+            if reason == "missing"
+            else "the caller secret is not registered",
+            {"WWW-Authenticate": 'Bearer realm="amo-broker"'},
         )
     request[CALLER] = client.name
     return await handler(request)
@@ -63,7 +62,7 @@ async def caller_auth(request: web.Request, handler: Handler) -> web.StreamRespo
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error the broker makes itself as JSON `{"error", "message"}`."""
+    """Answer every error the broker makes itself as a problem document (server/problems.py)."""
     try:
         if request.method == "CONNECT":
             # aiohttp reads CONNECT's target as an authority, so no route matches it (a 404):
@@ -76,11 +75,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return web.json_response({"error": code, "message": exc.reason}, status=exc.status)
+        return problem(exc.status, code, exc.reason)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("internal_error", path=request.raw_path.partition("?")[0][:512])
-        return web.json_response(
-            {"error": "internal_error", "message": "the broker failed; see its log"}, status=500
-        )
+        return problem(500, "internal_error", "the broker failed; see its log")

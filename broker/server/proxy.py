@@ -33,6 +33,7 @@ from broker.logs import get_logger
 from broker.server.bodies import BodyBudget, read_body
 from broker.server.call import ANSWERING, QUEUED, SENT, Call, tell_when_written
 from broker.server.metrics import Metrics, resource_label
+from broker.server.problems import error_response
 from broker.server.proxy_rules import (
     check_method,
     check_target,
@@ -344,13 +345,3 @@ class Proxy:
             if request.transport is not None:
                 request.transport.close()
         return response
-
-
-def error_response(exc: BrokerError) -> web.Response:
-    """Render a broker error as JSON, with Retry-After when the caller may try again."""
-    headers = {}
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    elif exc.http_status == 503:
-        headers["Retry-After"] = "30"
-    return web.json_response(exc.to_json(), status=exc.http_status, headers=headers)

@@ -121,7 +121,13 @@ async def test_a_replica_killed_holding_the_lease_is_taken_over_after_it_expires
     assert statuses == [200, 200]
     assert time.time() >= orphan.expires_at  # taken over only after the lease expired
     assert (sandbox.refresh_calls, sandbox.rejected_refresh_calls) == (1, 0)
-    docs = [await status_of(http, serve) for serve in (b, c)]
+    # The replica that refreshed says `refreshing` until its refresh task has fully ended
+    # (the lease given back), a moment after its answer was stored and served: wait for it.
+    for _ in range(50):
+        docs = [await status_of(http, serve) for serve in (b, c)]
+        if all(d["state"] == "ok" for d in docs):
+            break
+        await asyncio.sleep(0.1)
     assert [(d["state"], d["generation"]) for d in docs] == [("ok", 2)] * 2
     assert docs[0]["refresh_token_fingerprint"] == docs[1]["refresh_token_fingerprint"]
     async with open_store(config) as store:

@@ -250,7 +250,7 @@ async def front(make_config: ConfigFactory) -> AsyncIterator[Callable[[str], Awa
 
 
 async def _error_of(response: aiohttp.ClientResponse) -> str:
-    assert response.content_type == "application/json"
+    assert response.content_type == "application/problem+json"
     return str(json.loads(await response.read())["error"])
 
 

@@ -117,7 +117,7 @@ async def _status(rig: Rig) -> dict[str, object]:
 async def _assert_unavailable(response: aiohttp.ClientResponse, rig: Rig) -> None:
     """A clear 503 `token_endpoint_unavailable` with an integer Retry-After of at least 1."""
     assert response.status == 503
-    assert response.content_type == "application/json"
+    assert response.content_type == "application/problem+json"
     text = await response.text()
     pair = rig.manager.pair
     assert pair is not None
