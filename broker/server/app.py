@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.config.model import LimitSettings
+from broker.server import token_shim
 from broker.server.bodies import BodyBudget
 from broker.server.clients import ClientRegistry
 from broker.server.metrics import Metrics
@@ -91,6 +92,9 @@ def create_app(
     app.router.add_get("/metrics", metrics_text)
     if callback is not None:  # before the catch-all; no HEAD: it would spend a state
         app.router.add_get(CALLBACK_PATH, callback, allow_head=False)
+    # Libraries that refresh on their own get a placeholder pair (server/token_shim.py).
+    app.router.add_post(token_shim.PATH, token_shim.token_shim)
+    app.router.add_post(token_shim.ACCOUNT_PATH, token_shim.token_shim)
     app.router.add_route("*", "/{tail:.*}", route_call)
     app.cleanup_ctx.append(_background(proactive))
     app.on_response_prepare.append(_warn_when_degraded)
