@@ -88,6 +88,8 @@ SETTINGS: tuple[Setting, ...] = (
     # How much later than its write a request may reach amoCRM (the pace holds at its side).
     Setting("limits", "jitter_seconds", "BROKER_JITTER", parse.delay_up_to(5), 0.1),
     Setting("limits", "max_retries", "BROKER_MAX_RETRIES", parse.int_in(0, 10), 3),
+    # Retry POST/PATCH after amoCRM's limiter (HTML 429: not processed) turned them away.
+    Setting("limits", "retry_writes", "BROKER_RETRY_WRITES", parse.flag, True),
     Setting("limits", "block_after", "BROKER_BLOCK_AFTER", parse.int_in(1, 100), 3),
     Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", parse.seconds, 600.0),
     # Unset: shared on a PostgreSQL store (its replicas are one account's callers), else not.
@@ -172,6 +174,7 @@ def load_config(
             block_after=values["limits.block_after"],
             block_cooldown=values["limits.block_cooldown_seconds"],
             jitter=values["limits.jitter_seconds"],
+            retry_writes=values["limits.retry_writes"],
             shared=values["store.url"] is not None
             if values["limits.shared"] is None
             else values["limits.shared"],

@@ -87,6 +87,9 @@ class LimitSettings:
     block_cooldown: float = 600.0
     shared: bool = False  # divide the pace among the processes sharing the store
     jitter: float = 0.1  # how much later than its write a request may reach amoCRM
+    # Retry a POST/PATCH that amoCRM's limiter (an HTML 429, in front of the application)
+    # turned away: it was not processed. A JSON 429 (the application's) never is.
+    retry_writes: bool = True
 
 
 @dataclass(frozen=True)

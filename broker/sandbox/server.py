@@ -160,6 +160,7 @@ class Sandbox:
         self.rate_limit_rps = rate_limit_rps
         self.api_delay = 0.0
         self.arrival_jitter = 0.0
+        self.throttle_json = False  # 429 as the application's problem+json, not nginx's HTML
         self.fresh_connection_every = 0
         self._random = random.Random(seed)  # noqa: S311 -- emulated network delays, not secrets
         self.blocked = False  # every /api/v4 call answers 403 HTML, as a blocked account does
@@ -251,6 +252,8 @@ class Sandbox:
             return web.Response(status=403, text=_BLOCKED_HTML, content_type="text/html")
         if scripted == 429 or self._rate_limited():
             self.throttled_api_calls += 1
+            if self.throttle_json:  # a method's own limit, answered by the application
+                return crm.api_problem(429, "Too many requests")
             return web.Response(status=429, text=_RATE_LIMIT_HTML, content_type="text/html")
         if scripted is not None and scripted >= 500:
             return _html_error(scripted)

@@ -162,8 +162,7 @@ class Proxy:
     async def _exchange(
         self, request: web.Request, target: str, call: Call, resource: str
     ) -> Exchange:
-        # A 429 is retried only where sending twice is harmless, or where the caller says so.
-        may_retry = request.method in IDEMPOTENT or request.headers.get("X-Broker-Retry") == "1"
+        asked = request.headers.get("X-Broker-Retry")  # "1": retry me, "0": never
         replayed, retries, counted = False, 0, False
         arrived = time.monotonic()
         await self._manager.token()  # no pair, or re-authorisation needed: say so before queueing
@@ -191,13 +190,31 @@ class Proxy:
                 continue
             if upstream.status == 401 and not counted:
                 self._manager.note_unauthorized_after_refresh()
-            if pause is not None and may_retry and retries < self._limiter.settings.max_retries:
+            if (
+                pause is not None
+                and self._may_retry(request.method, asked, upstream)
+                and retries < self._limiter.settings.max_retries
+            ):
                 upstream.release()
                 retries += 1
                 self._limiter.upstream.retries_total += 1
                 self._metrics.retries.labels(self.account, "throttled").inc()
                 continue
             return exchange
+
+    def _may_retry(self, method: str, asked: str | None, upstream: aiohttp.ClientResponse) -> bool:
+        """Whether a 429 may be sent again: where a second send is harmless, or surely the first.
+
+        amoCRM's limiter answers HTML 429s in front of the application: such a call was not
+        processed, so even a POST is safe to send again (`[limits] retry_writes`). A JSON 429
+        comes from the application itself, and a write it answered is retried only on request.
+        """
+        if asked is not None:
+            return asked == "1"
+        if method in IDEMPOTENT:
+            return True
+        html = upstream.headers.get("Content-Type", "").lower().startswith("text/html")
+        return html and self._limiter.settings.retry_writes
 
     async def _paced_send(
         self, request: web.Request, target: str, call: Call, resource: str, waited: float

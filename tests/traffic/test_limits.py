@@ -146,11 +146,25 @@ async def test_a_429_backs_the_whole_account_off_and_a_get_is_retried(
     assert total(metrics, "amo_broker_upstream_throttled_total") == 2
 
 
-async def test_a_post_is_not_retried_after_a_429_unless_the_caller_says_so(
+async def test_a_post_turned_away_by_amocrms_limiter_is_retried(
     make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: AiohttpClient
 ) -> None:
-    """A POST's 429 reaches the caller with a Retry-After; with X-Broker-Retry: 1 it is retried."""
+    """An HTML 429 (amoCRM's limiter: not processed) is retried for a POST too, by default."""
     async with paced_broker(make_config, sandbox, aiohttp_client) as broker:
+        sandbox.api_script.append(429)
+        response = await broker.client.post("/api/v4/leads", json=[{"name": "a"}])
+        assert response.status == 200
+    assert sandbox.api_calls == 2
+    assert sandbox.throttled_api_calls == 1
+
+
+async def test_a_post_is_not_retried_when_writes_are_not_or_the_429_is_the_applications(
+    make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """retry_writes off, or a JSON 429: the POST's 429 goes back; X-Broker-Retry: 1 retries it."""
+    async with paced_broker(
+        make_config, sandbox, aiohttp_client, BROKER_RETRY_WRITES="false"
+    ) as broker:
         sandbox.api_script.append(429)
         plain = await broker.client.post("/api/v4/leads", json=[{"name": "a"}])
         assert plain.status == 429
@@ -166,6 +180,17 @@ async def test_a_post_is_not_retried_after_a_429_unless_the_caller_says_so(
     assert sandbox.api_calls == 3
     forwarded = {name.lower() for name, _ in sandbox.requests[-1].headers}
     assert "x-broker-retry" not in forwarded
+
+    sandbox.throttle_json = True
+    async with paced_broker(make_config, sandbox, aiohttp_client) as broker:
+        sandbox.api_script.append(429)
+        answered = await broker.client.post("/api/v4/leads", json=[{"name": "c"}])
+        assert answered.status == 429
+        assert answered.content_type == "application/problem+json"
+        sandbox.api_script.append(429)
+        refused = await broker.client.get("/api/v4/leads", headers={"X-Broker-Retry": "0"})
+        assert refused.status == 429
+    assert sandbox.api_calls == 5
 
 
 async def test_the_retry_budget_is_bounded(
