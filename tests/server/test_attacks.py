@@ -976,10 +976,12 @@ async def test_upstream_error_bodies_are_relayed_byte_identical(
 ) -> None:
     """amoCRM's own error statuses and bodies reach the caller exactly as amoCRM sent them.
 
-    A POST, so the 429 is relayed rather than retried (a POST is never retried on its own).
+    `X-Broker-Retry: 0`, so the 429 is relayed rather than retried.
     """
     over_fake.amo.answers["/api/v4/leads"] = (status, [("Content-Type", content_type)], body)
-    request = http("POST /api/v4/leads HTTP/1.1", "Content-Length: 2", body=b"[]")
+    request = http(
+        "POST /api/v4/leads HTTP/1.1", "X-Broker-Retry: 0", "Content-Length: 2", body=b"[]"
+    )
     exchange = await send_raw(over_fake.client.host, over_fake.client.port, request)
     assert exchange.statuses == [status]
     assert exchange.replies[0].body == body
