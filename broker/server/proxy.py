@@ -122,7 +122,8 @@ class Proxy:
         try:
             check_method(request.method)
             target = check_target(raw_target)
-            self._limiter.check()  # before the body: a caller refused now uploads nothing
+            # Before the body: a caller refused now uploads nothing.
+            self._limiter.check(idempotent=request.method in IDEMPOTENT)
             call = Call(await read_body(request, self._budget, self._max_body), self._limiter)
             exchange = await self._exchange(request, target, call, resource_label(resource))
             status = exchange.upstream.status
@@ -227,7 +228,9 @@ class Proxy:
         """
         call.stage = QUEUED
         departure, queued = await self._limiter.admit(
-            holds_connection=call.holds_connection, waited_already=waited
+            holds_connection=call.holds_connection,
+            waited_already=waited,
+            idempotent=request.method in IDEMPOTENT,
         )
         call.holds_connection = True
         self._queue_wait.observe(queued)

@@ -65,18 +65,19 @@ class AccountGuard:
         if self.blocked_until is not None and now < self.blocked_until:
             raise self._refusal(self.blocked_until - now)
 
-    def admit(self, now: float) -> None:
-        """Let a call go out now, or raise AccountBlocked while the account is blocked.
+    def admit(self, now: float) -> bool:
+        """Let a call go out now (True: as the block's probe), or raise AccountBlocked.
 
         After the cool-down, one call at a time goes out as a probe; the others still wait.
         """
         if self.blocked_until is None:
-            return
+            return False
         if now < self.blocked_until:
             raise self._refusal(self.blocked_until - now)
         if self._probe_sent_at is not None and now < self._probe_sent_at + PROBE_EVERY:
             raise self._refusal(self._probe_sent_at + PROBE_EVERY - now)
         self._probe_sent_at = now
+        return True
 
     def observe(self, status: int, *, html: bool, sent_at: float, now: float) -> Verdict:
         """Take one answer from amoCRM (sent at `sent_at`) into account."""

@@ -20,7 +20,7 @@ from broker.config.model import LimitSettings
 from broker.errors import AccountBlocked
 from broker.logs import get_logger
 from broker.timing import iso
-from broker.traffic.guard import AccountGuard
+from broker.traffic.guard import PROBE_EVERY, AccountGuard
 from broker.traffic.pacing import Departure, Schedule
 from broker.traffic.queue import Pacer
 from broker.traffic.share import Share
@@ -98,17 +98,32 @@ class AccountLimiter:
         """`blocked` while amoCRM blocks the account, else None (the token state applies)."""
         return "blocked" if self.guard.blocked else None
 
-    def check(self) -> None:
+    def check(self, *, idempotent: bool = False) -> None:
         """Refuse at once (AccountBlocked, RateLimited) a call that could not get its turn."""
-        try:
-            self.guard.check(asyncio.get_running_loop().time())
-        except AccountBlocked:
-            self.upstream.blocked_refusals_total += 1
-            raise
+        self._check_block(idempotent, 0.0)
         self.pacer.check()
 
+    def _check_block(self, idempotent: bool, waited_already: float) -> None:
+        """Refuse a call during a block, unless it may wait the cool-down out in the queue.
+
+        An idempotent call whose patience (`max_wait`) outlasts the cool-down waits for the
+        probe after it, instead of failing: most client libraries do not retry a 503.
+        """
+        try:
+            self.guard.check(asyncio.get_running_loop().time())
+        except AccountBlocked as exc:
+            left = exc.retry_after or 0.0
+            if idempotent and left <= self.pacer.max_wait - waited_already:
+                return
+            self.upstream.blocked_refusals_total += 1
+            raise
+
     async def admit(
-        self, *, holds_connection: bool = False, waited_already: float = 0.0
+        self,
+        *,
+        holds_connection: bool = False,
+        waited_already: float = 0.0,
+        idempotent: bool = False,
     ) -> tuple[Departure, float]:
         """Wait for the account's turn to send (and a connection); return it and the wait.
 
@@ -118,8 +133,8 @@ class AccountLimiter:
         connections: `release_connection()` after.
         """
         loop = asyncio.get_running_loop()
+        self._check_block(idempotent, waited_already)
         try:
-            self.guard.check(loop.time())
             departure, waited = await self.pacer.acquire(
                 holds_connection=holds_connection, waited_already=waited_already
             )
@@ -127,7 +142,9 @@ class AccountLimiter:
             self.upstream.blocked_refusals_total += 1
             raise
         try:
-            self.guard.admit(loop.time())  # a block may have engaged while this call waited
+            # A block may have engaged while this call waited; after one, this may be its probe.
+            if self.guard.admit(loop.time()):
+                self.pacer.hold(loop.time() + PROBE_EVERY, then_one=True)  # if it gets no answer
         except AccountBlocked:
             self.upstream.blocked_refusals_total += 1
             self.pacer.abandoned(departure)
@@ -167,6 +184,8 @@ class AccountLimiter:
                 pause_s=round(verdict.pause, 2),
             )
         if verdict.blocked:
+            assert self.guard.blocked_until is not None  # noqa: S101 -- a block has an end
+            self.pacer.hold(self.guard.blocked_until, then_one=True)
             log.error(
                 "account_blocked",
                 until=iso(self._wall(self.guard.blocked_until)),
@@ -175,6 +194,7 @@ class AccountLimiter:
                 "amoCRM support.",
             )
         if verdict.unblocked:
+            self.pacer.hold(-math.inf)
             log.warning("account_unblocked")
         return verdict.pause
 

@@ -75,6 +75,7 @@ class Schedule:
         self._tat = -math.inf  # theoretical arrival time of the next call (GCRA)
         self._started: deque[Departure] = deque()
         self._paused_until = -math.inf
+        self._held_until = -math.inf
         self._open_until = math.inf
         self.retune(rate, burst)
 
@@ -109,7 +110,7 @@ class Schedule:
         With `forecast`, a call not yet written is taken to be written now (a guess, for
         telling a caller how long it will wait, never for letting a call go).
         """
-        at = max(now, self._tat - self._tolerance, self._paused_until)
+        at = max(now, self._tat - self._tolerance, self._paused_until, self._held_until)
         if self.cap is not None:
             self._forget(now)
             excess = len(self._started) - self.cap + 1
@@ -131,6 +132,11 @@ class Schedule:
     def pause_until(self, until: float) -> None:
         """Start nothing before `until` (amoCRM said 429: the whole account backs off)."""
         self._paused_until = max(self._paused_until, until)
+
+    def hold_until(self, until: float) -> None:
+        """Start nothing before `until`, which may also move back (a block's cool-down, its
+        probe): unlike a 429 pause, the account's block state owns it and lifts it."""
+        self._held_until = until
 
     def close_at(self, until: float) -> None:
         """Start nothing at or after `until` (a shared account's grant ends then) until reset."""

@@ -57,6 +57,7 @@ class Pacer:
         self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._reopens_at: float | None = None
+        self._one_then_hold = False
 
     @property
     def depth(self) -> int:
@@ -145,6 +146,16 @@ class Pacer:
         self.schedule.retune(rate, burst)
         self._rearm()
 
+    def hold(self, until: float, *, then_one: bool = False) -> None:
+        """Start nothing before `until`; with `then_one`, only one call then, and hold again.
+
+        A blocked account's cool-down: its callers wait it out in the queue (those who may),
+        and after it exactly one call goes out as the probe while the others keep waiting.
+        """
+        self.schedule.hold_until(until)
+        self._one_then_hold = then_one
+        self._rearm()
+
     def close_at(self, until: float, *, reopens_at: float | None = None) -> None:
         """Start nothing at or after `until` (loop time) until told otherwise.
 
@@ -166,6 +177,9 @@ class Pacer:
         if needs_connection:
             self.busy += 1
         self.stats.admitted_total += 1
+        if self._one_then_hold:  # the probe of a block: nobody after it until its answer
+            self._one_then_hold = False
+            self.schedule.hold_until(math.inf)
         return self.schedule.record(now)
 
     def _leave(self, waiter: _Waiter) -> None:

@@ -241,6 +241,7 @@ async def test_a_block_engages_refuses_without_sending_and_lifts(
         aiohttp_client,
         BROKER_BLOCK_AFTER="3",
         BROKER_BLOCK_COOLDOWN="1",
+        BROKER_MAX_WAIT="0.5",  # shorter than the cool-down: no waiting it out
     ) as broker:
         sandbox.blocked = True
         forbidden = [(await broker.client.get("/api/v4/leads")).status for _ in range(3)]
@@ -268,6 +269,34 @@ async def test_a_block_engages_refuses_without_sending_and_lifts(
     assert after["blocked_until"] is None
     assert len(log_events(log_stream, "account_blocked")) == 1
     assert len(log_events(log_stream, "account_unblocked")) == 1
+
+
+async def test_a_short_block_is_waited_out_by_reads_and_probed_once(
+    make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """A cool-down within max_wait: GETs wait in the queue, one probe at a time, then 200s.
+
+    The first probe meets the block again (one 403, the cool-down doubles), the second
+    finds it lifted. A POST is still refused at once: it may not wait for a probe.
+    """
+    async with paced_broker(
+        make_config, sandbox, aiohttp_client, BROKER_BLOCK_AFTER="3", BROKER_BLOCK_COOLDOWN="1"
+    ) as broker:
+        sandbox.blocked = True
+        for _ in range(3):
+            assert (await broker.client.get("/api/v4/leads")).status == 403
+        post = await broker.client.post("/api/v4/leads", json=[{"name": "a"}])
+        assert post.status == 503
+        assert (await post.json())["error"] == "account_blocked"
+        waiting = [asyncio.ensure_future(broker.client.get("/api/v4/leads")) for _ in range(4)]
+        await until(lambda: sandbox.blocked_api_calls == 4, "the first probe met the block")
+        sandbox.blocked = False
+        replies = [await w for w in waiting]
+    statuses = sorted(r.status for r in replies)
+    # The probe that met the block takes amoCRM's 403 back; the others waited it out.
+    assert statuses == [200, 200, 200, 403]
+    assert sandbox.blocked_api_calls == 4  # never two probes at once
+    assert sandbox.api_calls == 4 + 3
 
 
 async def test_refresh_and_replay_counters_match_the_sandbox(
