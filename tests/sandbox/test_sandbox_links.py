@@ -1,4 +1,4 @@
-"""The sandbox writes HAL links as amoCRM does: absolute, on its own host, PHP's escapes optional."""
+"""The sandbox writes HAL links as amoCRM does: absolute, on its own host, PHP escapes optional."""
 
 from __future__ import annotations
 
