@@ -34,6 +34,7 @@ JSON = [("Content-Type", "application/json; charset=utf-8")]
         "https://SUB.AmoCRM.ru/api/v4/leads?page=2",
         "http://sub.amocrm.ru/api/v4/leads?page=2",
         "https://sub.amocrm.ru:443/api/v4/leads?page=2",
+        "http://sub.amocrm.ru:80/api/v4/leads?page=2",
         "HTTPS://sub.amocrm.ru/api/v4/leads?page=2",
     ],
 )
@@ -54,7 +55,9 @@ def test_every_spelling_of_amocrms_origin_moves(url: str) -> None:
         "https://sub.amocrm.ru",
         "ftp://sub.amocrm.ru/api/v4/leads",
         "/api/v4/leads",
-        "https://sub.amocrm.ru/api/v4/le\nads",
+        "https://sub.amocrm.ru\\@evil.com/api/v4/leads",
+        "https://sub.amocrm.ru:80/api/v4/leads",
+        "http://sub.amocrm.ru:443/api/v4/leads",
         "https://sub.amocrm.ru:99999/api/v4/leads",
     ],
 )
