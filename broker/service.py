@@ -164,6 +164,7 @@ def build_app(
         account=config.account,
         others=others,
         callback=callback,
+        public_url=config.public_url,
     )
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,15 @@ async def broker(
     make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: Callable[..., object]
 ) -> AsyncIterator[Broker]:
     """A broker holding a live pair, without its proactive loop (tests drive time)."""
-    config = make_config()
+    async with serving_broker(make_config(), sandbox, aiohttp_client) as broker:
+        yield broker
+
+
+@asynccontextmanager
+async def serving_broker(
+    config: Config, sandbox: Sandbox, aiohttp_client: Callable[..., object]
+) -> AsyncIterator[Broker]:
+    """Serve `config` as the `broker` fixture does, with a live pair seeded from `sandbox`."""
     await seed_store(config, sandbox)
     async with open_runtime(config) as runtime:
         app = build_app(runtime, config, proactive=False)

@@ -103,12 +103,26 @@ def choice(*options: str) -> Callable[[str, Any], str]:
 
 
 def base_url(name: str, raw: Any) -> str:
+    url = _origin(name, raw, "https://example.amocrm.ru")
+    hostname = urlsplit(url).hostname or ""
+    if url.startswith("http:") and not is_loopback(hostname):
+        raise ConfigError(f"{name}: https is required for {hostname} (http: loopback only)")
+    return url
+
+
+def public_url(name: str, raw: Any) -> str:
+    """The broker's address as its callers know it (behind a TLS proxy, say): no path."""
+    return _origin(name, raw, "https://broker.example.com")
+
+
+def _origin(name: str, raw: Any, example: str) -> str:
+    """Check an http(s) URL of scheme, host and port only (a trailing / is dropped)."""
     url = text(name, raw).rstrip("/")
     parts = urlsplit(url)
     if "@" in parts.netloc:  # never echo it: the part before @ may be a password
         raise ConfigError(f"{name}: must not hold credentials (user:password@)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected a URL like https://example.amocrm.ru, got {url!r}")
+        raise ConfigError(f"{name}: expected a URL like {example}, got {url!r}")
     if parts.path or "?" in url or "#" in url:
         raise ConfigError(f"{name}: give only scheme and host (and port), got {url!r}")
     try:
@@ -117,8 +131,6 @@ def base_url(name: str, raw: Any) -> str:
         port = -1
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"{name}: the port is not a number from 1 to 65535, got {url!r}")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise ConfigError(f"{name}: https is required for {parts.hostname} (http: loopback only)")
     return url
 
 

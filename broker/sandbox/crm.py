@@ -3,8 +3,9 @@
 This is the part of the sandbox behind amoCRM's token check: the sandbox proper
 authenticates and throttles a request, then hands it here. It copies amoCRM's
 resource behaviour the broker can observe: ids the server owns, problem+json
-errors, 204 for a missing item or an empty page, `_links` built from the request's
-own origin so they point back through whatever proxy the client used.
+errors, 204 for a missing item or an empty page, and `_links` as absolute URLs on
+the sandbox's own origin, whatever Host the request named: amoCRM writes them on
+its host, so through a proxy they lead past it unless the proxy moves them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 ACCOUNT_ID = 31_234_567
 USER_ID = 7_654_321
@@ -109,8 +111,16 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def _href(request: web.Request, path: str, **query: int) -> dict[str, str]:
-    url = request.url.origin().with_path(path)
+    url = _own_origin(request).with_path(path)
     return {"href": str(url.with_query(query) if query else url)}
+
+
+def _own_origin(request: web.Request) -> URL:
+    """The address this sandbox was reached at: its socket's, not the Host header's."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sockname, tuple):  # a unix socket, or a request already cut
+        return request.url.origin()
+    return URL.build(scheme="http", host=sockname[0], port=sockname[1])
 
 
 def _present(request: web.Request, entity: str, item: dict[str, Any]) -> dict[str, Any]:

@@ -109,8 +109,8 @@ class Sandbox:
     """An in-memory amoCRM account with one OAuth client, plus knobs and records.
 
     Knobs (`token_delay`, `token_fail_status`, `api_delay`, `rate_limit_rps`, `blocked`,
-    `api_script`, `unauthorized_paths`, `arrival_jitter`, `fresh_connection_every`, and the
-    token endpoint's faults, described in
+    `api_script`, `unauthorized_paths`, `arrival_jitter`, `fresh_connection_every`,
+    `php_escaped_slashes`, and the token endpoint's faults, described in
     `broker.sandbox.oauth`) are attributes a test can flip while the server runs; the token
     endpoint's are forwarded to its server. `arrivals` holds the monotonic time each /api/v4
     call arrived, throttled or not, so a test can count what amoCRM would have seen in any
@@ -164,6 +164,8 @@ class Sandbox:
         self.fresh_connection_every = 0
         self._random = random.Random(seed)  # noqa: S311 -- emulated network delays, not secrets
         self.blocked = False  # every /api/v4 call answers 403 HTML, as a blocked account does
+        # JSON written as PHP's json_encode writes it by default: `https:\/\/host\/api\/v4`.
+        self.php_escaped_slashes = False
         # Answers for the next calls, whatever their token: 429, 403, 401, or a 5xx.
         self.api_script: deque[int] = deque()
         # Paths that answer 401 whatever the token, as a scope the integration lacks does.
@@ -236,6 +238,10 @@ class Sandbox:
         self.arrivals.append(time.monotonic())
         self.api_calls += 1
         response = await self._api_answer(request)
+        body = response.body
+        if self.php_escaped_slashes and isinstance(body, bytes) and "json" in response.content_type:
+            # A '/' outside a string is no JSON, so every one of them is in a string.
+            response.body = body.replace(b"/", b"\\/")
         if self.fresh_connection_every and self.api_calls % self.fresh_connection_every == 0:
             response.force_close()
         return response

@@ -52,11 +52,13 @@ def create_app(
     account: str = "default",
     others: Sequence[AccountSetup] = (),
     callback: Handler | None = None,
+    public_url: str | None = None,
 ) -> web.Application:
     """Build the broker's application around already loaded token managers.
 
     `manager` is the default account's (plain /api/v4 calls), `others` any further accounts.
-    With `clients`, every call but the probes must present a caller secret.
+    With `clients`, every call but the probes must present a caller secret. `public_url` is
+    where amoCRM's links in answers lead (default: the scheme and Host each caller used).
     """
     middlewares = [json_errors] if clients is None else [json_errors, caller_auth]
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
@@ -79,6 +81,7 @@ def create_app(
             metrics=metrics,
             budget=budget,
             account=setup.name,
+            public_url=public_url,
         )
         accounts[setup.name] = Account(setup.name, setup.manager, limiter, proxy)
     default = accounts[account]

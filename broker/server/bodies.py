@@ -33,6 +33,13 @@ class BodyBudget:
             )
         self.held += size
 
+    def try_take(self, size: int) -> bool:
+        """Reserve `size` bytes if they fit, and say whether they did."""
+        if self.held + size > self.max_bytes:
+            return False
+        self.held += size
+        return True
+
     def give(self, size: int) -> None:
         self.held -= size
 

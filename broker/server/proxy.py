@@ -5,8 +5,9 @@ hands out the account's upstream connections, so every waiting caller is in one 
 A 401 is replayed once with a fresh token; a 429 is retried, within a budget, for idempotent
 calls or when the caller says it is safe (`X-Broker-Retry: 1`). The request body is buffered
 (within the process's budget: broker/server/bodies.py) so it can be sent again; the response
-streams back chunk by chunk and is never held whole in memory. A caller who hangs up before
-its request is written sends nothing (broker/server/call.py).
+streams back chunk by chunk, and is held whole only when small, or when it is JSON whose links
+must lead back to the broker (broker/server/links.py). A caller who hangs up before its
+request is written sends nothing (broker/server/call.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from broker.errors import (
     UpstreamTimeout,
 )
 from broker.logs import get_logger
+from broker.server import links
 from broker.server.bodies import BodyBudget, read_body
 from broker.server.call import ANSWERING, QUEUED, SENT, Call, tell_when_written
 from broker.server.metrics import Metrics, resource_label
@@ -90,8 +92,10 @@ class Proxy:
         metrics: Metrics,
         budget: BodyBudget,
         account: str = "default",
+        public_url: str | None = None,
     ) -> None:
         self.account = account
+        self._public_url = public_url
         self._budget = budget
         self._queue_wait = metrics.queue_wait.labels(account)
         self._manager = manager
@@ -101,19 +105,25 @@ class Proxy:
         self._session = session
         self._base = base_url.rstrip("/")
         self._origin = URL(self._base).origin()
+        self._links = links.Origin.of(self._base)
         # No total timeout: a large body may take long. A stalled connection may not.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
         self.stats = ProxyStats()
 
     async def handle(
-        self, request: web.Request, raw_target: str | None = None
+        self, request: web.Request, raw_target: str | None = None, link_prefix: str = ""
     ) -> web.StreamResponse:
-        """Proxy one call (to `raw_target`, or the request's own); errors are JSON."""
+        """Proxy one call (to `raw_target`, or the request's own); errors are JSON.
+
+        amoCRM's links in the answer lead back to the broker, under `link_prefix` (`/a/NAME`).
+        """
         request[ACCOUNT] = self.account
         with structlog.contextvars.bound_contextvars(account=self.account):
-            return await self._handle(request, raw_target or request.raw_path)
+            return await self._handle(request, raw_target or request.raw_path, link_prefix)
 
-    async def _handle(self, request: web.Request, raw_target: str) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.Request, raw_target: str, link_prefix: str
+    ) -> web.StreamResponse:
         started = time.monotonic()
         status, exchange, call = 0, None, None
         path = raw_target.partition("?")[0]
@@ -128,7 +138,7 @@ class Proxy:
             exchange = await self._exchange(request, target, call, resource_label(resource))
             status = exchange.upstream.status
             call.stage = ANSWERING
-            return await self._relay(request, exchange)
+            return await self._relay(request, exchange, link_prefix)
         except BrokerError as exc:
             status = exc.http_status
             if isinstance(exc, RateLimited | AccountBlocked | Overloaded):
@@ -308,32 +318,54 @@ class Proxy:
         self._limiter.error(kind)
         self._metrics.upstream_errors.labels(self.account, kind).inc()
 
-    async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, exchange: Exchange, link_prefix: str
+    ) -> web.StreamResponse:
         upstream = exchange.upstream
         async with upstream:
             headers = response_headers(upstream.headers.items())
             if exchange.throttle_pause is not None and upstream.headers.get("Retry-After") is None:
                 # amoCRM's 429 says nothing of when to come back; the account's back-off does.
                 headers.append(("Retry-After", str(max(1, round(exchange.throttle_pause)))))
+            # Not request.host: without a Host header it would ask the resolver for a name.
+            host = request.headers.get("Host", "")
+            base = links.public_base(request.scheme, host, self._public_url, link_prefix)
+            if base is not None and "Location" in upstream.headers:
+                headers = links.move_location(headers, self._links, base)
             length = upstream.content_length
+            if length is None or request.method == "HEAD" or upstream.status in (204, 304):
+                return await self._stream(request, upstream, headers)
+            rewrite = base if base is not None and links.rewritable(headers) else None
+            if length <= SMALL_ANSWER:
+                return await self._whole(upstream, headers, rewrite)
+            # Larger JSON is read whole within the budget the callers' bodies share: memory
+            # held for answers is bounded too. Short of it, the answer streams untouched.
             if (
-                length is not None
-                and length <= SMALL_ANSWER
-                and request.method != "HEAD"
-                and upstream.status not in (204, 304)
+                rewrite is not None
+                and length <= links.MAX_REWRITE
+                and self._budget.try_take(length)
             ):
-                return await self._whole(upstream, headers)
+                try:
+                    return await self._whole(upstream, headers, rewrite)
+                finally:
+                    self._budget.give(length)
             return await self._stream(request, upstream, headers)
 
     async def _whole(
-        self, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+        self, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]], base: str | None
     ) -> web.Response:
-        """Read a small answer whole: a cut one is still a clean 502, and it goes in one write."""
+        """Read an answer whole: a cut one is still a clean 502, and it goes in one write.
+
+        With a `base`, amoCRM's links in it are moved there first.
+        """
         try:
             body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._upstream_error("broken_stream")
             raise UpstreamError(f"amoCRM broke off its answer: {type(exc).__name__}") from None
+        moved = links.rewrite_answer(body, headers, self._links, base) if base else None
+        if moved is not None:
+            body, headers = moved
         response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
         response.headers.extend(headers)
         return response

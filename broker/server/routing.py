@@ -81,6 +81,11 @@ def queried(request: web.Request) -> Account:
 
 
 async def route_call(request: web.Request) -> web.StreamResponse:
-    """Hand a call to its account's proxy."""
+    """Hand a call to its account's proxy, saying under which prefix its links lead back.
+
+    A call that chose its account by header gets `/a/NAME` links too: followed without the
+    header, a plain /api/v4 link would reach the default account instead.
+    """
     account, target = choose(request)
-    return await account.proxy.handle(request, target)
+    named = target != request.raw_path or HEADER in request.headers
+    return await account.proxy.handle(request, target, PREFIX + account.name if named else "")

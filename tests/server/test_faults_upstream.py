@@ -24,6 +24,7 @@ from aiohttp import web
 
 from broker.pair import TokenPair
 from broker.server.app import PROXY
+from broker.server.links import MAX_REWRITE
 from broker.server.proxy import Proxy
 from broker.service import UPSTREAM_CONNECTIONS, Runtime, build_app, open_runtime
 from tests.conftest import Broker, ConfigFactory
@@ -148,8 +149,12 @@ async def reset_before_headers(ex: Exchange) -> bool:
     return await reset(ex)
 
 
+# A declared length past the links' bound: a JSON answer this long streams (broker/server/links.py).
+STREAMED = MAX_REWRITE + 1
+
+
 async def reset_mid_length(ex: Exchange) -> bool:
-    ex.writer.write(_head("200 OK", length=100_000) + b"x" * 30_000)
+    ex.writer.write(_head("200 OK", length=STREAMED) + b"x" * 30_000)
     await ex.writer.drain()
     await asyncio.sleep(0.02)  # let the broker relay headers and the first bytes
     return await reset(ex)
@@ -168,18 +173,26 @@ async def stall_before_headers(ex: Exchange) -> bool:
     return False
 
 
+async def reset_mid_whole(ex: Exchange) -> bool:
+    """Cut a JSON answer short that the broker reads whole (to move its links)."""
+    ex.writer.write(_head("200 OK", length=100_000) + b"x" * 30_000)
+    await ex.writer.drain()
+    await asyncio.sleep(0.02)
+    return await reset(ex)
+
+
 async def stall_mid_body(ex: Exchange) -> bool:
-    ex.writer.write(_head("200 OK", length=100_000) + b"z" * 10_000)
+    ex.writer.write(_head("200 OK", length=STREAMED) + b"z" * 10_000)
     await ex.writer.drain()
     await ex.reader.read()
     return False
 
 
 async def drip(ex: Exchange) -> bool:
-    """Dribble a 4 MiB body in 16 KiB pieces until the broker hangs up."""
+    """Dribble a body past the links' bound in 16 KiB pieces until the broker hangs up."""
     piece = b"d" * 16384
-    ex.writer.write(_head("200 OK", length=256 * len(piece)))
-    for _ in range(256):
+    ex.writer.write(_head("200 OK", length=257 * len(piece)))
+    for _ in range(257):
         ex.writer.write(piece)
         await ex.writer.drain()
         await asyncio.sleep(0.01)
@@ -198,6 +211,7 @@ async def by_path(ex: Exchange) -> bool:
         "close-head": close_before_headers,
         "reset-head": reset_before_headers,
         "reset-length": reset_mid_length,
+        "reset-whole": reset_mid_whole,
         "reset-chunked": reset_mid_chunked,
         "stall-head": stall_before_headers,
         "stall-body": stall_mid_body,
@@ -382,6 +396,7 @@ EXPECTED = {
     "reset-head": (502, "bad_gateway"),
     "stall-head": (504, "gateway_timeout"),
     "reset-length": (200, "cut"),
+    "reset-whole": (502, "bad_gateway"),  # read whole, so still a clean error
     "reset-chunked": (200, "cut"),
     "stall-body": (200, "cut"),
     "e500": (500, "relayed"),
