@@ -57,6 +57,14 @@ def problem(body: dict[str, Any], **kwargs: Any) -> web.Response:
     )
 
 
+HAL_JSON = "application/hal+json"
+
+
+def hal(doc: dict[str, Any], status: int = 200) -> web.Response:
+    """Answer a document with links as amoCRM does: `application/hal+json`."""
+    return web.json_response(doc, status=status, content_type=HAL_JSON)
+
+
 def api_problem(status: int, detail: str, **kwargs: Any) -> web.Response:
     """Answer an /api/v4 error the way amoCRM does: a problem titled by the status phrase."""
     title = HTTPStatus(status).phrase
@@ -170,7 +178,7 @@ class Crm:
             item = self._items[entity].get(item_id)
             if item is None:
                 return web.Response(status=204)
-            return web.json_response(_present(request, entity, item))
+            return hal(_present(request, entity, item))
         if request.method == "DELETE":
             self._items[entity].pop(item_id, None)
             return web.Response(status=204)
@@ -179,7 +187,7 @@ class Crm:
             raise Reject(api_problem(400, "Ожидается JSON-объект"))
         if item_id not in self._items[entity]:
             return api_problem(404, "Сущность не найдена")
-        return web.json_response(self._update(request, entity, item_id, body))
+        return hal(self._update(request, entity, item_id, body))
 
     def _insert(self, entity: str, fields: dict[str, Any]) -> dict[str, Any]:
         now = int(self._clock())
@@ -214,7 +222,7 @@ class Crm:
             links["first"] = _href(request, path, page=1, limit=limit)
             links["prev"] = _href(request, path, page=page - 1, limit=limit)
         embedded = [_present(request, entity, item) for item in chunk]
-        return web.json_response({"_page": page, "_links": links, "_embedded": {entity: embedded}})
+        return hal({"_page": page, "_links": links, "_embedded": {entity: embedded}})
 
     async def _create(self, request: web.Request, entity: str) -> web.Response:
         body = await _json_body(request)
@@ -227,7 +235,7 @@ class Crm:
             request_id = str(row.get("request_id", index))
             created.append({"id": item["id"], "request_id": request_id, "_links": {"self": link}})
         links = {"self": _href(request, f"/api/v4/{entity}")}
-        return web.json_response({"_links": links, "_embedded": {entity: created}})
+        return hal({"_links": links, "_embedded": {entity: created}})
 
     async def _patch_many(self, request: web.Request, entity: str) -> web.Response:
         body = await _json_body(request)
@@ -242,7 +250,7 @@ class Crm:
             )
         updated = [self._update(request, entity, row["id"], row) for row in body]
         links = {"self": _href(request, f"/api/v4/{entity}")}
-        return web.json_response({"_links": links, "_embedded": {entity: updated}})
+        return hal({"_links": links, "_embedded": {entity: updated}})
 
     def _account(self, request: web.Request) -> web.Response:
         return web.json_response(

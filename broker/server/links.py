@@ -155,6 +155,14 @@ def rewritable(headers: list[tuple[str, str]]) -> bool:
     return charset is None or charset.group(1).lower() in ("utf-8", "utf8")
 
 
+def is_hal(headers: list[tuple[str, str]]) -> bool:
+    """Tell whether the answer is a HAL document, as amoCRM types its lists with `_links`."""
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.partition(";")[0].strip().lower() == "application/hal+json"
+    return False
+
+
 def rewrite_answer(
     body: bytes, headers: list[tuple[str, str]], origin: Origin, base: str
 ) -> tuple[bytes, list[tuple[str, str]]] | None:

@@ -41,17 +41,14 @@ from broker.server.proxy_rules import (
     check_target,
     request_headers,
     resource_of,
-    response_headers,
 )
+from broker.server.relay import AnswerRelay, Exchange
 from broker.tokens.manager import TokenManager
 from broker.traffic.limiter import AccountLimiter, status_class
 from broker.traffic.pacing import Departure
 
 log = get_logger()
 
-# An answer with a Content-Length up to this is read whole and sent in one write (headers and
-# body together); a longer or unsized one streams through in whatever pieces arrive.
-SMALL_ANSWER = 64 * 1024
 CALLER = web.RequestKey("caller", str)  # set by caller authentication, when it is on
 ACCOUNT = web.RequestKey("account", str)  # the account whose proxy handles the call
 # Safe to send twice: the second has the same effect as the first. POST and PATCH are not.
@@ -65,16 +62,6 @@ class ProxyStats:
     requests_total: int = 0
     replays_total: int = 0
     upstream_errors_total: int = 0
-
-
-@dataclass
-class Exchange:
-    """amoCRM's final answer to one call, and how many sends it took."""
-
-    upstream: aiohttp.ClientResponse
-    replayed: bool = False
-    retries: int = 0
-    throttle_pause: float | None = None  # the back-off, when the answer is a 429
 
 
 class Proxy:
@@ -95,7 +82,6 @@ class Proxy:
         public_url: str | None = None,
     ) -> None:
         self.account = account
-        self._public_url = public_url
         self._budget = budget
         self._queue_wait = metrics.queue_wait.labels(account)
         self._manager = manager
@@ -105,7 +91,9 @@ class Proxy:
         self._session = session
         self._base = base_url.rstrip("/")
         self._origin = URL(self._base).origin()
-        self._links = links.Origin.of(self._base)
+        self._answers = AnswerRelay(
+            links.Origin.of(self._base), public_url, budget, self._upstream_error
+        )
         # No total timeout: a large body may take long. A stalled connection may not.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
         self.stats = ProxyStats()
@@ -138,7 +126,7 @@ class Proxy:
             exchange = await self._exchange(request, target, call, resource_label(resource))
             status = exchange.upstream.status
             call.stage = ANSWERING
-            return await self._relay(request, exchange, link_prefix)
+            return await self._answers.relay(request, exchange, link_prefix)
         except BrokerError as exc:
             status = exc.http_status
             if isinstance(exc, RateLimited | AccountBlocked | Overloaded):
@@ -317,83 +305,3 @@ class Proxy:
         self.stats.upstream_errors_total += 1
         self._limiter.error(kind)
         self._metrics.upstream_errors.labels(self.account, kind).inc()
-
-    async def _relay(
-        self, request: web.Request, exchange: Exchange, link_prefix: str
-    ) -> web.StreamResponse:
-        upstream = exchange.upstream
-        async with upstream:
-            headers = response_headers(upstream.headers.items())
-            if exchange.throttle_pause is not None and upstream.headers.get("Retry-After") is None:
-                # amoCRM's 429 says nothing of when to come back; the account's back-off does.
-                headers.append(("Retry-After", str(max(1, round(exchange.throttle_pause)))))
-            # Not request.host: without a Host header it would ask the resolver for a name.
-            host = request.headers.get("Host", "")
-            base = links.public_base(request.scheme, host, self._public_url, link_prefix)
-            if base is not None and "Location" in upstream.headers:
-                headers = links.move_location(headers, self._links, base)
-            length = upstream.content_length
-            if length is None or request.method == "HEAD" or upstream.status in (204, 304):
-                return await self._stream(request, upstream, headers)
-            rewrite = base if base is not None and links.rewritable(headers) else None
-            if length <= SMALL_ANSWER:
-                return await self._whole(upstream, headers, rewrite)
-            # Larger JSON is read whole within the budget the callers' bodies share: memory
-            # held for answers is bounded too. Short of it, the answer streams untouched.
-            if (
-                rewrite is not None
-                and length <= links.MAX_REWRITE
-                and self._budget.try_take(length)
-            ):
-                try:
-                    return await self._whole(upstream, headers, rewrite)
-                finally:
-                    self._budget.give(length)
-            return await self._stream(request, upstream, headers)
-
-    async def _whole(
-        self, upstream: aiohttp.ClientResponse, headers: list[tuple[str, str]], base: str | None
-    ) -> web.Response:
-        """Read an answer whole: a cut one is still a clean 502, and it goes in one write.
-
-        With a `base`, amoCRM's links in it are moved there first.
-        """
-        try:
-            body = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._upstream_error("broken_stream")
-            raise UpstreamError(f"amoCRM broke off its answer: {type(exc).__name__}") from None
-        moved = links.rewrite_answer(body, headers, self._links, base) if base else None
-        if moved is not None:
-            body, headers = moved
-        response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-        response.headers.extend(headers)
-        return response
-
-    async def _stream(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        headers: list[tuple[str, str]],
-    ) -> web.StreamResponse:
-        """Pass a large or unsized answer through piece by piece, in constant memory."""
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(headers)
-        try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        except aiohttp.ClientConnectionResetError:
-            # aiohttp raises this only on writing, so it comes from the caller's closed
-            # connection, never from amoCRM: counting it as an upstream error sent on-call
-            # after amoCRM whenever a caller timed out. Leaving the `async with` closes the
-            # unfinished upstream connection instead of returning it to the pool.
-            log.info("caller_went_away", stage=ANSWERING, status=upstream.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone already: the only honest signal left is a cut connection.
-            self._upstream_error("broken_stream")
-            log.warning("upstream_stream_broken", error=type(exc).__name__)
-            if request.transport is not None:
-                request.transport.close()
-        return response

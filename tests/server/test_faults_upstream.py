@@ -174,8 +174,8 @@ async def stall_before_headers(ex: Exchange) -> bool:
 
 
 async def reset_mid_whole(ex: Exchange) -> bool:
-    """Cut a JSON answer short that the broker reads whole (to move its links)."""
-    ex.writer.write(_head("200 OK", length=100_000) + b"x" * 30_000)
+    """Cut a HAL answer short that the broker reads whole (to move its links)."""
+    ex.writer.write(_head("200 OK", length=100_000, ctype="application/hal+json") + b"x" * 30_000)
     await ex.writer.drain()
     await asyncio.sleep(0.02)
     return await reset(ex)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from broker.server.links import (
     MAX_REWRITE,
     Origin,
+    is_hal,
     public_base,
     rewritable,
     rewrite_answer,
@@ -274,3 +275,12 @@ def test_a_plain_answer_keeps_its_headers_but_the_length() -> None:
     result = rewrite_answer(LINKED.encode(), headers, AMO, BASE)
     assert result is not None
     assert result[1] == [*JSON, ("ETag", 'W/"x"')]
+
+
+def test_only_hal_documents_are_read_whole_past_the_small_answer_bound() -> None:
+    """amoCRM types its linked lists application/hal+json: plain large JSON streams untouched."""
+    assert is_hal([("Content-Type", "application/hal+json; charset=utf-8")])
+    assert is_hal([("content-type", "Application/HAL+JSON")])
+    assert not is_hal([("Content-Type", "application/json")])
+    assert not is_hal([("Content-Type", "application/problem+json")])
+    assert not is_hal([])
