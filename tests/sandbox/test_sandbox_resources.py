@@ -87,12 +87,10 @@ async def test_account_without_with_has_no_extras(client: Client, auth: dict[str
 
 @pytest.mark.parametrize(("path", "status"), [("/api/v4/account", 401), ("/api/v4/customers", 404)])
 async def test_errors_carry_amocrms_bare_problem_content_type(
-    client: Client, sandbox: Sandbox, path: str, status: int
+    client: Client, auth: dict[str, str], path: str, status: int
 ) -> None:
     """401 and 404 answer `application/problem+json` with no charset, titled by the status."""
-    headers = {"Authorization": "Bearer nope"} if status == 401 else None
-    if headers is None:
-        headers = {"Authorization": f"Bearer {sandbox.issue_pair()['access_token']}"}
+    headers = {"Authorization": "Bearer nope"} if status == 401 else auth
     response = await client.get(path, headers=headers)
     assert response.status == status
     assert response.headers["Content-Type"] == "application/problem+json"
