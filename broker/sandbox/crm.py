@@ -60,8 +60,8 @@ class Reject(Exception):
 def problem(body: dict[str, Any], **kwargs: Any) -> web.Response:
     """Answer with `body` as application/problem+json, its `status` as the HTTP status.
 
-    The content type goes out bare, with no `charset`, as amoCRM sends it: a client that
-    compares it exactly (@shevernitskiy/amo does) must see the same here.
+    The content type goes out bare, with no `charset`: @shevernitskiy/amo, written against
+    amoCRM, compares it exactly, so that is what amoCRM sends.
     """
     response = web.json_response(body, status=body["status"], **kwargs)
     response.headers["Content-Type"] = PROBLEM_JSON

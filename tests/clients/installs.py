@@ -81,6 +81,8 @@ def ensure(library: Library) -> None:
     """Install `library` into its cache directory unless exactly these pins are there."""
     marker = library.home / _MARKER
     wanted = "\n".join(library.pins) + "\n"
+    if library.runtime == "node" and not (shutil.which("node") and shutil.which("npm")):
+        raise InstallFailed("the Node libraries need Node (>= 18) and npm on PATH")
     if marker.exists() and marker.read_text(encoding="utf-8") == wanted:
         return
     shutil.rmtree(library.home, ignore_errors=True)
