@@ -5,7 +5,9 @@ authenticates and throttles a request, then hands it here. It copies amoCRM's
 resource behaviour the broker can observe: ids the server owns, problem+json
 errors, 204 for a missing item or an empty page, and `_links` as absolute URLs on
 the sandbox's own origin, whatever Host the request named: amoCRM writes them on
-its host, so through a proxy they lead past it unless the proxy moves them.
+its host, so through a proxy they lead past it unless the proxy moves them. Leads,
+contacts, companies and tasks are all served alike (list, get, create, update); client
+libraries touch each of them, and the account's `with` extras (`broker.sandbox.account`).
 """
 
 from __future__ import annotations
@@ -18,17 +20,22 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
+from broker.sandbox import account
+
 ACCOUNT_ID = 31_234_567
 USER_ID = 7_654_321
 PIPELINE_ID = 5_512_345
 STATUS_ID = 55_512_345
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 250
-ENTITIES = ("leads", "contacts")
+ENTITIES = ("leads", "contacts", "companies", "tasks")
+# amoCRM's own content type for its errors, bare: a client may compare it exactly.
+PROBLEM_JSON = "application/problem+json"
+TASK_TYPE_ID = 1  # "Связаться" (FOLLOW_UP), the first of the account's task types
 
 # Clients may send these, but the server owns them.
 _SERVER_FIELDS = frozenset({"id", "_links", "request_id"})
-_FIRST_ID = {"leads": 1_000_001, "contacts": 2_000_001}
+_FIRST_ID = {"leads": 1_000_001, "contacts": 2_000_001, "companies": 3_000_001, "tasks": 4_000_001}
 _SEED: dict[str, list[dict[str, Any]]] = {
     "leads": [
         {"name": "Поставка оборудования", "price": 150_000},
@@ -39,6 +46,8 @@ _SEED: dict[str, list[dict[str, Any]]] = {
         {"name": "Иван Петров", "first_name": "Иван", "last_name": "Петров"},
         {"name": "Анна Смирнова", "first_name": "Анна", "last_name": "Смирнова"},
     ],
+    "companies": [{"name": "Ромашка и партнёры"}],
+    "tasks": [{"text": "Перезвонить клиенту", "entity_id": 1_000_001, "entity_type": "leads"}],
 }
 
 
@@ -51,10 +60,14 @@ class Reject(Exception):
 
 
 def problem(body: dict[str, Any], **kwargs: Any) -> web.Response:
-    """Answer with `body` as application/problem+json, its `status` as the HTTP status."""
-    return web.json_response(
-        body, status=body["status"], content_type="application/problem+json", **kwargs
-    )
+    """Answer with `body` as application/problem+json, its `status` as the HTTP status.
+
+    The content type goes out bare, with no `charset`: @shevernitskiy/amo, written against
+    amoCRM, compares it exactly, so that is what amoCRM sends.
+    """
+    response = web.json_response(body, status=body["status"], **kwargs)
+    response.headers["Content-Type"] = PROBLEM_JSON
+    return response
 
 
 HAL_JSON = "application/hal+json"
@@ -72,7 +85,22 @@ def api_problem(status: int, detail: str, **kwargs: Any) -> web.Response:
     return problem({"title": title, "type": type_, "status": status, "detail": detail}, **kwargs)
 
 
-def _defaults(entity: str, item_id: int) -> dict[str, Any]:
+def _defaults(entity: str, item_id: int, now: int) -> dict[str, Any]:
+    if entity == "tasks":
+        # amoCRM requires complete_till on create; a day ahead stands in for the form's default.
+        return {
+            "text": "",
+            "entity_id": None,
+            "entity_type": None,
+            "is_completed": False,
+            "task_type_id": TASK_TYPE_ID,
+            "complete_till": now + 86_400,
+            "duration": 0,
+            "result": [],
+            "responsible_user_id": USER_ID,
+        }
+    if entity == "companies":
+        return {"name": "", "responsible_user_id": USER_ID}
     if entity == "leads":
         # amoCRM names an unnamed lead after its id.
         return {
@@ -193,7 +221,8 @@ class Crm:
         now = int(self._clock())
         item_id = self._next_id[entity]
         self._next_id[entity] += 1
-        item = {"id": item_id, **_defaults(entity, item_id), "created_at": now, "updated_at": now}
+        item = {"id": item_id, **_defaults(entity, item_id, now), "created_at": now}
+        item["updated_at"] = now
         item.update(_client_fields(fields))
         self._items[entity][item_id] = item
         return item
@@ -267,5 +296,6 @@ class Crm:
                 "is_unsorted_on": True,
                 "is_technical_account": False,
                 "_links": {"self": _href(request, "/api/v4/account")},
+                **account.extras(account.requested(request.query.getall("with", []))),
             }
         )

@@ -11,9 +11,10 @@ This module is the public face: tokens, the checks in front of /api/v4, records
 and knobs. The token endpoint behind it lives in `broker.sandbox.oauth`, the leads and
 contacts behind the /api/v4 checks in `broker.sandbox.crm`.
 
-`/_sandbox/{code,expire,revoke,block,unblock,stats}` expose the same controls over HTTP for
-tests that run the broker in another process. They take no credentials, so only
-ever bind the sandbox to loopback.
+`/_sandbox/{code,expire,revoke,block,unblock,script,stats}` expose the same controls over HTTP
+for tests that run the broker in another process (`script` takes a JSON array of statuses
+to append to `api_script`). They take no credentials, so only ever bind the sandbox to
+loopback. `python -m broker.sandbox` runs it standalone.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ _COUNTERS = (
 _RATE_LIMIT_HTML = "<html><body><h1>429 Too Many Requests</h1></body></html>"
 _BLOCKED_HTML = "<html><body><h1>403 Forbidden</h1><p>Account is blocked</p></body></html>"
 _T = TypeVar("_T")
+# What `api_script` can answer: throttled, blocked, unauthorized, or a 5xx.
+_SCRIPTABLE = frozenset({401, 403, 429, *range(500, 600)})
 
 
 def _html_error(status: int) -> web.Response:
@@ -296,8 +299,14 @@ class Sandbox:
             self.revoke_refresh_tokens()
         elif action in ("block", "unblock"):
             self.blocked = action == "block"
+        elif action == "script":
+            statuses = await _script_body(request)
+            if statuses is None:
+                return crm.api_problem(400, "Ожидается JSON-массив статусов: 401, 403, 429, 5xx")
+            self.api_script.extend(statuses)
         stats = {name: getattr(self, name) for name in _COUNTERS}
         stats.update(requests=len(self.requests), live_refresh_tokens=len(self.live_refresh_tokens))
+        stats.update(api_script=list(self.api_script))
         return web.json_response(stats)
 
     def app(self) -> web.Application:
@@ -305,9 +314,23 @@ class Sandbox:
         app = web.Application(middlewares=[self._record])
         app.router.add_post("/oauth2/access_token", self._oauth.handle)
         app.router.add_route("*", "/api/v4{tail:.*}", self._api)
-        app.router.add_post("/_sandbox/{action:code|expire|revoke|block|unblock}", self._admin)
+        actions = "code|expire|revoke|block|unblock|script"
+        app.router.add_post(f"/_sandbox/{{action:{actions}}}", self._admin)
         app.router.add_get("/_sandbox/{action:stats}", self._admin)
         return app
+
+
+async def _script_body(request: web.Request) -> list[int] | None:
+    """Read `/_sandbox/script`'s body: a JSON array of scriptable statuses, else None."""
+    try:
+        statuses = json.loads(await request.read())
+    except ValueError:
+        return None
+    if not isinstance(statuses, list) or not all(
+        type(status) is int and status in _SCRIPTABLE for status in statuses
+    ):
+        return None
+    return statuses
 
 
 async def start_sandbox(

@@ -32,7 +32,11 @@ def problem(
         "error": code,
         "message": message,
     }
-    return web.json_response(body, status=status, headers=headers, content_type=PROBLEM_JSON)
+    response = web.json_response(body, status=status, headers=headers)
+    # Bare, with no charset, as amoCRM sends it: a library written against amoCRM
+    # (@shevernitskiy/amo) compares the type exactly.
+    response.headers["Content-Type"] = PROBLEM_JSON
+    return response
 
 
 def error_response(exc: BrokerError) -> web.Response:

@@ -359,7 +359,7 @@ async def test_unknown_path_is_404_and_wrong_method_is_405(
 ) -> None:
     """Unknown /api/v4 paths answer 404 and unsupported methods 405, both problem+json."""
     auth = bearer(sandbox.issue_pair())
-    missing = await client.get("/api/v4/companies", headers=auth)
+    missing = await client.get("/api/v4/customers", headers=auth)
     assert (missing.status, missing.content_type) == (404, PROBLEM)
     wrong = await client.put("/api/v4/leads", json=[], headers=auth)
     assert (wrong.status, wrong.content_type) == (405, PROBLEM)
@@ -445,12 +445,14 @@ async def test_start_sandbox_serves_on_loopback() -> None:
 
 
 def test_main_runs_standalone_until_sigterm() -> None:
-    """main() prints its settings as one JSON line, serves, and exits 0 on SIGTERM."""
-    code = "from broker.sandbox.server import main; raise SystemExit(main(['--port', '0']))"
+    """`python -m broker.sandbox` prints its settings as one JSON line, serves, exits 0 on TERM."""
     # Run from the repo root so `broker` imports even when the project is not installed.
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root
+        [sys.executable, "-m", "broker.sandbox", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
     )
     try:
         assert proc.stdout is not None
@@ -484,6 +486,7 @@ def test_importing_the_sandbox_loads_no_broker_part() -> None:
     assert loaded == [
         "broker",
         "broker.sandbox",
+        "broker.sandbox.account",
         "broker.sandbox.crm",
         "broker.sandbox.jwt",
         "broker.sandbox.oauth",
