@@ -41,17 +41,10 @@ FEATURES = {
     "problem_json": "the broker's own errors as application/problem+json",
 }
 # (library, scenario) -> the broker feature it waits for. Remove an entry once it lands.
-NEEDS: dict[tuple[str, str], str] = {
-    ("aioamocrm", "next_href"): "links",  # refuses a link off its base_url (token safety)
-    ("aioamocrm", "next_href_account"): "links",
-    ("aioamocrm", "unknown_account"): "problem_json",  # shows only `title`/`detail`
-    ("aioamocrm", "token_refresh"): "shim",
-    ("amocrm-api-wrapper", "token_refresh"): "shim",
-    ("amocrm-sdk", "token_refresh"): "shim",
-    ("amocrm-js", "unknown_account"): "problem_json",  # errors only on a body with `status`
-    ("amocrm-js", "token_refresh"): "shim",  # fails silently and keeps its old token
-    ("shevernitskiy-amo", "token_refresh"): "shim",
-}
+# Empty since links, the shim and problem documents landed (issue 15): the nine scenarios
+# that waited for them (aioamocrm's next links, its and amocrm-js's unknown account, five
+# libraries' own refresh) pass.
+NEEDS: dict[tuple[str, str], str] = {}
 # (library, scenario) -> why the library cannot do it at all; its driver must say so.
 UNSUPPORTED: dict[tuple[str, str], str] = {
     **{
