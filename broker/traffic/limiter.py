@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.config.model import LimitSettings
-from broker.errors import AccountBlocked
+from broker.errors import AccountBlocked, RateLimited
 from broker.logs import get_logger
 from broker.timing import iso
 from broker.traffic.guard import PROBE_EVERY, AccountGuard
@@ -138,8 +138,11 @@ class AccountLimiter:
             departure, waited = await self.pacer.acquire(
                 holds_connection=holds_connection, waited_already=waited_already
             )
-        except AccountBlocked:
-            self.upstream.blocked_refusals_total += 1
+        except RateLimited:
+            # Out of patience while a block held the queue: say what held it.
+            if self.guard.blocked:
+                self.upstream.blocked_refusals_total += 1
+                self.guard.check(loop.time())
             raise
         try:
             # A block may have engaged while this call waited; after one, this may be its probe.

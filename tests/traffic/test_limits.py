@@ -299,6 +299,30 @@ async def test_a_short_block_is_waited_out_by_reads_and_probed_once(
     assert sandbox.api_calls == 4 + 3
 
 
+async def test_a_read_that_runs_out_of_patience_in_a_block_is_told_of_the_block(
+    make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: AiohttpClient
+) -> None:
+    """Waiting out a block that the probe renews: past max_wait, 503 account_blocked."""
+    async with paced_broker(
+        make_config,
+        sandbox,
+        aiohttp_client,
+        BROKER_BLOCK_AFTER="3",
+        BROKER_BLOCK_COOLDOWN="1",
+        BROKER_MAX_WAIT="1.5",
+    ) as broker:
+        sandbox.blocked = True
+        for _ in range(3):
+            assert (await broker.client.get("/api/v4/leads")).status == 403
+        replies = await asyncio.gather(*(broker.client.get("/api/v4/leads") for _ in range(3)))
+        codes = []
+        for reply in replies:
+            code = (await reply.json())["error"] if reply.status == 503 else ""
+            codes.append([reply.status, code])
+    assert sorted(codes) == [[403, ""], [503, "account_blocked"], [503, "account_blocked"]]
+    assert sandbox.blocked_api_calls == 4  # three to engage it, one probe
+
+
 async def test_refresh_and_replay_counters_match_the_sandbox(
     make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: AiohttpClient
 ) -> None:
