@@ -16,25 +16,12 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.clients.drivers._harness import SCENARIOS
 from tests.clients.installs import BY_NAME, LIBRARIES, InstallFailed, ensure
 from tests.clients.stack import Run, run_library
 
 pytestmark = [pytest.mark.clients, pytest.mark.timeout(300)]
 
-SCENARIOS = (
-    "account",  # GET /api/v4/account (with= extras where the library asks for them)
-    "pages",  # two pages of leads by page number
-    "next_href",  # page 1, then its _links.next.href
-    "next_href_account",  # the same under /a/default/
-    "get_lead",
-    "create_lead",
-    "update_lead",
-    "rotation",  # amoCRM drops the broker's access token mid-run: nothing shows
-    "throttled",  # amoCRM answers one 429: the broker waits and retries, nothing shows
-    "blocked",  # amoCRM's HTML 403 for a blocked account reaches the library as an error
-    "unknown_account",  # /a/nope/: the broker's 404, its message readable by the user
-    "token_refresh",  # the library refreshes its own (dummy) token through the broker
-)
 FEATURES = {
     "links": "HAL link rewriting: _links hrefs point back through the broker (also /a/NAME/)",
     "shim": "the token-endpoint shim: POST /oauth2/access_token answers a placeholder pair",

@@ -119,22 +119,8 @@ async def main() -> int:
         return f"refreshed, then account {got.id}"
 
     async with amo:
-        return await arun(
-            [
-                ("account", account),
-                ("pages", pages),
-                ("next_href", lambda: follow(amo)),
-                ("next_href_account", next_href_account),
-                ("get_lead", get_lead),
-                ("create_lead", create_lead),
-                ("update_lead", update_lead),
-                ("rotation", rotation),
-                ("throttled", throttled),
-                ("blocked", blocked),
-                ("unknown_account", unknown_account),
-                ("token_refresh", token_refresh),
-            ]
-        )
+        next_href = lambda: follow(amo)  # noqa: E731
+        return await arun(locals())
 
 
 raise SystemExit(asyncio.run(main()))

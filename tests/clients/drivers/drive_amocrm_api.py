@@ -126,22 +126,8 @@ def main() -> int:
             "expires in 2100 means it never tries"
         )
 
-    return run(
-        [
-            ("account", account),
-            ("pages", pages),
-            ("next_href", unsupported),
-            ("next_href_account", unsupported),
-            ("get_lead", get_lead),
-            ("create_lead", create_lead),
-            ("update_lead", update_lead),
-            ("rotation", rotation),
-            ("throttled", throttled),
-            ("blocked", blocked),
-            ("unknown_account", unknown_account),
-            ("token_refresh", token_refresh),
-        ]
-    )
+    next_href = next_href_account = unsupported
+    return run(locals())
 
 
 raise SystemExit(main())

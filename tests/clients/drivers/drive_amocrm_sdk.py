@@ -117,22 +117,8 @@ def main() -> int:
         except AmoCRMError as exc:
             raise AssertionError(f"{type(exc).__name__}: {exc}"[:300]) from None
 
-    return run(
-        [
-            ("account", account),
-            ("pages", pages),
-            ("next_href", unsupported),
-            ("next_href_account", unsupported),
-            ("get_lead", get_lead),
-            ("create_lead", create_lead),
-            ("update_lead", update_lead),
-            ("rotation", rotation),
-            ("throttled", throttled),
-            ("blocked", blocked),
-            ("unknown_account", unknown_account),
-            ("token_refresh", token_refresh),
-        ]
-    )
+    next_href = next_href_account = unsupported
+    return run(locals())
 
 
 raise SystemExit(main())
