@@ -48,7 +48,9 @@ def template(name: str, raw: Any) -> str:
     try:
         json.loads(fill(raw, dict.fromkeys(PLACEHOLDERS, 'a "quoted"\nvalue')))
     except ValueError as exc:
-        raise ConfigError(f"{name}: not JSON once filled in (put placeholders in quotes): {exc}")
+        raise ConfigError(
+            f"{name}: not JSON once filled in (put placeholders in quotes): {exc}"
+        ) from None
     return raw
 
 
