@@ -112,7 +112,7 @@ class Delivery:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         where = url_origin(job.url)
         if error is None:
-            log.info("notify_sent", event=job.event, account=job.account, to=where)
+            log.info("notify_sent", notice=job.event, account=job.account, to=where)
             return
         now = time.monotonic()
         if now - job.first_at >= self.give_up_after:
@@ -123,7 +123,7 @@ class Delivery:
         self.jobs.append(job)
         log.warning(
             "notify_failed",
-            event=job.event,
+            notice=job.event,
             account=job.account,
             to=where,
             error=error,
@@ -134,7 +134,7 @@ class Delivery:
     def _dropped(self, job: Job, why: str, error: str | None = None) -> None:
         log.error(
             "notify_dropped",
-            event=job.event,
+            notice=job.event,
             account=job.account,
             to=url_origin(job.url),
             reason=why,

@@ -88,10 +88,10 @@ class Watcher:
         try:
             claimed = await account.manager.store.claim_notification(event.key, self.holder, now)
         except StoreError as exc:
-            log.warning("notify_claim_failed", event=event.event, error=exc.message)
+            log.warning("notify_claim_failed", notice=event.event, error=exc.message)
             return True
         if not claimed:
-            log.info("notify_claimed_elsewhere", event=event.event, key=event.key)
+            log.info("notify_claimed_elsewhere", notice=event.event, key=event.key)
         return claimed
 
     async def run(self, interval: float = POLL_SECONDS) -> None:
