@@ -43,7 +43,7 @@ class Job:
 class Delivery:
     """Post queued notifications until closed; see the module docstring for the promises."""
 
-    secret: str | None = None
+    secret: str | None = field(default=None, repr=False)
     max_queue: int = 1000
     base_delay: float = 1.0
     max_delay: float = 300.0
