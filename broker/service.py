@@ -20,6 +20,7 @@ from broker.config.model import Config
 from broker.errors import ConfigError
 from broker.lifecycle import InFlight, Signals, drain, listen, make_runner
 from broker.logs import get_logger, redactor
+from broker.notify.watch import notifying
 from broker.server.app import create_app
 from broker.server.call import WriteTellingRequest
 from broker.server.clients import ClientRegistry
@@ -151,7 +152,7 @@ def build_app(
             refresh_timeout=config.refresh_timeout,
             states=runtime.store,
         )
-    return create_app(
+    app = create_app(
         runtime.manager,
         runtime.session,
         base_url=_base_url(config),
@@ -166,6 +167,10 @@ def build_app(
         callback=callback,
         public_url=config.public_url,
     )
+    watching = notifying(config)
+    if watching is not None:  # operators hear of state changes (broker/notify/)
+        app.cleanup_ctx.append(watching)
+    return app
 
 
 def _base_url(config: Config) -> str:

@@ -21,6 +21,7 @@ from broker import __version__
 from broker.cli import authorize as cli_authorize
 from broker.cli import clients as cli_clients
 from broker.cli import migrate as cli_migrate
+from broker.cli import notify as cli_notify
 from broker.cli import status as cli_status
 from broker.config.keyfile import write_key_file
 from broker.config.load import load_config
@@ -140,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_clients.register(sub, common, _config)
     cli_migrate.register(sub, common, _config)
     cli_authorize.register(sub, common, _config)
+    cli_notify.register(sub, common, _config)
     return parser
 
 

@@ -39,6 +39,7 @@ _KEYS = frozenset(
         "redirect_uri",
         "long_lived_token_file",
         "limits",
+        "notify_webhook_url",
     }
 )
 
@@ -94,6 +95,7 @@ def parse_accounts(
                 limits=_limits(table.get("limits"), limits, parsers, where),
                 long_lived_token=token,
                 default=_flag(table.get("default", False), where),
+                notify_urls=_own_urls(table, parsers, where),
             )
         )
     return _one_default(accounts, source)
@@ -116,6 +118,18 @@ def _limits(
         if _LIMIT_KEYS[key] in known
     }
     return replace(base, **changes)
+
+
+def _own_urls(
+    table: dict[str, Any], parsers: Mapping[str, Callable[[str, Any], Any]], where: str
+) -> tuple[str, ...] | None:
+    """The account's own notification URLs ([] turns them off for it); None: [notify]'s."""
+    if "notify_webhook_url" not in table:
+        return None
+    urls: tuple[str, ...] = parsers["webhook_url"](
+        f"{where} notify_webhook_url", table["notify_webhook_url"]
+    )
+    return urls
 
 
 def _flag(raw: Any, where: str) -> bool:

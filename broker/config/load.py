@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from broker.config import notify
 from broker.config import parsers as parse
 from broker.config.accounts import parse_accounts
 from broker.config.keyfile import decode_key, read_key_file
@@ -27,6 +28,7 @@ from broker.config.model import (
     AccountConfig,
     Config,
     LimitSettings,
+    NotifySettings,
     Secret,
 )
 from broker.errors import ConfigError
@@ -96,6 +98,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "block_cooldown_seconds", "BROKER_BLOCK_COOLDOWN", parse.seconds, 600.0),
     # Unset: shared on a PostgreSQL store (its replicas are one account's callers), else not.
     Setting("limits", "shared", "BROKER_SHARED_LIMITS", parse.flag),
+    # Where state changes are posted (broker/notify/); several: a list, or commas in the env.
+    Setting("notify", "webhook_url", "BROKER_NOTIFY_URL", notify.webhook_urls, ()),
+    Setting("notify", "template", "BROKER_NOTIFY_TEMPLATE", notify.template),
+    Setting("notify", "secret", "BROKER_NOTIFY_SECRET", parse.text),
+    Setting("notify", "secret_file", "BROKER_NOTIFY_SECRET_FILE", parse.path),
+    Setting(
+        "notify",
+        "refresh_failing_after_seconds",
+        "BROKER_NOTIFY_FAILING_AFTER",
+        parse.seconds,
+        3600.0,
+    ),
     Setting("log", "format", "BROKER_LOG_FORMAT", parse.choice("json", "console"), "json"),
     Setting("log", "level", "BROKER_LOG_LEVEL", _LEVELS, "info"),
 )
@@ -189,6 +203,7 @@ def load_config(
         source=source,
         store_url=values["store.url"],
         store_timeout=values["store.timeout_seconds"],
+        notify=_notify(values, source, from_file="BROKER_NOTIFY_SECRET_FILE" not in env),
     )
     token_file = _beside(source, values["amocrm.long_lived_token_file"], from_file=True)
     long_lived = _secret_env(env, LONG_LIVED_ENV) or (
@@ -219,7 +234,9 @@ def _with_accounts(
             f"{config.source}: give accounts either in [amocrm] / AMOCRM_* or as [[accounts]], "
             "not both" + (f" (set: {', '.join(stray)})" if stray else "")
         )
-    parsers = {s.key: s.parse for s in SETTINGS if s.section in ("amocrm", "limits", "store")}
+    parsers = {
+        s.key: s.parse for s in SETTINGS if s.section in ("amocrm", "limits", "store", "notify")
+    }
     accounts = parse_accounts(
         tables,
         parsers={**parsers, "path": parse.path},
@@ -244,6 +261,20 @@ _SINGLE_ACCOUNT_ENV = (
     "AMOCRM_REFRESH_TOKEN",
     LONG_LIVED_ENV,
 )
+
+
+def _notify(values: Mapping[str, Any], source: Path | None, *, from_file: bool) -> NotifySettings:
+    """Gather [notify]; the secret comes from `secret` or `secret_file`, not both."""
+    secret, secret_file = values["notify.secret"], values["notify.secret_file"]
+    if secret is not None and secret_file is not None:
+        raise ConfigError("[notify]: set secret or secret_file, not both")
+    path = _beside(source, secret_file, from_file=from_file)
+    return NotifySettings(
+        urls=values["notify.webhook_url"],
+        template=values["notify.template"],
+        secret=Secret(secret) if secret else (notify.read_secret_file(path) if path else None),
+        refresh_failing_after=values["notify.refresh_failing_after_seconds"],
+    )
 
 
 def _read_token_file(path: Path) -> Secret[str]:

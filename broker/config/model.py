@@ -62,6 +62,17 @@ class AccountConfig:
     limits: LimitSettings
     long_lived_token: Secret[str] | None = None  # a private integration's token: no refresh
     default: bool = False
+    notify_urls: tuple[str, ...] | None = None  # None: [notify] webhook_url
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """The [notify] settings (broker/config/notify.py); no URL means no notifications."""
+
+    urls: tuple[str, ...] = ()
+    template: str | None = None  # a JSON text with {event}, {text}… placeholders
+    secret: Secret[str] | None = field(default=None, repr=False)
+    refresh_failing_after: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,13 @@ class Config:
     # A PostgreSQL store instead of the SQLite file; may hold a password, so not in the repr.
     store_url: str | None = field(default=None, repr=False)
     store_timeout: float = 10.0  # seconds one PostgreSQL store call may take
+    notify: NotifySettings = field(default_factory=lambda: NotifySettings())
+
+    @property
+    def notify_urls(self) -> tuple[str, ...]:
+        """Where this account's state changes are posted: its own URLs, else [notify]'s."""
+        own = next((a.notify_urls for a in self.accounts if a.name == self.account), None)
+        return self.notify.urls if own is None else own
 
     @property
     def loopback_only(self) -> bool:

@@ -107,6 +107,10 @@ class StoreDump:
     counts: list[tuple[Any, ...]] = field(default_factory=list)
 
 
+# How long a claimed notification is remembered: a restart within it does not send it again.
+NOTICE_DAYS = 30
+
+
 class Store(Protocol):
     """One account's view of a token store; the rows of every account live side by side."""
 
@@ -191,6 +195,11 @@ class Store(Protocol):
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         """Consume a state: its account, or None when absent or older than `ttl` seconds."""
+        ...
+
+    async def claim_notification(self, key: str, holder: str, now: float) -> bool:
+        """Claim the sending of this account's notification `key`: True for the first claimer
+        only, among every process sharing the store (rows older than NOTICE_DAYS are pruned)."""
         ...
 
 

@@ -60,6 +60,11 @@ class PairKeeper:
         return self._state.expires_mono - self._clock.monotonic()
 
     @property
+    def refresh_failing(self) -> bool:
+        """Say whether the last refresh failed for a passing reason and none has worked since."""
+        return self._state.failures > 0
+
+    @property
     def reauth_reason(self) -> str | None:
         return self._state.reauth
 

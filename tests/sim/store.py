@@ -77,6 +77,7 @@ class SharedStore:
         self.rows: list[dict[str, Any]] = []  # the history, oldest first
         self.written: dict[int, str] = {}  # generation -> the refresh token written with it
         self.committing: dict[str, int] = {}  # refresh token -> writes of it in progress
+        self.notices: dict[tuple[str, str], str] = {}  # (account, key) -> the first claimer
 
     @property
     def generation(self) -> int:
@@ -314,3 +315,7 @@ class StoreView:
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         return None
+
+    async def claim_notification(self, key: str, holder: str, now: float) -> bool:
+        claimed = self._shared.notices.setdefault((self.account, key), holder) == holder
+        return claimed

@@ -139,6 +139,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (account, holder)
         )""",
     ),
+    4: (
+        # Notifications claimed for sending (broker/notify/), as SQLite's migration 7.
+        """CREATE TABLE notices (
+            account TEXT NOT NULL,
+            key TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            claimed_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (account, key)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -12,6 +12,7 @@ from dataclasses import astuple
 from broker.errors import StoreError
 from broker.store import pace_grants
 from broker.store.api import (
+    NOTICE_DAYS,
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
@@ -145,6 +146,24 @@ class PgSideTables:
                 "created_at = EXCLUDED.created_at",
                 (state_hash, account, now),
             )
+
+    async def claim_notification(self, key: str, holder: str, now: float) -> bool:
+        """Claim notification `key` of this account: True for the first claimer only.
+
+        INSERT … ON CONFLICT DO NOTHING decides it in one statement, so two replicas racing
+        for the same transition get one True between them; old claims are pruned alongside.
+        """
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM notices WHERE claimed_at < %s", (now - NOTICE_DAYS * 86400,)
+            )
+            cursor = await db.execute(
+                "INSERT INTO notices (account, key, holder, claimed_at) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (account, key) DO NOTHING",
+                (self.account, key, holder, now),
+            )
+            claimed = cursor.rowcount == 1
+        return claimed
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         """Consume a state: its account, or None when absent or older than `ttl` seconds.

@@ -133,6 +133,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (account, holder)
         )""",
     ),
+    7: (
+        # Notifications claimed for sending (broker/notify/): the first replica to insert a
+        # key sends it, the others see the row and stay quiet.
+        """CREATE TABLE notices (
+            account TEXT NOT NULL,
+            key TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            claimed_at REAL NOT NULL,
+            PRIMARY KEY (account, key)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
