@@ -1,4 +1,4 @@
-"""Assemble the aiohttp application: /healthz, /readyz, /status, /metrics and the proxy.
+"""Assemble the aiohttp application: /healthz, /readyz, /status (and its page), /metrics, the proxy.
 
 One application serves every configured account: each gets its token manager, limiter and
 proxy (broker/server/routing.py picks one per call); the HTTP session and the metrics are shared.
@@ -17,8 +17,9 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from broker import __version__
 from broker.config.model import LimitSettings
-from broker.server import token_shim
+from broker.server import status_page, token_shim
 from broker.server.bodies import BodyBudget
 from broker.server.clients import ClientRegistry
 from broker.server.metrics import Metrics
@@ -92,6 +93,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    app.router.add_get("/", status_html)  # amoCRM has nothing at its root: a page for people
     app.router.add_get("/metrics", metrics_text)
     if callback is not None:  # before the catch-all; no HEAD: it would spend a state
         app.router.add_get(CALLBACK_PATH, callback, allow_head=False)
@@ -173,11 +175,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     """Describe the default account (or `?account=`) and list every account; never a secret."""
+    if status_page.prefers_html(request.headers.get("Accept")):
+        return await status_html(request)
     chosen = queried(request)
     docs = {name: await _account_status(request, a) for name, a in request.app[ACCOUNTS].items()}
     doc = dict(docs[chosen.name])
     doc["accounts"] = [{key: d[key] for key in _SUMMARY if key in d} for d in docs.values()]
     return web.json_response(doc)
+
+
+async def status_html(request: web.Request) -> web.Response:
+    """Show every account's /status document as a page for people (server/status_page.py)."""
+    docs = [await _account_status(request, a) for a in request.app[ACCOUNTS].values()]
+    page = status_page.render({"version": __version__, "accounts": docs})
+    return web.Response(text=page, headers=status_page.HEADERS)
 
 
 # What /status lists of each account; the whole document is one ?account= away.

@@ -266,8 +266,7 @@ ESCAPING_TARGETS = [
     "/api/./v4/leads",
     "/x/../api/v4/leads",
     "/oauth2/access_token",
-    "/",
-]
+]  # `/` is no escape: it is the broker's own status page (tests/server/test_status_page.py)
 
 
 @pytest.mark.parametrize("target", ESCAPING_TARGETS)

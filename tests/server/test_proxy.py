@@ -135,8 +135,7 @@ async def test_upstream_error_bodies_pass_through(broker: Broker) -> None:
         "//evil.example/api/v4/leads",
         "http://evil.example/api/v4/leads",
         "/status/../api/v4",
-        "/",
-    ],
+    ],  # `/` is no escape: it is the status page (tests/server/test_status_page.py)
 )
 async def test_path_escapes_never_reach_upstream(broker: Broker, target: str) -> None:
     """Targets outside /api/v4 or climbing out of it get 404 (or 400) and nothing goes upstream."""
