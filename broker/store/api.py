@@ -81,6 +81,14 @@ class AccountState:
 
 
 @dataclass(frozen=True)
+class AccountHost:
+    """Where amoCRM serves the account now, once it moved away from the configured base URL."""
+
+    base_url: str
+    since: float
+
+
+@dataclass(frozen=True)
 class SealedRow:
     """One account's pair as ciphertexts, as `rotate-key` sees it."""
 
@@ -188,6 +196,14 @@ class Store(Protocol):
         ...
 
     async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None: ...
+
+    async def account_host(self) -> AccountHost | None:
+        """The base URL the account moved to (a renamed subdomain), if it ever moved."""
+        ...
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        """Remember that amoCRM serves the account at `base_url` since `now` (wall time)."""
+        ...
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         """Consume a state: its account, or None when absent or older than `ttl` seconds."""

@@ -139,6 +139,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (account, holder)
         )""",
     ),
+    4: (),  # placeholder, replaced at merge (issue 16 part 1 takes 4)
+    5: (
+        # As SQLite's migration 8: where a renamed account is served now.
+        """CREATE TABLE account_hosts (
+            account TEXT PRIMARY KEY,
+            base_url TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -15,6 +15,7 @@ from broker.store.api import (
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
+    AccountHost,
     Resealer,
     SealedRow,
     StoreDump,
@@ -144,6 +145,25 @@ class PgSideTables:
                 "ON CONFLICT (state_hash) DO UPDATE SET account = EXCLUDED.account, "
                 "created_at = EXCLUDED.created_at",
                 (state_hash, account, now),
+            )
+
+    async def account_host(self) -> AccountHost | None:
+        """The base URL the account moved to, if it ever moved."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT base_url, since FROM account_hosts WHERE account = %s", (self.account,)
+            )
+            row = await cursor.fetchone()
+        return AccountHost(str(row[0]), float(row[1])) if row else None
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        """Remember where amoCRM serves the account since `now`."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO account_hosts (account, base_url, since) VALUES (%s, %s, %s) "
+                "ON CONFLICT (account) DO UPDATE SET base_url = EXCLUDED.base_url, "
+                "since = EXCLUDED.since",
+                (self.account, base_url, now),
             )
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:

@@ -17,6 +17,7 @@ from broker.store.api import (
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
+    AccountHost,
     Resealer,
     SealedRow,
     StoreDump,
@@ -108,6 +109,23 @@ class SideTables:
                 "INSERT OR REPLACE INTO oauth_states (state_hash, account, created_at) "
                 "VALUES (?, ?, ?)",
                 (state_hash, account, now),
+            )
+
+    async def account_host(self) -> AccountHost | None:
+        """The base URL the account moved to, if it ever moved."""
+        cursor = await self._db.execute(
+            "SELECT base_url, since FROM account_hosts WHERE account = ?", (self.account,)
+        )
+        row = await cursor.fetchone()
+        await cursor.close()
+        return AccountHost(str(row[0]), float(row[1])) if row else None
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        """Remember where amoCRM serves the account since `now`."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO account_hosts (account, base_url, since) VALUES (?, ?, ?)",
+                (self.account, base_url, now),
             )
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
