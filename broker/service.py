@@ -32,6 +32,7 @@ from broker.tokens.importing import bootstrap_from_env, install_long_lived
 from broker.tokens.long_lived import LongLivedManager
 from broker.tokens.manager import TokenManager
 from broker.tokens.probe import account_probe
+from broker.tokens.upstream import Upstream
 
 if TYPE_CHECKING:
     pass
@@ -113,12 +114,19 @@ async def _open_account(
     if config.client_secret is not None:
         redactor.register(config.client_secret.reveal(), permanent=True)
     async with open_store(config) as store:
-        oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
+        upstream = Upstream(config.base_url, store) if config.base_url is not None else None
+        if upstream is not None:
+            await upstream.load()  # a renamed subdomain, stored, wins over the configured one
+        oauth = (
+            OAuthClient(session, oauth_config, config.refresh_timeout, upstream)
+            if oauth_config
+            else None
+        )
         manager: TokenManager
         # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
         probe = (
-            account_probe(session, config.base_url, config.upstream_timeout)
-            if config.base_url is not None
+            account_probe(session, upstream, config.upstream_timeout)
+            if upstream is not None
             else None
         )
         if long_lived is not None:
@@ -126,6 +134,7 @@ async def _open_account(
             manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
         else:
             manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
+        manager.upstream = upstream
         await manager.load()
         yield AccountRuntime(config, store, oauth, manager)
 

@@ -19,6 +19,7 @@ from broker.timing import Clock, SystemClock
 from broker.tokens import pair_state as rules
 from broker.tokens.pair_state import PairState
 from broker.tokens.parts import RefreshStats, quietly
+from broker.tokens.upstream import Upstream
 
 log = get_logger()
 
@@ -39,6 +40,9 @@ class PairKeeper:
         # keeps the lease, or another would send the refused token again.
         self._owed_refusal: tuple[str, int] | None = None
         self.stats = RefreshStats()
+        # Where amoCRM serves the account (set by the composition root): the proxy and
+        # /status read it; the token endpoint client moves it when the subdomain is renamed.
+        self.upstream: Upstream | None = None
 
     @property
     def generation(self) -> int:
