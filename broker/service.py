@@ -24,6 +24,7 @@ from broker.server.app import create_app
 from broker.server.call import WriteTellingRequest
 from broker.server.clients import ClientRegistry
 from broker.server.oauth_callback import make_callback_handler
+from broker.server.revoke_hook import make_revoke_handler
 from broker.server.routing import AccountSetup
 from broker.store.api import Store
 from broker.store.opener import open_store
@@ -160,6 +161,12 @@ def build_app(
             refresh_timeout=config.refresh_timeout,
             states=runtime.store,
         )
+    revoke = None
+    if config.revoke_hook:
+        revoke = make_revoke_handler(
+            lambda name: (config.for_account(name), runtime.accounts[name].manager),
+            config.account,
+        )
     return create_app(
         runtime.manager,
         runtime.session,
@@ -174,6 +181,7 @@ def build_app(
         others=others,
         callback=callback,
         public_url=config.public_url,
+        revoke_hook=revoke,
     )
 
 

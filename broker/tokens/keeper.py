@@ -92,6 +92,16 @@ class PairKeeper:
                 log.error("store_read_failed", error=exc.message)
         return True
 
+    async def revoke(self, message: str) -> None:
+        """Declare reauth_required now, for every process: amoCRM said the grant is gone.
+
+        Recorded like a refused refresh: a store that refuses the write now owes it, and this
+        process keeps the lease until it lands, so no other spends the refresh token meanwhile.
+        """
+        self._state = replace(self._state, reauth=message)
+        self._owed_refusal = (message, self.generation)
+        await self._record_refusal()
+
     async def _write(self) -> None:
         """Write the unsaved pair, if any, by compare-and-swap; on failure keep it in memory.
 
