@@ -45,6 +45,7 @@ ROTATION_COLUMNS = (
     "error",
 )
 STATE_COLUMNS = ("account", "state", "reason", "since", "generation")
+HOST_COLUMNS = ("account", "base_url", "since")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class StoreDump:
     tokens: list[tuple[Any, ...]] = field(default_factory=list)
     rotations: list[tuple[Any, ...]] = field(default_factory=list)  # oldest first
     states: list[tuple[Any, ...]] = field(default_factory=list)
+    hosts: list[tuple[Any, ...]] = field(default_factory=list)  # renamed subdomains
     # The outcome counters (history.COUNT_COLUMNS): all-time, so more than the rows copied.
     counts: list[tuple[Any, ...]] = field(default_factory=list)
 

@@ -171,6 +171,8 @@ class OAuthClient:
         upstream = self._upstream
         if upstream is None:
             return False
+        if await upstream.load():  # another process (a replica) found and stored it already
+            return True
         request = build_subdomain_request(upstream.base_url, access_token, refresh_token)
         if request is None:  # a token older than August 2024 names no api_domain
             return False

@@ -200,6 +200,9 @@ class PairKeeper:
                 self.stats.next_attempt_at = None  # adoption ends the back-off
             if announce and held.generation != before.generation:
                 log.info("token_adopted", generation=held.generation)
+            if self.upstream is not None and before.held is not None:
+                # Another process's pair may come from a host it moved to: follow it too.
+                await self.upstream.load()
         if before.unsaved is not None and self._state.unsaved is None:
             # A newer pair superseded the one we kept the lease for: give the lease back.
             await quietly(self.store.release_lease(self._holder))

@@ -111,12 +111,16 @@ class Upstream:
         self._store = store
         self._clock = clock or SystemClock()
 
-    async def load(self) -> None:
-        """Take the host a move stored: it wins over the configuration, which still names
-        the old subdomain (configuration stays as the operator wrote it)."""
-        stored = await self._store.account_host() if self._store else None
+    async def load(self) -> bool:
+        """Take the host a move stored, and say whether it is news: it wins over the
+        configuration, which still names the old subdomain (left as the operator wrote it)."""
+        try:
+            stored = await self._store.account_host() if self._store else None
+        except StoreError as exc:
+            log.error("store_read_failed", error=exc.message)
+            return False
         if stored is None or stored.base_url == self.base_url:
-            return
+            return False
         self.base_url, self.since = stored.base_url, stored.since
         log.info(
             "base_url_from_store",
@@ -124,6 +128,7 @@ class Upstream:
             host=host_of(stored.base_url),
             since=iso(stored.since),
         )
+        return True
 
     async def move(self, base_url: str) -> None:
         """Serve the account from `base_url` from now on, and remember it in the store.

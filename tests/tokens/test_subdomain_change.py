@@ -141,3 +141,19 @@ async def test_a_refused_grant_at_the_right_host_stays_refused(
     assert broker.manager.state == "reauth_required"
     assert log_events(log_stream, "subdomain_changed") == []
     assert await broker.store.account_host() is None
+
+
+async def test_another_process_takes_the_stored_host_without_asking(
+    broker: Broker, log_stream: io.StringIO
+) -> None:
+    """A second process sharing the store adopts the stored host with the pair it adopts:
+    amoCRM is asked once, and subdomain_changed is logged once, by the first."""
+    async with open_runtime(broker.config) as other:
+        new_url = await broker.sandbox.hosts.rename()
+        await broker.manager.refresh("expiry")
+        await other.manager.refresh("expiry")
+        assert other.manager.upstream is not None
+        assert other.manager.upstream.base_url == new_url
+        assert other.manager.state == "ok"
+    assert broker.sandbox.hosts.subdomain_lookups == 1
+    assert len(log_events(log_stream, "subdomain_changed")) == 1

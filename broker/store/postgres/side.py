@@ -12,6 +12,7 @@ from dataclasses import astuple
 from broker.errors import StoreError
 from broker.store import pace_grants
 from broker.store.api import (
+    HOST_COLUMNS,
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
@@ -214,9 +215,16 @@ class PgSideTables:
         # The store's bound is for one pair's write; a long history takes longer to copy.
         async with self.transaction(extra=copied / ROWS_PER_SECOND) as db:
             await db.execute(
-                "LOCK TABLE tokens, rotations, account_state, rotation_counts IN EXCLUSIVE MODE"
+                "LOCK TABLE tokens, rotations, account_state, rotation_counts, account_hosts "
+                "IN EXCLUSIVE MODE"
             )
-            for table in ("tokens", "rotations", "account_state", "rotation_counts"):
+            for table in (
+                "tokens",
+                "rotations",
+                "account_state",
+                "rotation_counts",
+                "account_hosts",
+            ):
                 cursor = await db.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 -- constant
                 if await cursor.fetchone() is not None:
                     raise StoreError(
@@ -227,6 +235,7 @@ class PgSideTables:
                 ("tokens", TOKEN_COLUMNS, dump.tokens),
                 ("rotations", ROTATION_COLUMNS, dump.rotations),
                 ("account_state", STATE_COLUMNS, dump.states),
+                ("account_hosts", HOST_COLUMNS, dump.hosts),
             ):
                 if not rows:
                     continue

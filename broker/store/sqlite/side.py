@@ -14,6 +14,7 @@ import aiosqlite
 from broker.errors import StoreError
 from broker.store import pace_grants
 from broker.store.api import (
+    HOST_COLUMNS,
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
@@ -181,6 +182,7 @@ class SideTables:
                 ("tokens", TOKEN_COLUMNS, "account", dump.tokens),
                 ("rotations", ROTATION_COLUMNS, "id", dump.rotations),
                 ("account_state", STATE_COLUMNS, "account", dump.states),
+                ("account_hosts", HOST_COLUMNS, "account", dump.hosts),
                 ("rotation_counts", COUNT_COLUMNS, "account, outcome", dump.counts),
             ):
                 cursor = await db.execute(
