@@ -29,17 +29,22 @@ def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:8]
 
 
-def jwt_expiry(token: str) -> float | None:
-    """Read the `exp` claim of a JWT without verifying it (amoCRM signs, we only schedule)."""
+def jwt_claims(token: str) -> dict[str, object]:
+    """Read a JWT's claims without verifying it (amoCRM signs; we only schedule and route)."""
     parts = token.split(".")
     if len(parts) != 3:
-        return None
+        return {}
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def jwt_expiry(token: str) -> float | None:
+    """Read the `exp` claim of a JWT without verifying it."""
+    exp = jwt_claims(token).get("exp")
     if isinstance(exp, int | float) and _positive_finite(exp) and exp <= LAST_EXP:
         return float(exp)
     return None

@@ -25,6 +25,7 @@ from broker.server.app import create_app
 from broker.server.call import WriteTellingRequest
 from broker.server.clients import ClientRegistry
 from broker.server.oauth_callback import make_callback_handler
+from broker.server.revoke_hook import make_revoke_handler
 from broker.server.routing import AccountSetup
 from broker.store.api import Store
 from broker.store.opener import open_store
@@ -33,6 +34,7 @@ from broker.tokens.importing import bootstrap_from_env, install_long_lived
 from broker.tokens.long_lived import LongLivedManager
 from broker.tokens.manager import TokenManager
 from broker.tokens.probe import account_probe
+from broker.tokens.upstream import Upstream
 
 if TYPE_CHECKING:
     pass
@@ -114,12 +116,19 @@ async def _open_account(
     if config.client_secret is not None:
         redactor.register(config.client_secret.reveal(), permanent=True)
     async with open_store(config) as store:
-        oauth = OAuthClient(session, oauth_config, config.refresh_timeout) if oauth_config else None
+        upstream = Upstream(config.base_url, store) if config.base_url is not None else None
+        if upstream is not None:
+            await upstream.load()  # a renamed subdomain, stored, wins over the configured one
+        oauth = (
+            OAuthClient(session, oauth_config, config.refresh_timeout, upstream)
+            if oauth_config
+            else None
+        )
         manager: TokenManager
         # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
         probe = (
-            account_probe(session, config.base_url, config.upstream_timeout)
-            if config.base_url is not None
+            account_probe(session, upstream, config.upstream_timeout)
+            if upstream is not None
             else None
         )
         if long_lived is not None:
@@ -127,6 +136,7 @@ async def _open_account(
             manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
         else:
             manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
+        manager.upstream = upstream
         await manager.load()
         yield AccountRuntime(config, store, oauth, manager)
 
@@ -152,6 +162,12 @@ def build_app(
             refresh_timeout=config.refresh_timeout,
             states=runtime.store,
         )
+    revoke = None
+    if config.revoke_hook:
+        revoke = make_revoke_handler(
+            lambda name: (config.for_account(name), runtime.accounts[name].manager),
+            config.account,
+        )
     app = create_app(
         runtime.manager,
         runtime.session,
@@ -166,6 +182,7 @@ def build_app(
         others=others,
         callback=callback,
         public_url=config.public_url,
+        revoke_hook=revoke,
     )
     watching = notifying(config)
     if watching is not None:  # operators hear of state changes (broker/notify/)

@@ -66,6 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "unix_socket", "BROKER_UNIX_SOCKET", parse.path),
     Setting("server", "unix_socket_mode", "BROKER_UNIX_SOCKET_MODE", parse.octal_mode, 0o660),
     Setting("server", "oauth_callback", "BROKER_OAUTH_CALLBACK", parse.flag, False),
+    # Serve amoCRM's signed "integration switched off" hook at /oauth/revoked.
+    Setting("server", "revoke_hook", "BROKER_REVOKE_HOOK", parse.flag, False),
     # Where amoCRM's links in answers lead; unset: the scheme and Host each caller used.
     Setting("server", "public_url", "BROKER_PUBLIC_URL", parse.public_url),
     Setting("store", "path", "BROKER_DB", parse.path, Path("broker.db")),
@@ -173,6 +175,7 @@ def load_config(
         unix_socket=values["server.unix_socket"],
         unix_socket_mode=values["server.unix_socket_mode"],
         oauth_callback=values["server.oauth_callback"],
+        revoke_hook=values["server.revoke_hook"],
         public_url=values["server.public_url"],
         db_path=db_path,
         key=key,

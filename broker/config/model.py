@@ -134,6 +134,7 @@ class Config:
     long_lived_token: Secret[str] | None = None
     accounts: tuple[AccountConfig, ...] = ()
     oauth_callback: bool = False  # serve GET /oauth/callback (`amo-broker authorize-url`)
+    revoke_hook: bool = False  # serve amoCRM's signed "integration switched off" hook
     public_url: str | None = None  # where links in answers lead; None: the caller's Host
     # A PostgreSQL store instead of the SQLite file; may hold a password, so not in the repr.
     store_url: str | None = field(default=None, repr=False)

@@ -108,6 +108,9 @@ class OAuthServer:
         self.rejected_refresh_calls = 0
         self.dropped_token_calls = 0
         self.code_calls = 0
+        # The shared API domain (host:port) named in every access token, as amoCRM's tokens
+        # since August 2024 name theirs; None: no claim, as older tokens.
+        self.api_domain: str | None = None
         self._clock = clock
         self._issue = issue
         # A fresh key per sandbox: tokens from another sandbox must not validate here.
@@ -138,6 +141,8 @@ class OAuthServer:
             "account_id": ACCOUNT_ID,
             "scopes": list(SCOPES),
         }
+        if self.api_domain is not None:
+            claims["api_domain"] = self.api_domain
         refresh = "def50200" + secrets.token_hex(64)
         self._live_jtis.add(jti)
         self._refresh_expiry[refresh] = now + REFRESH_TTL

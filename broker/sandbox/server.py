@@ -11,10 +11,11 @@ This module is the public face: tokens, the checks in front of /api/v4, records
 and knobs. The token endpoint behind it lives in `broker.sandbox.oauth`, the leads and
 contacts behind the /api/v4 checks in `broker.sandbox.crm`.
 
-`/_sandbox/{code,expire,revoke,block,unblock,script,stats}` expose the same controls over HTTP
-for tests that run the broker in another process (`script` takes a JSON array of statuses
-to append to `api_script`). They take no credentials, so only ever bind the sandbox to
-loopback. `python -m broker.sandbox` runs it standalone.
+`/_sandbox/{code,expire,revoke,block,unblock,script,rename,stats}` expose the same controls over
+HTTP for tests that run the broker in another process (`script` takes a JSON array of statuses
+to append to `api_script`; `rename` moves the account to a new host: `broker.sandbox.hosts`).
+They take no credentials, so only ever bind the sandbox to loopback. `python -m broker.sandbox`
+runs it standalone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Generic, Self, TypeVar, overload
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker.sandbox import crm, oauth
+from broker.sandbox import crm, hosts, oauth
 from broker.sandbox.crm import ACCOUNT_ID as ACCOUNT_ID
 from broker.sandbox.crm import DEFAULT_LIMIT as DEFAULT_LIMIT
 from broker.sandbox.crm import ENTITIES as ENTITIES
@@ -182,6 +183,7 @@ class Sandbox:
         self._clock = clock
         self._window: deque[float] = deque()
         self._crm = crm.Crm(clock)
+        self.hosts = hosts.Hosts(self.is_refresh_token_live, ACCOUNT_ID)
 
     # -- tokens ---------------------------------------------------------------
 
@@ -293,6 +295,8 @@ class Sandbox:
         action = request.match_info["action"]
         if action == "code":
             return web.json_response({"code": self.issue_code()})
+        if action == "rename":
+            return web.json_response({"url": await self.hosts.rename()})
         if action == "expire":
             self.expire_access_tokens()
         elif action == "revoke":
@@ -306,15 +310,15 @@ class Sandbox:
             self.api_script.extend(statuses)
         stats = {name: getattr(self, name) for name in _COUNTERS}
         stats.update(requests=len(self.requests), live_refresh_tokens=len(self.live_refresh_tokens))
-        stats.update(api_script=list(self.api_script))
+        stats.update(api_script=list(self.api_script), renames=self.hosts.renames)
         return web.json_response(stats)
 
     def app(self) -> web.Application:
         """Build the aiohttp application; every app built shares this sandbox's state."""
-        app = web.Application(middlewares=[self._record])
+        app = web.Application(middlewares=[self._record, self.hosts.guard])
         app.router.add_post("/oauth2/access_token", self._oauth.handle)
         app.router.add_route("*", "/api/v4{tail:.*}", self._api)
-        actions = "code|expire|revoke|block|unblock|script"
+        actions = "code|expire|revoke|block|unblock|script|rename"
         app.router.add_post(f"/_sandbox/{{action:{actions}}}", self._admin)
         app.router.add_get("/_sandbox/{action:stats}", self._admin)
         return app
@@ -343,13 +347,12 @@ async def start_sandbox(
     runner = web.AppRunner(sandbox.app())
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        url = await sandbox.hosts.start(runner, host, port)
     except BaseException:
         await runner.cleanup()
         raise
-    bound_port = runner.addresses[0][1]
-    url_host = f"[{host}]" if ":" in host else host
-    return runner, f"http://{url_host}:{bound_port}"
+    sandbox._oauth.api_domain = sandbox.hosts.api_domain  # the tokens name where to ask
+    return runner, url
 
 
 async def _serve(sandbox: Sandbox, host: str, port: int) -> None:

@@ -26,6 +26,7 @@ from broker.server.metrics import Metrics
 from broker.server.middlewares import CLIENTS, Handler, caller_auth, json_errors
 from broker.server.oauth_callback import CALLBACK_PATH
 from broker.server.proxy import ACCOUNT, Proxy
+from broker.server.revoke_hook import ROUTES as revoke_routes
 from broker.server.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
 from broker.server.status import live_status
 from broker.tokens.manager import TokenManager
@@ -54,6 +55,7 @@ def create_app(
     others: Sequence[AccountSetup] = (),
     callback: Handler | None = None,
     public_url: str | None = None,
+    revoke_hook: Handler | None = None,
 ) -> web.Application:
     """Build the broker's application around already loaded token managers.
 
@@ -97,6 +99,11 @@ def create_app(
     app.router.add_get("/metrics", metrics_text)
     if callback is not None:  # before the catch-all; no HEAD: it would spend a state
         app.router.add_get(CALLBACK_PATH, callback, allow_head=False)
+    if revoke_hook is not None:  # amoCRM's "integration switched off" call, signed
+        for path, name in revoke_routes.items():
+            resource = app.router.add_resource(path, name=name)
+            resource.add_route("GET", revoke_hook)
+            resource.add_route("POST", revoke_hook)
     # Libraries that refresh on their own get a placeholder pair (server/token_shim.py).
     app.router.add_post(token_shim.PATH, token_shim.token_shim)
     app.router.add_post(token_shim.ACCOUNT_PATH, token_shim.token_shim)

@@ -15,6 +15,7 @@ from broker.server.oauth_callback import CALLBACK_PATH
 from broker.server.problems import error_response, problem
 from broker.server.proxy import CALLER
 from broker.server.proxy_rules import check_method
+from broker.server.revoke_hook import ROUTE_NAMES as REVOKE_ROUTES
 
 log = get_logger()
 
@@ -37,6 +38,10 @@ async def caller_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     if client is None and request.raw_path.partition("?")[0] == CALLBACK_PATH:
         # The browser coming back from amoCRM's consent page has no caller secret: the
         # callback checks the single-use state and that the peer is local instead.
+        return await handler(request)
+    if client is None and request.match_info.route.name in REVOKE_ROUTES:
+        # amoCRM's own call when the integration is switched off: it is signed with the
+        # client secret, which the hook checks (broker/server/revoke_hook.py).
         return await handler(request)
     if client is None:
         reason = "missing" if secret is None else "invalid"

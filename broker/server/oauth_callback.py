@@ -26,6 +26,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
@@ -219,6 +220,8 @@ async def _complete(
     except (ConfigError, LookupError):
         msg = f"account {account} is not served with OAuth settings by this broker"
         raise CallbackRefused("unknown_account", msg, 400, account) from None
+    if manager.upstream is not None:  # a renamed subdomain: amoCRM sends the user from there
+        client = replace(client, base_url=manager.upstream.base_url)
     try:
         check_referer(query.get("referer"), client.base_url)
     except CallbackRefused as exc:

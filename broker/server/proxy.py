@@ -280,7 +280,7 @@ class Proxy:
     async def _send(
         self, request: web.Request, target: str, body: bytes, token: str
     ) -> aiohttp.ClientResponse:
-        url = URL(self._base + target, encoded=True)
+        url = URL(self._follow_upstream() + target, encoded=True)
         if url.origin() != self._origin:  # defence in depth: check_target already ensures it
             raise RequestRejected("not_found", "the target does not stay on amoCRM", 404)
         headers = request_headers(request.headers.items(), token)
@@ -300,6 +300,19 @@ class Proxy:
         except (aiohttp.ClientError, OSError) as exc:
             self._upstream_error("unreachable")
             raise UpstreamError(f"cannot reach amoCRM: {type(exc).__name__}") from None
+
+    def _follow_upstream(self) -> str:
+        """The base URL the account is served at now; its links are recognised from then on.
+
+        The configured base URL stands until the account moved (a renamed subdomain).
+        """
+        upstream = self._manager.upstream
+        moved = upstream is not None and upstream.since is not None
+        if moved and upstream is not None and upstream.base_url != self._base:
+            self._base = upstream.base_url.rstrip("/")
+            self._origin = URL(self._base).origin()
+            self._answers.origin = links.Origin.of(self._base)
+        return self._base
 
     def _upstream_error(self, kind: str) -> None:
         self.stats.upstream_errors_total += 1

@@ -50,7 +50,7 @@ class AnswerRelay:
         budget: BodyBudget,
         upstream_error: Callable[[str], None],
     ) -> None:
-        self._links = origin
+        self.origin = origin
         self._public_url = public_url
         self._budget = budget
         self._upstream_error = upstream_error
@@ -69,7 +69,7 @@ class AnswerRelay:
             host = request.headers.get("Host", "")
             base = links.public_base(request.scheme, host, self._public_url, link_prefix)
             if base is not None and "Location" in upstream.headers:
-                headers = links.move_location(headers, self._links, base)
+                headers = links.move_location(headers, self.origin, base)
             length = upstream.content_length
             if length is None or request.method == "HEAD" or upstream.status in (204, 304):
                 return await self._stream(request, upstream, headers)
@@ -102,7 +102,7 @@ class AnswerRelay:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._upstream_error("broken_stream")
             raise UpstreamError(f"amoCRM broke off its answer: {type(exc).__name__}") from None
-        moved = links.rewrite_answer(body, headers, self._links, base) if base else None
+        moved = links.rewrite_answer(body, headers, self.origin, base) if base else None
         if moved is not None:
             body, headers = moved
         response = web.Response(status=upstream.status, reason=upstream.reason, body=body)

@@ -39,6 +39,7 @@ async def store_status(store: Store, *, now: float | None = None) -> dict[str, A
         rotations[0] if rotations and rotations[0]["outcome"] in ("failed", "rejected") else None
     )
     counts = await store.outcome_counts()
+    moved = await store.account_host()
     return {
         "account": store.account,
         "state": state,
@@ -56,6 +57,9 @@ async def store_status(store: Store, *, now: float | None = None) -> dict[str, A
         # counters of the running process.
         "refreshes_total": counts.get("rotated", 0),
         "refresh_failures_total": counts.get("failed", 0) + counts.get("rejected", 0),
+        # Set once the account's subdomain was renamed; /status names the configured one too.
+        "base_url_in_use": moved.base_url if moved else None,
+        "base_url_since": iso(moved.since) if moved else None,
         "key_id": info.key_id if info else None,
         "store": store.location,
         "version": __version__,
@@ -83,6 +87,9 @@ async def live_status(
         doc["seconds_until_expiry"] = round(manager.seconds_until_expiry)
     doc["last_error"] = manager.reauth_reason or stats.store_error or stats.last_error
     doc["store_degraded"] = manager.store_degraded
+    if manager.upstream is not None:
+        doc["base_url_in_use"] = manager.upstream.base_url
+        doc["base_url_since"] = iso(manager.upstream.since)
     doc["next_attempt_at"] = iso(stats.next_attempt_at)
     doc["refreshes_total"] = stats.refreshes_total
     doc["refresh_failures_total"] = stats.refresh_failures_total

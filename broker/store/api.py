@@ -45,6 +45,7 @@ ROTATION_COLUMNS = (
     "error",
 )
 STATE_COLUMNS = ("account", "state", "reason", "since", "generation")
+HOST_COLUMNS = ("account", "base_url", "since")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ class AccountState:
 
 
 @dataclass(frozen=True)
+class AccountHost:
+    """Where amoCRM serves the account now, once it moved away from the configured base URL."""
+
+    base_url: str
+    since: float
+
+
+@dataclass(frozen=True)
 class SealedRow:
     """One account's pair as ciphertexts, as `rotate-key` sees it."""
 
@@ -103,6 +112,7 @@ class StoreDump:
     tokens: list[tuple[Any, ...]] = field(default_factory=list)
     rotations: list[tuple[Any, ...]] = field(default_factory=list)  # oldest first
     states: list[tuple[Any, ...]] = field(default_factory=list)
+    hosts: list[tuple[Any, ...]] = field(default_factory=list)  # renamed subdomains
     # The outcome counters (history.COUNT_COLUMNS): all-time, so more than the rows copied.
     counts: list[tuple[Any, ...]] = field(default_factory=list)
 
@@ -192,6 +202,14 @@ class Store(Protocol):
         ...
 
     async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None: ...
+
+    async def account_host(self) -> AccountHost | None:
+        """The base URL the account moved to (a renamed subdomain), if it ever moved."""
+        ...
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        """Remember that amoCRM serves the account at `base_url` since `now` (wall time)."""
+        ...
 
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         """Consume a state: its account, or None when absent or older than `ttl` seconds."""

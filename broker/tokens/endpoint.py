@@ -7,7 +7,7 @@ function, so every odd answer amoCRM can give is a one-line test.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -15,7 +15,17 @@ import aiohttp
 from broker import __version__
 from broker.config.model import OAuthClientConfig
 from broker.errors import GrantRejectedError, TokenEndpointError
+from broker.logs import get_logger
 from broker.pair import TokenPair, expiry_from_grant
+from broker.tokens.upstream import (
+    SubdomainRequest,
+    Upstream,
+    build_subdomain_request,
+    may_have_moved,
+    parse_subdomain_answer,
+)
+
+log = get_logger()
 
 TOKEN_PATH = "/oauth2/access_token"  # noqa: S105 -- a URL path, not a password
 MAX_ANSWER_BYTES = 1 << 20
@@ -108,13 +118,22 @@ def _problem_summary(body: bytes) -> str:
 
 
 class OAuthClient:
-    """Send grants to the token endpoint over a shared aiohttp session."""
+    """Send grants to the token endpoint over a shared aiohttp session.
+
+    With an `Upstream`, the endpoint is wherever the account is served now, and a refresh
+    answered as if by a host that lost the account asks where it went (broker/tokens/upstream.py).
+    """
 
     def __init__(
-        self, session: aiohttp.ClientSession, client: OAuthClientConfig, timeout: float
+        self,
+        session: aiohttp.ClientSession,
+        client: OAuthClientConfig,
+        timeout: float,
+        upstream: Upstream | None = None,
     ) -> None:
         self._session = session
         self._client = client
+        self._upstream = upstream
         # `timeout` bounds how long callers wait for a refresh. The request itself may run
         # longer: once amoCRM received the grant it spends the old refresh token, so its
         # answer must not be abandoned early. The refresh lease outlives this limit.
@@ -122,28 +141,76 @@ class OAuthClient:
         self.request_seconds = timeout * REQUEST_FACTOR
         self._timeout = aiohttp.ClientTimeout(total=self.request_seconds)
 
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair:
-        """Spend `refresh_token` for a new pair."""
-        status, body = await self._post(build_refresh_request(self._client, refresh_token))
+    @property
+    def client(self) -> OAuthClientConfig:
+        """The OAuth settings, at the base URL the account is served at now."""
+        if self._upstream is None:
+            return self._client
+        return replace(self._client, base_url=self._upstream.base_url)
+
+    async def refresh(
+        self, refresh_token: str, *, now: float, access_token: str | None = None
+    ) -> TokenPair:
+        """Spend `refresh_token` for a new pair; follow the account once if it moved."""
+        status, body = await self._post(build_refresh_request(self.client, refresh_token))
+        if may_have_moved(status) and access_token is not None:
+            if await self._follow_move(access_token, refresh_token):
+                status, body = await self._post(build_refresh_request(self.client, refresh_token))
         return parse_token_answer(status, body, now=now, previous_refresh=refresh_token)
 
     async def exchange_code(self, code: str, *, now: float) -> TokenPair:
         """Trade an authorization code for the first pair."""
-        status, body = await self._post(build_code_request(self._client, code))
+        status, body = await self._post(build_code_request(self.client, code))
         return parse_token_answer(status, body, now=now, previous_refresh=None)
 
-    async def _post(self, request: TokenRequest) -> tuple[int, bytes]:
+    async def _follow_move(self, access_token: str, refresh_token: str) -> bool:
+        """Ask amoCRM where the account is served now; move there if it is elsewhere.
+
+        The refresh token is only shown, not spent: the grant is sent again afterwards.
+        """
+        upstream = self._upstream
+        if upstream is None:
+            return False
+        if await upstream.load():  # another process (a replica) found and stored it already
+            return True
+        request = build_subdomain_request(upstream.base_url, access_token, refresh_token)
+        if request is None:  # a token older than August 2024 names no api_domain
+            return False
         try:
-            async with self._session.post(
-                request.url,
-                json=request.body,
+            status, body = await self._ask(request)
+        except TokenEndpointError as exc:
+            log.warning("subdomain_lookup_failed", error=exc.message)
+            return False
+        moved_to = parse_subdomain_answer(status, body, upstream.base_url)
+        if moved_to is None:
+            log.info("subdomain_unchanged", status=status)
+            return False
+        await upstream.move(moved_to)
+        return True
+
+    async def _ask(self, request: SubdomainRequest) -> tuple[int, bytes]:
+        return await self._send("GET", request.url, None, request.headers)
+
+    async def _post(self, request: TokenRequest) -> tuple[int, bytes]:
+        return await self._send(
+            "POST", request.url, request.body, {"Content-Type": "application/json"}
+        )
+
+    async def _send(
+        self, method: str, url: str, body: dict[str, str] | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        try:
+            async with self._session.request(
+                method,
+                url,
+                json=body,
                 timeout=self._timeout,
                 allow_redirects=False,
                 # Named here: the shared session adds no default headers (see new_session).
                 headers={
                     "Accept": "application/json",
-                    "Content-Type": "application/json",
                     "User-Agent": f"amo-broker/{__version__}",
+                    **headers,
                 },
             ) as response:
                 return response.status, await _read_capped(response)
@@ -153,7 +220,7 @@ class OAuthClient:
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise TokenEndpointError(
-                f"cannot reach the token endpoint at {self._client.base_url}: {type(exc).__name__}"
+                f"cannot reach the token endpoint at {self.client.base_url}: {type(exc).__name__}"
             ) from None
 
 

@@ -19,6 +19,7 @@ from broker.timing import Clock, SystemClock
 from broker.tokens import pair_state as rules
 from broker.tokens.pair_state import PairState
 from broker.tokens.parts import RefreshStats, quietly
+from broker.tokens.upstream import Upstream
 
 log = get_logger()
 
@@ -39,6 +40,9 @@ class PairKeeper:
         # keeps the lease, or another would send the refused token again.
         self._owed_refusal: tuple[str, int] | None = None
         self.stats = RefreshStats()
+        # Where amoCRM serves the account (set by the composition root): the proxy and
+        # /status read it; the token endpoint client moves it when the subdomain is renamed.
+        self.upstream: Upstream | None = None
 
     @property
     def generation(self) -> int:
@@ -92,6 +96,16 @@ class PairKeeper:
             except StoreError as exc:  # the loop adopts it at its next look
                 log.error("store_read_failed", error=exc.message)
         return True
+
+    async def revoke(self, message: str) -> None:
+        """Declare reauth_required now, for every process: amoCRM said the grant is gone.
+
+        Recorded like a refused refresh: a store that refuses the write now owes it, and this
+        process keeps the lease until it lands, so no other spends the refresh token meanwhile.
+        """
+        self._state = replace(self._state, reauth=message)
+        self._owed_refusal = (message, self.generation)
+        await self._record_refusal()
 
     async def _write(self) -> None:
         """Write the unsaved pair, if any, by compare-and-swap; on failure keep it in memory.
@@ -191,6 +205,9 @@ class PairKeeper:
                 self.stats.next_attempt_at = None  # adoption ends the back-off
             if announce and held.generation != before.generation:
                 log.info("token_adopted", generation=held.generation)
+            if self.upstream is not None and before.held is not None:
+                # Another process's pair may come from a host it moved to: follow it too.
+                await self.upstream.load()
         if before.unsaved is not None and self._state.unsaved is None:
             # A newer pair superseded the one we kept the lease for: give the lease back.
             await quietly(self.store.release_lease(self._holder))

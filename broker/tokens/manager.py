@@ -244,7 +244,9 @@ class TokenManager(PairKeeper):
         started = self._clock.monotonic()
         fault_point("after_lease")
         try:
-            fresh = await refresher.refresh(old.refresh_token, now=self._clock.time())
+            fresh = await refresher.refresh(
+                old.refresh_token, now=self._clock.time(), access_token=old.access_token
+            )
         except GrantRejectedError as exc:
             return await self._rejected(exc, reason, current, lease)
         except TokenEndpointError as exc:

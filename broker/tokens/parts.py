@@ -24,7 +24,11 @@ class Refresher(Protocol):
 
     timeout_seconds: float
 
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair: ...
+    async def refresh(
+        self, refresh_token: str, *, now: float, access_token: str | None = None
+    ) -> TokenPair:
+        """Spend `refresh_token`; `access_token` (the pair's) lets it find a renamed account."""
+        ...
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Literal
 import aiohttp
 
 from broker import __version__
+from broker.tokens.upstream import Upstream
 
 PROBE_PATH = "/api/v4/account"
 
@@ -35,9 +36,11 @@ def verdict(status: int | None) -> Verdict:
     return "refused" if status == 401 else "unknown"
 
 
-def account_probe(session: aiohttp.ClientSession, base_url: str, timeout: float) -> Probe:
-    """Probe through `session` (the proxy's own pool) against the account at `base_url`."""
-    url = base_url.rstrip("/") + PROBE_PATH
+def account_probe(
+    session: aiohttp.ClientSession, base_url: str | Upstream, timeout: float
+) -> Probe:
+    """Probe through `session` (the proxy's own pool) against the account at `base_url`
+    (an `Upstream`: wherever the account is served at the time of the probe)."""
     limits = aiohttp.ClientTimeout(total=timeout)
 
     async def probe(token: str) -> int | None:
@@ -47,6 +50,8 @@ def account_probe(session: aiohttp.ClientSession, base_url: str, timeout: float)
             # Named here: the shared session adds no default headers (see new_session).
             "User-Agent": f"amo-broker/{__version__}",
         }
+        base = base_url if isinstance(base_url, str) else base_url.base_url
+        url = base.rstrip("/") + PROBE_PATH
         try:
             async with session.get(
                 url, headers=headers, timeout=limits, allow_redirects=False

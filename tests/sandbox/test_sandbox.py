@@ -488,6 +488,7 @@ def test_importing_the_sandbox_loads_no_broker_part() -> None:
         "broker.sandbox",
         "broker.sandbox.account",
         "broker.sandbox.crm",
+        "broker.sandbox.hosts",
         "broker.sandbox.jwt",
         "broker.sandbox.oauth",
         "broker.sandbox.server",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import broker.errors
 from broker.errors import StoreError
 from broker.pair import TokenPair, fingerprint
-from broker.store.api import AccountState, PairInfo, StoredPair
+from broker.store.api import AccountHost, AccountState, PairInfo, StoredPair
 from broker.store.lease import Lease, LeaseResult
 from broker.store.pace_grants import Grant, PaceTerms
 from broker.store.sealing import Sealer
@@ -74,6 +74,7 @@ class SharedStore:
         self.row_imported = False
         self.lease_row: Lease | None = None
         self.state_row: AccountState | None = None
+        self.host_row: AccountHost | None = None
         self.rows: list[dict[str, Any]] = []  # the history, oldest first
         self.written: dict[int, str] = {}  # generation -> the refresh token written with it
         self.committing: dict[str, int] = {}  # refresh token -> writes of it in progress
@@ -319,3 +320,12 @@ class StoreView:
     async def claim_notification(self, key: str, holder: str, now: float) -> bool:
         claimed = self._shared.notices.setdefault((self.account, key), holder) == holder
         return claimed
+
+    async def account_host(self) -> AccountHost | None:
+        return await self._call(False, "account_host", lambda: self._shared.host_row)
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        def effect() -> None:
+            self._shared.host_row = AccountHost(base_url, now)
+
+        await self._call(True, "set_account_host", effect)

@@ -52,7 +52,9 @@ class SimRefresher:
         self._world, self._proc = world, proc
         self.manual = False  # set while a person's `amo-broker refresh` runs
 
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair:
+    async def refresh(
+        self, refresh_token: str, *, now: float, access_token: str | None = None
+    ) -> TokenPair:
         world, proc = self._world, self._proc
         proc.check_alive()
         world.trace("send", proc.name, fingerprint(refresh_token), "manual" * self.manual)

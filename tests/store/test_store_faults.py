@@ -77,7 +77,9 @@ class BreakOnAnswer:
         self.oauth, self.broken = oauth, broken
         self.timeout_seconds = oauth.timeout_seconds
 
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair:
+    async def refresh(
+        self, refresh_token: str, *, now: float, access_token: str | None = None
+    ) -> TokenPair:
         pair = await self.oauth.refresh(refresh_token, now=now)
         await getattr(self.broken, self.broken.fault)()
         return pair

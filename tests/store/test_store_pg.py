@@ -262,9 +262,12 @@ async def test_migrate_store_copies_and_refuses_a_second_time(
     make_config: ConfigFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """migrate-store copies pair, history and state byte for byte; a non-empty target refuses."""
+    """migrate-store copies pair, history, state and a renamed host; a non-empty target refuses."""
     config = make_config()
     await _seed_history(config, sandbox)
+    lite_store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
+    await lite_store.set_account_host("https://renamed.amocrm.ru", 7.0)
+    await lite_store.close()
     monkeypatch.setenv("BROKER_DB", str(db_path))
     result = await asyncio.to_thread(run, capsys, "migrate-store", "--to", pg_url)
     assert result.code == 0, result
@@ -275,6 +278,9 @@ async def test_migrate_store_copies_and_refuses_a_second_time(
     with closing(sqlite3.connect(db_path)) as lite:
         sqlite_rows = lite.execute("SELECT * FROM tokens").fetchall()
     assert [tuple(r) for r in pg_rows] == sqlite_rows  # the same ciphertexts, bytes and all
+    with raw(pg_url) as conn:
+        hosts = conn.execute("SELECT account, base_url, since FROM account_hosts").fetchall()
+    assert [tuple(r) for r in hosts] == [("default", "https://renamed.amocrm.ru", 7.0)]
 
     again = await asyncio.to_thread(run, capsys, "migrate-store", "--to", pg_url)
     assert "not empty" in assert_user_error(again)

@@ -197,7 +197,9 @@ class SilenceOnAnswer:
         self.oauth, self.relay = oauth, relay
         self.timeout_seconds = oauth.timeout_seconds
 
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair:
+    async def refresh(
+        self, refresh_token: str, *, now: float, access_token: str | None = None
+    ) -> TokenPair:
         pair = await self.oauth.refresh(refresh_token, now=now)
         self.relay.silence()
         return pair

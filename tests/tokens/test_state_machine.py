@@ -114,7 +114,9 @@ class RecordingRefresher:
         self.died = False
         self.calls_after_reauth = 0
 
-    async def refresh(self, refresh_token: str, *, now: float) -> TokenPair:
+    async def refresh(
+        self, refresh_token: str, *, now: float, access_token: str | None = None
+    ) -> TokenPair:
         state = await self._observer()
         if state is not None and state.state == "reauth_required" and not self.manual:
             self.calls_after_reauth += 1

@@ -149,6 +149,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (account, key)
         )""",
     ),
+    5: (
+        # As SQLite's migration 8: where a renamed account is served now.
+        """CREATE TABLE account_hosts (
+            account TEXT PRIMARY KEY,
+            base_url TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -12,10 +12,12 @@ from dataclasses import astuple
 from broker.errors import StoreError
 from broker.store import pace_grants
 from broker.store.api import (
+    HOST_COLUMNS,
     NOTICE_DAYS,
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
+    AccountHost,
     Resealer,
     SealedRow,
     StoreDump,
@@ -165,6 +167,25 @@ class PgSideTables:
             claimed = cursor.rowcount == 1
         return claimed
 
+    async def account_host(self) -> AccountHost | None:
+        """The base URL the account moved to, if it ever moved."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "SELECT base_url, since FROM account_hosts WHERE account = %s", (self.account,)
+            )
+            row = await cursor.fetchone()
+        return AccountHost(str(row[0]), float(row[1])) if row else None
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        """Remember where amoCRM serves the account since `now`."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO account_hosts (account, base_url, since) VALUES (%s, %s, %s) "
+                "ON CONFLICT (account) DO UPDATE SET base_url = EXCLUDED.base_url, "
+                "since = EXCLUDED.since",
+                (self.account, base_url, now),
+            )
+
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         """Consume a state: its account, or None when absent or older than `ttl` seconds.
 
@@ -213,9 +234,16 @@ class PgSideTables:
         # The store's bound is for one pair's write; a long history takes longer to copy.
         async with self.transaction(extra=copied / ROWS_PER_SECOND) as db:
             await db.execute(
-                "LOCK TABLE tokens, rotations, account_state, rotation_counts IN EXCLUSIVE MODE"
+                "LOCK TABLE tokens, rotations, account_state, rotation_counts, account_hosts "
+                "IN EXCLUSIVE MODE"
             )
-            for table in ("tokens", "rotations", "account_state", "rotation_counts"):
+            for table in (
+                "tokens",
+                "rotations",
+                "account_state",
+                "rotation_counts",
+                "account_hosts",
+            ):
                 cursor = await db.execute(f"SELECT 1 FROM {table} LIMIT 1")  # noqa: S608 -- constant
                 if await cursor.fetchone() is not None:
                     raise StoreError(
@@ -226,6 +254,7 @@ class PgSideTables:
                 ("tokens", TOKEN_COLUMNS, dump.tokens),
                 ("rotations", ROTATION_COLUMNS, dump.rotations),
                 ("account_state", STATE_COLUMNS, dump.states),
+                ("account_hosts", HOST_COLUMNS, dump.hosts),
             ):
                 if not rows:
                     continue

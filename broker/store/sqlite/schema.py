@@ -144,6 +144,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (account, key)
         )""",
     ),
+    8: (
+        # The base URL an account moved to when its subdomain was renamed (issue 16): it
+        # wins over the configured one at start, so a restart does not go back to the old
+        # host that answers nothing but 404s.
+        """CREATE TABLE account_hosts (
+            account TEXT PRIMARY KEY,
+            base_url TEXT NOT NULL,
+            since REAL NOT NULL
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -14,10 +14,12 @@ import aiosqlite
 from broker.errors import StoreError
 from broker.store import pace_grants
 from broker.store.api import (
+    HOST_COLUMNS,
     NOTICE_DAYS,
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
+    AccountHost,
     Resealer,
     SealedRow,
     StoreDump,
@@ -129,6 +131,23 @@ class SideTables:
             claimed = cursor.rowcount == 1
         return claimed
 
+    async def account_host(self) -> AccountHost | None:
+        """The base URL the account moved to, if it ever moved."""
+        cursor = await self._db.execute(
+            "SELECT base_url, since FROM account_hosts WHERE account = ?", (self.account,)
+        )
+        row = await cursor.fetchone()
+        await cursor.close()
+        return AccountHost(str(row[0]), float(row[1])) if row else None
+
+    async def set_account_host(self, base_url: str, now: float) -> None:
+        """Remember where amoCRM serves the account since `now`."""
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO account_hosts (account, base_url, since) VALUES (?, ?, ?)",
+                (self.account, base_url, now),
+            )
+
     async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
         """Consume a state: its account, or None when absent or older than `ttl` seconds.
 
@@ -182,6 +201,7 @@ class SideTables:
                 ("tokens", TOKEN_COLUMNS, "account", dump.tokens),
                 ("rotations", ROTATION_COLUMNS, "id", dump.rotations),
                 ("account_state", STATE_COLUMNS, "account", dump.states),
+                ("account_hosts", HOST_COLUMNS, "account", dump.hosts),
                 ("rotation_counts", COUNT_COLUMNS, "account, outcome", dump.counts),
             ):
                 cursor = await db.execute(
