@@ -70,8 +70,11 @@ key_file = "broker.key"
 margin_seconds = {max(ttl // 3, 1)}
 
 [limits]
-# A short cool-down, so a demo that plays a blocked account recovers in half a minute.
+# A short cool-down, so a demo that plays a blocked account recovers in half a minute; a
+# caller's patience shorter than it, so a call during the block shows its 503 at once
+# (a block that ends within max_wait_seconds is waited out by reads instead).
 block_cooldown_seconds = 30
+max_wait_seconds = 15
 
 [log]
 format = "{log_format}"

@@ -30,6 +30,8 @@ log = get_logger()
 # In shared mode no call starts this close to the end of the process's grant: it must be
 # written (a new connection set up) before the grant's tail, which the others wait out, begins.
 WRITE_SLACK = 0.5
+# What a call waiting out a block allows for the probe's answer after the cool-down.
+PROBE_ANSWER = 1.0
 
 
 @dataclass
@@ -113,7 +115,8 @@ class AccountLimiter:
             self.guard.check(asyncio.get_running_loop().time())
         except AccountBlocked as exc:
             left = exc.retry_after or 0.0
-            if idempotent and left <= self.pacer.max_wait - waited_already:
+            # A second to spare for the probe's answer: waiting to time out helps nobody.
+            if idempotent and left + PROBE_ANSWER <= self.pacer.max_wait - waited_already:
                 return
             self.upstream.blocked_refusals_total += 1
             raise

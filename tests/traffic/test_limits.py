@@ -309,7 +309,7 @@ async def test_a_read_that_runs_out_of_patience_in_a_block_is_told_of_the_block(
         aiohttp_client,
         BROKER_BLOCK_AFTER="3",
         BROKER_BLOCK_COOLDOWN="1",
-        BROKER_MAX_WAIT="1.5",
+        BROKER_MAX_WAIT="2.5",  # outlasts the cool-down by a second, not the renewed one
     ) as broker:
         sandbox.blocked = True
         for _ in range(3):
