@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 DAY = 86400.0
 EXPIRY_WARN_DAYS = 14  # as broker/tokens/long_lived.py's WARN_DAYS
@@ -32,6 +33,7 @@ class Snapshot:
     failing: bool = False  # the refresh has failed transiently and not succeeded since
     long_lived_expires_at: float | None = None  # wall time; only for a long-lived token
     refresh_obtained_at: float | None = None  # wall time the refresh token was issued
+    base_url: str | None = None  # where amoCRM serves the account now (it may move)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Memory:
     failing_told: bool = False
     expiry_told_at: float | None = None
     aging_told_for: float | None = None  # the refresh_obtained_at it was told for
+    base_url: str | None = None  # the account's amoCRM address last seen
 
 
 def detect(
@@ -128,6 +131,7 @@ def detect(
         blocked_since=blocked_since,
         degraded_since=degraded_since,
     )
+    memory = _moved(memory, snap, now, emit)
     memory = _failing(memory, snap, now, failing_after, emit)
     memory = _expiring(memory, snap, now, emit)
     memory = _aging(memory, snap, now, emit)
@@ -135,6 +139,18 @@ def detect(
 
 
 Emit = Callable[[str, float, str, str], None]
+
+
+def _moved(memory: Memory, snap: Snapshot, now: float, emit: Emit) -> Memory:
+    """Tell when amoCRM serves the account at another address (its subdomain was renamed)."""
+    seen, current = memory.base_url, snap.base_url
+    if current is None or current == seen:
+        return memory
+    if seen is not None:
+        old, new = urlsplit(seen).netloc, urlsplit(current).netloc
+        message = f"amoCRM serves the account at {new} now (was {old}): calls go there"
+        emit("subdomain_changed", now, message, f"subdomain_changed:{new}")
+    return replace(memory, base_url=current)
 
 
 def _failing(memory: Memory, snap: Snapshot, now: float, after: float, emit: Emit) -> Memory:

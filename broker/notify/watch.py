@@ -47,6 +47,7 @@ def snapshot(account: Account) -> Snapshot:
         refresh_obtained_at=(pair.refresh_obtained_at or pair.obtained_at)
         if pair is not None and not long_lived
         else None,
+        base_url=manager.upstream.base_url if manager.upstream is not None else None,
     )
 
 

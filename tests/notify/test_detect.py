@@ -106,3 +106,13 @@ def test_events_follow_the_edges_of_each_condition(snaps: list[Snapshot]) -> Non
         rises = sum(1 for a, b in itertools.pairwise(values) if b and not a)
         falls = sum(1 for a, b in itertools.pairwise(values) if a and not b)
         assert (events.count(up), events.count(down)) == (rises, falls)
+
+
+def test_a_renamed_subdomain_is_told_once_and_the_first_address_is_not() -> None:
+    """The first address seen is remembered; a move to another host is one subdomain_changed."""
+    old = replace(OK, base_url="https://old.amocrm.ru")
+    new = replace(OK, base_url="https://new.amocrm.ru")
+    events = run([old, old, new, new, new])
+    assert [e.event for e in events] == ["subdomain_changed"]
+    assert "new.amocrm.ru" in events[0].message and "old.amocrm.ru" in events[0].message
+    assert events[0].key == "subdomain_changed:new.amocrm.ru"
