@@ -151,3 +151,27 @@ async def test_notify_test_reports_the_receivers_answer(
     assert (code, out.strip()) == (1, f"notify test: http://127.0.0.1:{receiver.port} answered 500")
     code, _, err = await procs.cli("notify", "test")
     assert code != 0 and "BROKER_NOTIFY_URL" in err
+
+
+async def test_a_block_is_told_and_its_end_too(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    seeded: TokenPair,
+    receiver: Receiver,
+) -> None:
+    """amoCRM blocks the account: one `blocked`; the probe finds it lifted: one `unblocked`."""
+    env = notified(procs, receiver)
+    serve = await procs.start(procs.env(**env, BROKER_BLOCK_COOLDOWN="1", BROKER_MAX_WAIT="0.5"))
+    sandbox.blocked = True
+    for _ in range(3):
+        assert (await get(http, serve)).status == 403
+    assert (await get(http, serve)).status == 503
+    await receiver.until(1)
+    assert receiver.events() == ["blocked"]
+    sandbox.blocked = False
+    await asyncio.sleep(1.2)  # the cool-down; the next call is the probe
+    assert (await get(http, serve)).status == 200
+    await receiver.until(2)
+    assert receiver.events() == ["blocked", "unblocked"]
+    assert receiver.got[0].json()["state"] == "blocked"
