@@ -151,11 +151,13 @@ class AccountLimiter:
             # A block may have engaged while this call waited; after one, this may be its probe.
             if self.guard.admit(loop.time()):
                 self.pacer.hold(loop.time() + PROBE_EVERY, then_one=True)  # if it gets no answer
-        except AccountBlocked:
+        except AccountBlocked as exc:
             self.upstream.blocked_refusals_total += 1
             self.pacer.abandoned(departure)
             if not holds_connection:
                 self.pacer.release_connection()
+            if self.guard.blocked:  # the turn was the probe's: keep one for when it may go
+                self.pacer.hold(loop.time() + (exc.retry_after or PROBE_EVERY), then_one=True)
             raise
         return departure, waited
 
