@@ -9,16 +9,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import resource
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from broker.config.model import Config
+from broker.notify.detect import DAY
 from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
+from broker.store.sealing import Sealer
+from broker.store.sqlite.backend import TokenStore
 from tests.conftest import pair_from_sandbox
+from tests.fixtures_processes import Background
 from tests.notify.receiver import Receiver
-from tests.procs import Env, Issued, Processes, Serve, get, status_of
+from tests.procs import Env, Issued, Processes, Serve, get, status_of, until
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +184,121 @@ async def test_a_block_is_told_and_its_end_too(
     await receiver.until(2)
     assert receiver.events() == ["blocked", "unblocked"]
     assert receiver.got[0].json()["state"] == "blocked"
+
+
+def file_size_limit(serve: Serve, size: int | None) -> None:
+    """Cap the size any file of the process may grow to (None: lift the cap).
+
+    Past it a write fails with EFBIG (CPython ignores SIGXFSZ): a full disk for that process
+    only, set from outside while it runs, with no privilege the test does not have.
+    """
+    limit = resource.RLIM_INFINITY if size is None else size
+    resource.prlimit(serve.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+async def test_a_store_refusing_the_new_pair_is_told_and_its_recovery_too(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    seeded: TokenPair,
+    receiver: Receiver,
+    db_path: Path,
+    background: Background,
+) -> None:
+    """The store refuses the granted pair: one `store_degraded`; it takes it: `store_recovered`."""
+    # Warnings only: the log must stay below the cap the WAL file hits.
+    env = procs.env(**notified(procs, receiver), BROKER_LOG_LEVEL="warning")
+    serve = await procs.start(env)
+    sandbox.token_gate = asyncio.Event()
+    sandbox.expire_access_tokens()
+    call = background(get(http, serve))
+    # The lease is committed before amoCRM is called: from here the next WAL frame is the pair's.
+    await until(lambda: sandbox.token_calls == 1, "the refresh reaches amoCRM")
+    wal = db_path.with_name(db_path.name + "-wal").stat().st_size
+    assert serve.log_path.stat().st_size < wal - 4096
+    file_size_limit(serve, wal)
+    sandbox.token_gate.set()
+    reply = await call
+    assert reply.status == 200  # served from memory
+    assert "store_degraded" in reply.headers["X-Broker-Warning"]
+    await receiver.until(1)
+    assert receiver.events() == ["store_degraded"]
+    assert "refuses writes" in receiver.got[0].json()["message"]
+    file_size_limit(serve, None)
+    await receiver.until(2)  # the held pair is written again within a second
+    await asyncio.sleep(1.2)  # one more poll: nothing more may come
+    assert receiver.events() == ["store_degraded", "store_recovered"]
+    assert (await status_of(http, serve))["state"] == "ok"
+
+
+async def test_a_failing_refresh_is_told_after_the_threshold_and_its_end_too(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    seeded: TokenPair,
+    receiver: Receiver,
+) -> None:
+    """The token endpoint answers 500 past the threshold: one `refresh_failing`; `recovered`."""
+    env = procs.env(**notified(procs, receiver), BROKER_NOTIFY_FAILING_AFTER="1")
+    serve = await procs.start(env)
+    sandbox.token_fail_status = 500
+    sandbox.expire_access_tokens()
+    assert (await get(http, serve)).status == 503
+    await receiver.until(1)
+    assert receiver.events() == ["refresh_failing"]
+    assert "500" in receiver.got[0].json()["message"]
+    sandbox.token_fail_status = None
+    await until_ok(http, serve)  # past the back-off, the next call's refresh works
+    await receiver.until(2)
+    await asyncio.sleep(1.2)
+    assert receiver.events() == ["refresh_failing", "recovered"]
+    assert receiver.got[1].json()["generation"] == 2
+
+
+async def until_ok(http: aiohttp.ClientSession, serve: Serve) -> None:
+    """Call until a call goes through (bounded)."""
+    async with asyncio.timeout(10):
+        # Each look is a call through the broker, with no event to wait on.
+        while (await get(http, serve)).status != 200:  # noqa: ASYNC110
+            await asyncio.sleep(0.3)
+
+
+async def test_a_long_lived_token_near_its_end_is_told_once(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    receiver: Receiver,
+) -> None:
+    """A long-lived token ten days from its end: one `long_lived_expiring` soon after start."""
+    sandbox.access_ttl = 10 * 86_400
+    token = sandbox.issue_pair()["access_token"]
+    env = procs.env(**notified(procs, receiver), AMOCRM_LONG_LIVED_TOKEN=token)
+    serve = await procs.start(env)
+    assert (await get(http, serve)).status == 200
+    await receiver.until(1)
+    await asyncio.sleep(2.5)  # more than two polls: nothing more may come
+    assert receiver.events() == ["long_lived_expiring"]
+    assert "expires in 10.0 days" in receiver.got[0].json()["message"]
+    assert token not in receiver.got[0].body.decode()
+
+
+async def test_a_refresh_token_unrotated_for_a_month_is_told_once(
+    procs: Processes,
+    config: Config,
+    sandbox: Sandbox,
+    receiver: Receiver,
+) -> None:
+    """A stored refresh token obtained 31 days ago: one `refresh_token_aging` soon after start."""
+    pair = replace(pair_from_sandbox(sandbox), refresh_obtained_at=time.time() - 31 * DAY)
+    store = await TokenStore.open(
+        config.db_path, Sealer(config.require_key()), account=config.account
+    )
+    try:
+        await store.store_pair(pair, reason="import", outcome="imported")
+    finally:
+        await store.close()
+    await procs.start(notified(procs, receiver))
+    await receiver.until(1)
+    await asyncio.sleep(2.5)
+    assert receiver.events() == ["refresh_token_aging"]
+    assert "no successful rotation for 31 days" in receiver.got[0].json()["message"]
