@@ -42,3 +42,22 @@ def iso(epoch: float | None) -> str | None:
     if not 0.0 <= epoch <= LAST_SECOND:
         epoch = 0.0 if epoch < 0 else LAST_SECOND
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def duration(seconds: float | None) -> str:
+    """Say a span of seconds the way people read it: `23h 59m`, `4m 10s`, `expired 5m ago`."""
+    if seconds is None:
+        return "unknown"
+    if seconds < 0:
+        return f"expired {duration(-seconds)} ago"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.timing import duration
+
 # What a person should do about each state that needs one.
 _ADVICE = {
     "no_tokens": "store a pair: `amo-broker import` or `amo-broker exchange-code CODE`",
@@ -18,25 +20,6 @@ _ADVICE = {
     "blocked": "amoCRM blocked the account for exceeding its request limit; the broker sends "
     "nothing until the cool-down ends. If it persists, write to amoCRM support",
 }
-
-
-def duration(seconds: float | None) -> str:
-    """Say a span of seconds the way people read it: `23h 59m`, `4m 10s`, `expired 5m ago`."""
-    if seconds is None:
-        return "unknown"
-    if seconds < 0:
-        return f"expired {duration(-seconds)} ago"
-    whole = int(seconds)
-    days, rest = divmod(whole, 86_400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
 
 
 def summary(doc: dict[str, Any]) -> str:

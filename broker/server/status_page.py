@@ -14,6 +14,8 @@ from calendar import timegm
 from html import escape
 from typing import Any
 
+from broker.timing import duration
+
 # The colour a person reads each state by (the CSS class is `state-<name>`).
 STATE_COLOURS = {
     "ok": "#1a7f37",
@@ -211,8 +213,8 @@ def _countdown(seconds: Any) -> str:
     if not isinstance(seconds, int | float):
         return "—"
     if seconds <= 0:
-        return f"{_duration(-seconds)} ago"
-    return f"in {_duration(seconds)}"
+        return f"{duration(-seconds)} ago"
+    return f"in {duration(seconds)}"
 
 
 def _refresh_age(a: dict[str, Any], now: float) -> str:
@@ -225,19 +227,7 @@ def _refresh_age(a: dict[str, Any], now: float) -> str:
         at = timegm(time.strptime(str(obtained), "%Y-%m-%dT%H:%M:%SZ"))
     except ValueError:
         return str(obtained)
-    return f"obtained {_duration(max(0.0, now - at))} ago ({obtained})"
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {s}s" if minutes else f"{s}s"
+    return f"obtained {duration(max(0.0, now - at))} ago ({obtained})"
 
 
 def _clock(now: float) -> str:
