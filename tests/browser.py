@@ -8,11 +8,10 @@ variable CI set), where they fail: CI must run them (.ci/run installs it).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 
-import pytest
+from tests.conftest import unavailable
 
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--mute-audio")
 TIMEOUT = 60.0  # a bound for a stuck browser, never a wait the test relies on
@@ -22,10 +21,7 @@ def chromium_binary() -> str:
     """Find chromium, or skip (fail under CI) with the reason."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        reason = "chromium is not installed (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"a browser is required under CI: {reason}")
-        pytest.skip(reason)
+        unavailable("chromium is not installed (apt-get install -y chromium)")
     return found
 
 

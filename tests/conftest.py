@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
@@ -94,15 +95,22 @@ def make_config(broker_env: dict[str, str]) -> ConfigFactory:
     return make
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test that needs what this machine lacks, but fail it under CI (.ci/run has it)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"required under CI (.ci/run provides it): {reason}")
+    pytest.skip(reason)
+
+
 def pair_from_sandbox(sandbox: Sandbox) -> TokenPair:
     """A fresh pair the sandbox issued, as the token endpoint would answer it."""
     answer = json.dumps(sandbox.issue_pair()).encode()
     return parse_token_answer(200, answer, now=time.time(), previous_refresh=None)
 
 
-async def seed_store(config: Config, sandbox: Sandbox) -> TokenPair:
-    """Store a live sandbox pair as generation 1 of the configured store."""
-    pair = pair_from_sandbox(sandbox)
+async def seed_store(config: Config, sandbox: Sandbox, pair: TokenPair | None = None) -> TokenPair:
+    """Store `pair` (else a live sandbox pair) as generation 1 of the configured store."""
+    pair = pair or pair_from_sandbox(sandbox)
     store = await TokenStore.open(
         config.db_path, Sealer(config.require_key()), account=config.account
     )

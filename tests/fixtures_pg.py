@@ -13,6 +13,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,14 +22,13 @@ from broker.config.keyfile import decode_key
 from broker.store.api import Store
 from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import TokenStore
+from tests.conftest import unavailable
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"PostgreSQL is required under CI: {reason}")
-    pytest.skip(f"no PostgreSQL server: {reason} (set BROKER_TEST_PG_URL)")
+def _unavailable(reason: str) -> NoReturn:
+    unavailable(f"no PostgreSQL server: {reason} (set BROKER_TEST_PG_URL)")
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import Broker
+from tests.conftest import Broker, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "amo-broker.json"
@@ -62,10 +59,9 @@ def _exported(text: str) -> set[str]:
 def _promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        reason = "promtool is not installed (apt-get install --no-install-recommends prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"promtool is required under CI: {reason}")
-        pytest.skip(reason)
+        unavailable(
+            "promtool is not installed (apt-get install --no-install-recommends prometheus)"
+        )
     return found
 
 

@@ -22,9 +22,7 @@ from broker.config.model import Config
 from broker.notify.detect import DAY
 from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
-from broker.store.sealing import Sealer
-from broker.store.sqlite.backend import TokenStore
-from tests.conftest import pair_from_sandbox
+from tests.conftest import pair_from_sandbox, seed_store
 from tests.fixtures_processes import Background
 from tests.notify.receiver import Receiver
 from tests.procs import Env, Issued, Processes, Serve, get, status_of, until
@@ -289,14 +287,8 @@ async def test_a_refresh_token_unrotated_for_a_month_is_told_once(
     receiver: Receiver,
 ) -> None:
     """A stored refresh token obtained 31 days ago: one `refresh_token_aging` soon after start."""
-    pair = replace(pair_from_sandbox(sandbox), refresh_obtained_at=time.time() - 31 * DAY)
-    store = await TokenStore.open(
-        config.db_path, Sealer(config.require_key()), account=config.account
-    )
-    try:
-        await store.store_pair(pair, reason="import", outcome="imported")
-    finally:
-        await store.close()
+    aged = replace(pair_from_sandbox(sandbox), refresh_obtained_at=time.time() - 31 * DAY)
+    await seed_store(config, sandbox, aged)
     await procs.start(notified(procs, receiver))
     await receiver.until(1)
     await asyncio.sleep(2.5)

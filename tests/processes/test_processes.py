@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
 from broker.store.opener import open_store
 from broker.store.sealing import new_key
-from tests.conftest import pair_from_sandbox
+from tests.conftest import pair_from_sandbox, unavailable
 from tests.procs import Issued, Processes, Serve, get, is_live, status_of, until
 
 pytestmark = pytest.mark.slow
@@ -242,10 +241,7 @@ def libfaketime() -> Path:
     found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
     if found:
         return found[0]
-    message = "libfaketime is not installed (apt-get install faketime)"
-    if os.environ.get("CI"):
-        pytest.fail(message + ": .ci/run installs it")
-    pytest.skip(message)
+    unavailable("libfaketime is not installed (apt-get install faketime)")
 
 
 async def test_a_wall_clock_step_in_one_process_never_takes_a_live_lease(
