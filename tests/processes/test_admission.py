@@ -59,8 +59,10 @@ async def test_every_waiting_caller_counts_against_the_queue_and_the_wait_bound(
     served = [waited for status, waited, _ in replies if status == 200]
     refused = [(waited, after) for status, waited, after in replies if status == 503]
     assert set(statuses) == {200, 503}, statuses
-    # 2 s at 50/s admit about 100 (plus what the forecast's rounding lets in); none over.
-    assert 60 <= len(served) <= 130, statuses
+    # 2 s at 50/s admit about 100, more when the 300 arrive spread over a busy machine's
+    # second (each later arrival has its own 2 s); the old broker refused none of them.
+    assert len(served) >= 60 and len(refused) >= 100, statuses
+    assert max(served) <= 2.0 + 1.5  # the bound, plus the client's own connect and read
     assert all(after is not None and int(after) >= 1 for _, after in refused)
     assert sandbox.api_calls == len(served)  # a refused caller sent nothing
     limits = (await status_of(crowd, serve))["limits"]
