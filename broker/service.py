@@ -6,7 +6,7 @@ How the server listens, takes signals and stops is in broker/lifecycle.py.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -88,57 +88,59 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the session and the configured account's store, OAuth client and manager.
 
-    `every_account` opens all of `[[accounts]]` (serve); commands act on one account.
+    `every_account` opens all of `[[accounts]]` (serve); commands act on one account. Every
+    account shares the one store connection (SQLite) or pool (PostgreSQL) opened here, and
+    they are opened side by side: start-up does not grow with a round trip per account.
     """
     names = [a.name for a in config.accounts] if every_account else []
     names = names or [config.account]
-    async with new_session() as session, contextlib.AsyncExitStack() as stack:
-        accounts = {
-            name: await stack.enter_async_context(
-                _open_account(config.for_account(name), session, need_oauth=need_oauth)
-            )
-            for name in names
+    async with new_session() as session, open_store(config) as store:
+        views = {
+            name: store if name == store.account else store.for_account(name) for name in names
         }
+        opened = await asyncio.gather(
+            *(
+                open_account(config.for_account(name), session, view, need_oauth=need_oauth)
+                for name, view in views.items()
+            )
+        )
+        accounts = {account.config.account: account for account in opened}
         main = accounts[config.account]
         try:
             yield Runtime(main.store, session, main.oauth, main.manager, accounts)
         finally:
-            for account in accounts.values():
-                await account.manager.wait_idle()
+            await asyncio.gather(*(account.manager.wait_idle() for account in accounts.values()))
 
 
-@asynccontextmanager
-async def _open_account(
-    config: Config, session: aiohttp.ClientSession, *, need_oauth: bool
-) -> AsyncIterator[AccountRuntime]:
+async def open_account(
+    config: Config, session: aiohttp.ClientSession, store: Store, *, need_oauth: bool = True
+) -> AccountRuntime:
+    """Set up one account over its view of the store: its upstream, OAuth client and manager."""
     long_lived = config.long_lived_token
     oauth_config = config.require_oauth() if need_oauth and long_lived is None else None
     if config.client_secret is not None:
         redactor.register(config.client_secret.reveal(), permanent=True)
-    async with open_store(config) as store:
-        upstream = Upstream(config.base_url, store) if config.base_url is not None else None
-        if upstream is not None:
-            await upstream.load()  # a renamed subdomain, stored, wins over the configured one
-        oauth = (
-            OAuthClient(session, oauth_config, config.refresh_timeout, upstream)
-            if oauth_config
-            else None
-        )
-        manager: TokenManager
-        # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
-        probe = (
-            account_probe(session, upstream, config.upstream_timeout)
-            if upstream is not None
-            else None
-        )
-        if long_lived is not None:
-            await install_long_lived(store, long_lived.reveal(), time.time(), probe)
-            manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
-        else:
-            manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
-        manager.upstream = upstream
-        await manager.load()
-        yield AccountRuntime(config, store, oauth, manager)
+    upstream = Upstream(config.base_url, store) if config.base_url is not None else None
+    if upstream is not None:
+        await upstream.load()  # a renamed subdomain, stored, wins over the configured one
+    oauth = (
+        OAuthClient(session, oauth_config, config.refresh_timeout, upstream)
+        if oauth_config
+        else None
+    )
+    manager: TokenManager
+    # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
+    probe = (
+        account_probe(session, upstream, config.upstream_timeout) if upstream is not None else None
+    )
+    if long_lived is not None:
+        await install_long_lived(store, long_lived.reveal(), time.time(), probe)
+        manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
+    else:
+        manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
+    manager.upstream = upstream
+    await manager.load()
+    return AccountRuntime(config, store, oauth, manager)
 
 
 def build_app(

@@ -75,6 +75,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "url", "BROKER_STORE_URL", parse.store_url),
     # PostgreSQL: the most one store call may take; its server-side timeouts are derived.
     Setting("store", "timeout_seconds", "BROKER_STORE_TIMEOUT", parse.seconds_in(1, 300), 10.0),
+    # PostgreSQL: connections one process keeps for all its accounts (plus one to LISTEN).
+    Setting("store", "pool_size", "BROKER_STORE_POOL_SIZE", parse.int_in(1, 50), 4),
     Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", parse.seconds, 600.0),
     Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", parse.seconds, 15.0),
     Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", parse.seconds, 60.0),
@@ -206,6 +208,7 @@ def load_config(
         source=source,
         store_url=values["store.url"],
         store_timeout=values["store.timeout_seconds"],
+        store_pool_size=values["store.pool_size"],
         notify=_notify(values, source, from_file="BROKER_NOTIFY_SECRET_FILE" not in env),
     )
     token_file = _beside(source, values["amocrm.long_lived_token_file"], from_file=True)

@@ -132,7 +132,13 @@ class Store(Protocol):
         """Name the store for messages: a file path, or a URL without its password."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close the connection (pool), if this view opened it; another account's view: no-op."""
+        ...
+
+    def for_account(self, account: str) -> Store:
+        """Another account's view on the same connections (one set for every account)."""
+        ...
 
     async def info(self) -> PairInfo | None: ...
 
@@ -199,6 +205,16 @@ class Store(Protocol):
 
     async def wait_for_change(self, seconds: float) -> None:
         """Return when another process may have stored a pair, or after `seconds`."""
+        ...
+
+    async def wait_for_changes(self, seconds: float) -> set[str] | None:
+        """For all accounts at once: the accounts that may have a new pair, once one may, or
+        after `seconds`; None when any may (SQLite: always, by poll)."""
+        ...
+
+    async def marks(self) -> dict[str, tuple[Any, ...]]:
+        """Each account's generation and persisted state in one read: two reads differ for an
+        account exactly when another process stored a pair or a refusal for it."""
         ...
 
     async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None: ...

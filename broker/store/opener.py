@@ -30,7 +30,11 @@ async def open_store(config: Config, *, sealer: Sealer | None = None) -> AsyncIt
         store = await TokenStore.open(config.db_path, sealer, account=config.account)
     else:
         store = await open_pg_store(
-            config.store_url, sealer, config.account, bound=config.store_timeout
+            config.store_url,
+            sealer,
+            config.account,
+            bound=config.store_timeout,
+            pool_size=config.store_pool_size,
         )
     try:
         yield store
@@ -38,7 +42,9 @@ async def open_store(config: Config, *, sealer: Sealer | None = None) -> AsyncIt
         await store.close()
 
 
-async def open_pg_store(url: str, sealer: Sealer, account: str, *, bound: float) -> PgTokenStore:
+async def open_pg_store(
+    url: str, sealer: Sealer, account: str, *, bound: float, pool_size: int = 4
+) -> PgTokenStore:
     """Open a PostgreSQL store; psycopg is an extra, imported only when a store URL asks for it.
 
     `bound`: the seconds any one store call may take ([store] timeout_seconds).
@@ -53,4 +59,4 @@ async def open_pg_store(url: str, sealer: Sealer, account: str, *, bound: float)
             "BROKER_STORE_URL / [store] url names PostgreSQL, but psycopg is not installed: "
             "pip install 'amo-broker[postgres]'"
         ) from None
-    return await PgTokenStore.open(url, sealer, account=account, bound=bound)
+    return await PgTokenStore.open(url, sealer, account=account, bound=bound, pool_size=pool_size)

@@ -297,30 +297,30 @@ async def test_connections_carry_timeouts_and_keepalives_the_url_can_override(
     ):
         store = await PgTokenStore.open(url, sealer)
         try:
-            conn = store._conn
-            server = {
-                name: await _show(conn, name)
-                for name in (
-                    "statement_timeout",
-                    "lock_timeout",
-                    "idle_in_transaction_session_timeout",
-                    "search_path",
-                )
-            }
-            assert server == {
-                "statement_timeout": statement,
-                "lock_timeout": "3s",
-                "idle_in_transaction_session_timeout": "20s",
-                "search_path": SCHEMA,
-            }
-            libpq = conn.info.get_parameters()
-            names = ("connect_timeout", "keepalives", "keepalives_idle", "tcp_user_timeout")
-            assert {name: libpq.get(name) for name in names} == {
-                "connect_timeout": connect,
-                "keepalives": "1",
-                "keepalives_idle": idle,
-                "tcp_user_timeout": "10000",
-            }
+            async with store._session() as conn:  # the pooled connection calls use
+                server = {
+                    name: await _show(conn, name)
+                    for name in (
+                        "statement_timeout",
+                        "lock_timeout",
+                        "idle_in_transaction_session_timeout",
+                        "search_path",
+                    )
+                }
+                assert server == {
+                    "statement_timeout": statement,
+                    "lock_timeout": "3s",
+                    "idle_in_transaction_session_timeout": "20s",
+                    "search_path": SCHEMA,
+                }
+                libpq = conn.info.get_parameters()
+                names = ("connect_timeout", "keepalives", "keepalives_idle", "tcp_user_timeout")
+                assert {name: libpq.get(name) for name in names} == {
+                    "connect_timeout": connect,
+                    "keepalives": "1",
+                    "keepalives_idle": idle,
+                    "tcp_user_timeout": "10000",
+                }
         finally:
             await store.close()
 

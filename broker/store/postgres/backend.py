@@ -13,8 +13,9 @@ changes is how writers take turns and how they hear of each other:
   replica's: a replica whose wall clock runs ahead, or was stepped, must not see a live lease
   as expired. Every replica then judges expiry by one clock.
 - A committed pair sends NOTIFY amo_broker_tokens '<account>:<generation>'; each replica
-  LISTENs on a connection of its own and wakes its token manager, which adopts the pair
-  before any request meets a 401. The listener reconnects by itself; the poll stays behind it.
+  LISTENs on one connection of its own for all its accounts and wakes the account's token
+  manager, which adopts the pair before any request meets a 401. The listener reconnects by
+  itself; the poll stays behind it. The other calls share a small pool (pool.py).
 - Every call is bounded (broker/store/postgres/connection.py): one whose answer does not come
   in time, a COMMIT included, raises StoreError, so a granted pair goes to the token manager's
   keep-in-memory-and-retry path, as on a full disk; the next call reconnects.
@@ -22,10 +23,9 @@ changes is how writers take turns and how they hear of each other:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -33,7 +33,6 @@ import psycopg
 from broker.config.parsers import masked_url
 from broker.errors import StoreError
 from broker.faults import fault_point
-from broker.logs import get_logger
 from broker.pair import TokenPair, fingerprint
 from broker.store.api import (
     AccountState,
@@ -49,29 +48,23 @@ from broker.store.api import (
 from broker.store.history import append as append_entry
 from broker.store.lease import Lease
 from broker.store.postgres.connection import DEFAULT_TIMEOUT, Conn, Cutoff, connect
+from broker.store.postgres.pool import CHANNEL, DEFAULT_POOL_SIZE, PgConnections, reason
 from broker.store.postgres.schema import ACCOUNT_LOCK, migrate
 from broker.store.postgres.side import LEASE_COLUMNS, PgSideTables
 from broker.store.sealing import Sealer
 
-log = get_logger()
-
-CHANNEL = "amo_broker_tokens"
-LISTEN_RETRY_MAX = 30.0
+__all__ = ["CHANNEL", "PgTokenStore"]
 
 
 class PgTokenStore(PgSideTables):
-    """One account's sealed token pair in a PostgreSQL database (the `Store` of replicas)."""
+    """One account's sealed token pair in a PostgreSQL database (the `Store` of replicas).
 
-    def __init__(
-        self, conn: Conn, url: str, sealer: Sealer, account: str, bound: float = DEFAULT_TIMEOUT
-    ) -> None:
-        self._conn = conn
-        self._url = url
-        self._bound = bound
-        self._cut = False  # the connection was shut down by a Cutoff: reconnect before use
-        self._lock = asyncio.Lock()  # one statement or transaction at a time on this connection
-        self._changed = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+    Every account's view of one process shares its connections (broker/store/postgres/pool.py).
+    """
+
+    def __init__(self, pool: PgConnections, sealer: Sealer, account: str, *, owner: bool) -> None:
+        self._pool = pool
+        self._owner = owner  # the view that opened the pool closes it
         self.sealer = sealer
         self.account = account
 
@@ -83,6 +76,7 @@ class PgTokenStore(PgSideTables):
         *,
         account: str = "default",
         bound: float = DEFAULT_TIMEOUT,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> PgTokenStore:
         """Connect (creating and migrating the schema if needed) to the store at `url`.
 
@@ -109,68 +103,28 @@ class PgTokenStore(PgSideTables):
             cutoff.cancel()
         if cutoff.fired:  # the answers came, but the socket is gone: start on a new one
             await conn.close()
-        return cls(conn, url, sealer, account, bound)
+        return cls(PgConnections(conn, url, bound, pool_size), sealer, account, owner=True)
+
+    def for_account(self, account: str) -> PgTokenStore:
+        """Another account's view on this process's pool and LISTEN connection."""
+        return PgTokenStore(self._pool, self.sealer, account, owner=False)
 
     @property
     def location(self) -> str:
-        return masked_url(self._url)
+        return self._pool.location
+
+    @property
+    def open_connections(self) -> int:
+        """The pool's connections open now (the LISTEN connection not counted)."""
+        return self._pool.open_connections
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._listener
-        await self._conn.close()
+        if self._owner:
+            await self._pool.close()
 
-    @asynccontextmanager
-    async def _session(self, extra: float = 0.0) -> AsyncIterator[Conn]:
-        """Lend the connection for one call of at most the store timeout; errors: StoreError.
-
-        The bound runs from the call's start, so the calls queued behind one that hangs fail
-        in time too. A connection the server dropped, or a Cutoff shut, is replaced first.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._bound + extra
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._lock.acquire()
-        except TimeoutError:
-            raise self._no_answer("an earlier call holds the connection") from None
-        try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    conn = await self._connection()
-            except TimeoutError:
-                raise self._no_answer("connecting") from None
-            cutoff = Cutoff(conn, deadline - loop.time())
-            try:
-                yield conn
-            except psycopg.Error as exc:
-                if cutoff.fired:
-                    raise self._no_answer(
-                        "dropped the connection; the next call opens a new one"
-                    ) from None
-                raise StoreError(f"store {self.location}: {_reason(exc)}") from None
-            finally:
-                cutoff.cancel()
-                self._cut = self._cut or cutoff.fired
-        finally:
-            self._lock.release()
-
-    async def _connection(self) -> Conn:
-        """The connection to use now: a new one if the old was dropped or cut off."""
-        if self._cut or self._conn.closed or self._conn.broken:
-            with suppress(psycopg.Error, OSError):
-                await self._conn.close()
-            try:
-                self._conn = await connect(self._url, self._bound)
-            except psycopg.Error as exc:
-                raise StoreError(f"store {self.location}: {_reason(exc)}") from None
-            self._cut = False
-        return self._conn
-
-    def _no_answer(self, doing: str) -> StoreError:
-        return StoreError(f"store {self.location} did not answer within {self._bound:g}s ({doing})")
+    def _session(self, extra: float = 0.0) -> AbstractAsyncContextManager[Conn]:
+        """Lend a pooled connection for one call bounded by the store timeout (pool.py)."""
+        return self._pool.session(extra)
 
     @asynccontextmanager
     async def transaction(self, extra: float = 0.0) -> AsyncIterator[Conn]:
@@ -338,34 +292,22 @@ class PgTokenStore(PgSideTables):
 
     async def wait_for_change(self, seconds: float) -> None:
         """Return when a pair of this account was committed anywhere, or after `seconds`."""
-        if self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="store-listen")
-        with suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._changed.wait()
-        self._changed.clear()
+        await self._pool.wait_for(self.account, seconds)
 
-    async def _listen(self) -> None:
-        """LISTEN on a connection of its own, reconnecting with backoff when it drops."""
-        delay = 1.0
-        while True:
-            try:
-                async with await connect(self._url, self._bound) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    # Commits made while nobody listened were not heard: have the store re-read.
-                    self._changed.set()
-                    delay = 1.0
-                    async for note in conn.notifies():
-                        if note.payload.rpartition(":")[0] == self.account:
-                            self._changed.set()
-            except (psycopg.Error, OSError) as exc:  # OSError: TimeoutError too
-                error = _reason(exc) if isinstance(exc, psycopg.Error) else type(exc).__name__
-                log.warning("store_listen_failed", error=error, retry_in_s=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, LISTEN_RETRY_MAX)
+    async def wait_for_changes(self, seconds: float) -> set[str] | None:
+        """The accounts whose pair was committed anywhere, once one was, or after `seconds`;
+        None when every account must look (the LISTEN connection was re-opened)."""
+        return await self._pool.wait_for_any(seconds)
+
+    async def marks(self) -> dict[str, tuple[Any, ...]]:
+        """Every account's generation and persisted state, in one read (the scheduler's poll:
+        a refusal stored by another replica sends no NOTIFY)."""
+        rows = await self._all(
+            "SELECT coalesce(t.account, s.account), t.generation, s.state, s.since "
+            "FROM tokens t FULL JOIN account_state s ON s.account = t.account",
+            (),
+        )
+        return {row[0]: tuple(row[1:]) for row in rows}
 
 
-def _reason(exc: psycopg.Error) -> str:
-    """Say what went wrong in one line: the server's message, never a parameter's value."""
-    first = str(exc).strip().splitlines()
-    return first[0] if first else type(exc).__name__
+_reason = reason

@@ -67,9 +67,18 @@ _SYSTEM_BOOT_CLOCK = SystemBootClock()
 class TokenStore(SideTables):
     """One account's sealed token pair in one SQLite file (the `Store` of one host)."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, sealer: Sealer, account: str) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        sealer: Sealer,
+        account: str,
+        lock: asyncio.Lock | None = None,
+    ) -> None:
         self._db = db
-        self._lock = asyncio.Lock()  # one transaction at a time on this connection
+        # One transaction at a time on this connection, whichever account's view runs it.
+        self._lock = lock or asyncio.Lock()
+        self._owner = lock is None  # the view that opened the connection closes it
         self.path = path
         self.sealer = sealer
         self.account = account
@@ -96,12 +105,39 @@ class TokenStore(SideTables):
     def location(self) -> str:
         return str(self.path)
 
+    def for_account(self, account: str) -> TokenStore:
+        """Another account's view on this connection: a thousand accounts, one connection
+        and one thread (closing a view leaves the connection to the view that opened it)."""
+        view = TokenStore(self._db, self.path, self.sealer, account, lock=self._lock)
+        view.boot_clock = self.boot_clock
+        return view
+
     async def close(self) -> None:
-        await self._db.close()
+        if self._owner:
+            await self._db.close()
 
     async def wait_for_change(self, seconds: float) -> None:
         """Sleep `seconds`: SQLite cannot announce a commit, so the caller polls the store."""
         await asyncio.sleep(seconds)
+
+    async def wait_for_changes(self, seconds: float) -> set[str] | None:
+        """Sleep `seconds`, then say "look at every account" (None): SQLite cannot announce
+        a commit, so the scheduler compares `marks()` instead."""
+        await asyncio.sleep(seconds)
+        return None
+
+    async def marks(self) -> dict[str, tuple[Any, ...]]:
+        """Every account's generation and persisted state, in one read: what changes when
+        any process stores a pair or a refusal (the scheduler's poll, O(1) queries)."""
+        cursor = await self._db.execute(
+            "SELECT t.account, t.generation, s.state, s.since FROM tokens t "
+            "LEFT JOIN account_state s ON s.account = t.account "
+            "UNION ALL SELECT s.account, NULL, s.state, s.since FROM account_state s "
+            "WHERE s.account NOT IN (SELECT account FROM tokens)"
+        )
+        rows = await cursor.fetchall()
+        await cursor.close()
+        return {row[0]: tuple(row[1:]) for row in rows}
 
     async def _setup(self) -> None:
         try:

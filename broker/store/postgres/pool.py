@@ -1,0 +1,203 @@
+"""The PostgreSQL connections one broker process shares among all its accounts.
+
+A process serving a thousand accounts must not open a thousand connections: PostgreSQL's
+default `max_connections` is 100, and replicas share it. So every account's view of the store
+borrows from one small pool (`[store] pool_size`, default 4) and hears of other replicas'
+commits through one LISTEN connection, which fans each notification out to its account:
+pool_size + 1 connections per process, whatever the number of accounts.
+
+Why not psycopg_pool: every store call here is bounded from its start (waiting for a free
+connection included) and a call that outlives its bound has its socket shut down
+(connection.py's `Cutoff`), so that a silent network path fails the call at once instead of
+after libpq's own waits; the connection is then replaced on its next use. psycopg_pool bounds
+only the wait for a connection and checks connections in background workers, which would
+add tasks and a second notion of "broken". The slots below are that one rule, N times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import psycopg
+
+from broker.config.parsers import masked_url
+from broker.errors import StoreError
+from broker.logs import get_logger
+from broker.store.postgres.connection import Conn, Cutoff, connect
+
+log = get_logger()
+
+CHANNEL = "amo_broker_tokens"
+LISTEN_RETRY_MAX = 30.0
+DEFAULT_POOL_SIZE = 4
+
+
+class _Slot:
+    """One pooled connection, opened on first use and replaced after a failure or a cutoff."""
+
+    def __init__(self, conn: Conn | None) -> None:
+        self.conn = conn
+        self.cut = False
+
+
+class PgConnections:
+    """A bounded pool of store connections, plus one LISTEN connection, for one process."""
+
+    def __init__(self, conn: Conn, url: str, bound: float, size: int = DEFAULT_POOL_SIZE) -> None:
+        self.url = url
+        self.bound = bound
+        self.size = max(1, size)
+        self._free: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
+        # The open connection first (LIFO: the warm one is reused while traffic is light).
+        for slot in [_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)]:
+            self._free.put_nowait(slot)
+        self._slots_open = 1
+        self._listener: asyncio.Task[None] | None = None
+        self._events: dict[str, asyncio.Event] = {}  # account -> "a pair was committed"
+        self._changed: set[str] = set()
+        self._everything = False  # the listener (re)connected: commits may have been missed
+        self._any = asyncio.Event()
+
+    @property
+    def location(self) -> str:
+        return masked_url(self.url)
+
+    @property
+    def open_connections(self) -> int:
+        """Pooled connections open now (the LISTEN connection not counted)."""
+        return self._slots_open
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._listener
+        while not self._free.empty():
+            slot = self._free.get_nowait()
+            if slot.conn is not None:
+                with suppress(psycopg.Error, OSError):
+                    await slot.conn.close()
+
+    @asynccontextmanager
+    async def session(self, extra: float = 0.0) -> AsyncIterator[Conn]:
+        """Lend a connection for one call of at most the store timeout; errors: StoreError.
+
+        The bound runs from the call's start, so calls queued behind busy connections fail
+        in time too. A connection the server dropped, or a Cutoff shut, is replaced first.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bound + extra
+        try:
+            async with asyncio.timeout_at(deadline):
+                slot = await self._free.get()
+        except TimeoutError:
+            raise self.no_answer(f"all {self.size} store connections stayed busy") from None
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connection(slot)
+            except TimeoutError:
+                raise self.no_answer("connecting") from None
+            cutoff = Cutoff(conn, deadline - loop.time())
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                if cutoff.fired:
+                    raise self.no_answer(
+                        "dropped the connection; the next call opens a new one"
+                    ) from None
+                raise StoreError(f"store {self.location}: {reason(exc)}") from None
+            finally:
+                cutoff.cancel()
+                slot.cut = slot.cut or cutoff.fired
+        finally:
+            self._free.put_nowait(slot)
+
+    async def _connection(self, slot: _Slot) -> Conn:
+        """The slot's connection: a new one if it has none, or it was dropped or cut off."""
+        conn = slot.conn
+        if conn is not None and not (slot.cut or conn.closed or conn.broken):
+            return conn
+        if conn is not None:
+            with suppress(psycopg.Error, OSError):
+                await conn.close()
+            slot.conn = None
+            self._slots_open -= 1
+        try:
+            slot.conn = await connect(self.url, self.bound)
+        except psycopg.Error as exc:
+            raise StoreError(f"store {self.location}: {reason(exc)}") from None
+        self._slots_open += 1
+        slot.cut = False
+        return slot.conn
+
+    def no_answer(self, doing: str) -> StoreError:
+        return StoreError(f"store {self.location} did not answer within {self.bound:g}s ({doing})")
+
+    # -- hearing of other replicas' commits: one LISTEN for every account -------------------
+
+    async def wait_for(self, account: str, seconds: float) -> None:
+        """Return when a pair of `account` was committed anywhere, or after `seconds`."""
+        self._start_listening()
+        event = self._events.setdefault(account, asyncio.Event())
+        with suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        event.clear()
+
+    async def wait_for_any(self, seconds: float) -> set[str] | None:
+        """The accounts with a pair committed since the last call, once there is one, or
+        after `seconds` (maybe none); None: the listener reconnected, so look at all."""
+        self._start_listening()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._any.wait()
+        self._any.clear()
+        changed, everything = self._changed, self._everything
+        self._changed, self._everything = set(), False
+        return None if everything else changed
+
+    def _start_listening(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="store-listen")
+
+    def _heard(self, account: str | None) -> None:
+        """Wake the waiters of `account` (None: of every account, and say "look at all")."""
+        if account is None:
+            self._everything = True
+            for event in self._events.values():
+                event.set()
+        else:
+            self._changed.add(account)
+            waiting = self._events.get(account)
+            if waiting is not None:
+                waiting.set()
+        self._any.set()
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own, reconnecting with backoff when it drops."""
+        delay = 1.0
+        while True:
+            try:
+                async with await connect(self.url, self.bound) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    if delay > 1.0:
+                        log.info("store_listen_restored")
+                    # Commits made while nobody listened were not heard: have the store re-read.
+                    self._heard(None)
+                    delay = 1.0
+                    async for note in conn.notifies():
+                        self._heard(note.payload.rpartition(":")[0])
+            except (psycopg.Error, OSError) as exc:  # OSError: TimeoutError too
+                error = reason(exc) if isinstance(exc, psycopg.Error) else type(exc).__name__
+                log.warning("store_listen_failed", error=error, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX)
+
+
+def reason(exc: psycopg.Error) -> str:
+    """Say what went wrong in one line: the server's message, never a parameter's value."""
+    first = str(exc).strip().splitlines()
+    return first[0] if first else type(exc).__name__
