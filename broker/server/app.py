@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
-import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -30,6 +29,7 @@ from broker.server.revoke_hook import ROUTES as revoke_routes
 from broker.server.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
 from broker.server.status import live_status
 from broker.tokens.manager import TokenManager
+from broker.tokens.scheduler import Scheduler
 from broker.traffic.limiter import AccountLimiter
 from broker.traffic.share import sharing_pace
 
@@ -131,14 +131,20 @@ async def _warn_when_degraded(request: web.Request, response: web.StreamResponse
 
 
 def _background(proactive: bool) -> Any:
-    """Run each account's proactive refresh loop and, in shared mode, its pace check-ins."""
+    """Run the accounts' proactive refreshes (one scheduler for all) and, in shared mode,
+    their pace check-ins."""
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            tasks = []
-            for account in app[ACCOUNTS].values():
-                if proactive:
-                    tasks.append(asyncio.create_task(_run(account), name=f"refresh-{account.name}"))
+            accounts = app[ACCOUNTS]
+            task = None
+            if proactive:
+                any_store = next(iter(accounts.values())).manager.store  # all share one
+                scheduler = Scheduler(
+                    any_store, lambda: {name: a.manager for name, a in accounts.items()}
+                )
+                task = asyncio.create_task(scheduler.run(), name="refresh-scheduler")
+            for account in accounts.values():
                 if account.limiter.settings.shared:
                     limiter = account.limiter
                     await stack.enter_async_context(
@@ -150,17 +156,11 @@ def _background(proactive: bool) -> Any:
                         )
                     )
             yield
-            for task in tasks:
+            if task is not None:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(task, return_exceptions=True)
 
     return background
-
-
-async def _run(account: Account) -> None:
-    # The task's own context: every event of this account's loop carries its name.
-    structlog.contextvars.bind_contextvars(account=account.name)
-    await account.manager.run()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ both follow are the pure transitions of broker/tokens/pair_state.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 
 from broker.errors import StaleWriteError, StoreError
@@ -43,6 +44,13 @@ class PairKeeper:
         # Where amoCRM serves the account (set by the composition root): the proxy and
         # /status read it; the token endpoint client moves it when the subdomain is renamed.
         self.upstream: Upstream | None = None
+        # Told when this account's next own work may have moved (a refresh ended, a pair was
+        # adopted, a refusal declared): the scheduler plans its next tick anew.
+        self.on_due_change: Callable[[], None] | None = None
+
+    def _due_changed(self) -> None:
+        if self.on_due_change is not None:
+            self.on_due_change()
 
     @property
     def generation(self) -> int:
@@ -105,6 +113,7 @@ class PairKeeper:
         """
         self._state = replace(self._state, reauth=message)
         self._owed_refusal = (message, self.generation)
+        self._due_changed()
         await self._record_refusal()
 
     async def _write(self) -> None:
@@ -199,6 +208,8 @@ class PairKeeper:
             before, stored, reauth, self._clock.time(), self._clock.monotonic(), self._margin
         )
         held = self._state.held
+        if self._state is not before:
+            self._due_changed()
         if held is not None and held is not before.held:
             redactor.register(held.pair.access_token, held.pair.refresh_token)
             if before.retry_at:

@@ -119,10 +119,10 @@ class LongLivedManager(TokenManager):
         log.error("reauth_required", reason=message, generation=self.generation)
         return message
 
-    def _next_wakeup(self) -> float:
+    def _next_wakeup(self, poll: float | None = None) -> float:
         # Nothing is ever due: only follow the store (a new token configured by a restart of
         # another process) at the poll interval.
-        return self._poll_interval
+        return self._poll_interval if poll is None else poll
 
 
 def expiry_warning(seconds_left: float | None) -> str | None:

@@ -12,6 +12,7 @@ a fresh token goes back to the caller instead of rotating again; a refused grant
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import replace
 
 from broker.errors import (
@@ -165,6 +166,7 @@ class TokenManager(PairKeeper):
             stale = self.generation if stale_generation is None else stale_generation
             task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
             task.add_done_callback(consume_exception)
+            task.add_done_callback(lambda _: self._due_changed())
             self._inflight = task
         if not bounded or self._refresher is None:
             return await asyncio.shield(self._inflight)
@@ -344,8 +346,12 @@ class TokenManager(PairKeeper):
         if rules.refresh_due(self._state, self._clock.monotonic()):
             await self.refresh("expiry")
 
-    def _next_wakeup(self) -> float:
+    def seconds_until_due(self) -> float:
+        """Seconds until this account has work of its own (a refresh due, a retry, a write
+        held back), inf when none: the scheduler watches the store for the rest."""
+        return self._next_wakeup(math.inf)
+
+    def _next_wakeup(self, poll: float | None = None) -> float:
         now = self._clock.monotonic()
-        return rules.next_wakeup(
-            self._state, now, self._poll_interval, holds_news=self._holds_news()
-        )
+        poll = self._poll_interval if poll is None else poll
+        return rules.next_wakeup(self._state, now, poll, holds_news=self._holds_news())

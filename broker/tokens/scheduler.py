@@ -1,0 +1,165 @@
+"""One task drives every account's proactive refresh: a thousand accounts, one timer.
+
+A loop per account (TokenManager.run) costs a task, a timer and a store read every poll
+interval for each account: with a thousand accounts, two hundred reads a second of nothing.
+Here one task keeps each account's due time (`seconds_until_due`: a refresh, a retry, a
+write held back) and learns of other processes' writes for all accounts at once: one
+`marks()` read per poll (generation and persisted state of every account), and on PostgreSQL
+the LISTEN connection's notifications in between. An account is ticked when it is due or its
+mark changed; each tick runs as a task of its own, so a slow refresh of one account never
+delays another's, and at most one tick per account runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import heapq
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from broker.errors import BrokerError
+from broker.logs import get_logger
+from broker.store.api import Store
+from broker.tokens.manager import TokenManager
+
+log = get_logger()
+
+POLL_SECONDS = 5.0  # how often the store is read for other processes' writes (as before)
+# Ticks running at once: a refresh storm of many accounts goes out together, but bounded, so
+# the store's small pool and the token endpoint see a queue rather than a stampede.
+MAX_TICKS = 32
+
+
+class Scheduler:
+    """Wake the accounts' token managers when each is due or the store changed for it."""
+
+    def __init__(
+        self,
+        store: Store,
+        managers: Callable[[], Mapping[str, TokenManager]],
+        *,
+        poll: float = POLL_SECONDS,
+    ) -> None:
+        self.store = store
+        self.managers = managers  # read anew each round: accounts come and go while serving
+        self.poll = poll
+        self._due: list[tuple[float, str]] = []  # heap of (loop time, account)
+        self._planned: dict[str, float] = {}  # the current entry of each account in the heap
+        self._marks: dict[str, tuple[Any, ...]] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._known: set[str] = set()  # the accounts planned for so far
+        self._slots = asyncio.Semaphore(MAX_TICKS)
+        self._nudge = asyncio.Event()
+        self.ticks = 0  # ticks started, for tests and the benchmark
+
+    async def run(self) -> None:
+        """Tick whichever account is due or changed, until cancelled."""
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time()
+        try:
+            while True:
+                now = loop.time()
+                wake = min(next_poll, self._due[0][0] if self._due else math.inf)
+                changed = await self._wait(max(0.0, wake - now))
+                now = loop.time()
+                if changed is None or now >= next_poll:
+                    changed = (changed or set()) | await self._changed_marks()
+                    next_poll = now + self.poll
+                self._wake(changed, now)
+        finally:
+            for task in self._running.values():
+                task.cancel()
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    def replan(self, name: str) -> None:
+        """Plan the account's next tick anew: its own work moved outside a tick (a refresh
+        for a caller ended, a pair was adopted on a 401)."""
+        manager = self.managers().get(name)
+        if manager is None or name in self._running:
+            return  # a tick in progress plans when it ends
+        self._plan(name, asyncio.get_running_loop().time() + manager.seconds_until_due())
+        self._nudge.set()
+
+    async def _wait(self, seconds: float) -> set[str] | None:
+        """Wait for the store's news (as `wait_for_changes`) or a replan, whichever is first;
+        a replan says nothing of the store (an empty set)."""
+        news = asyncio.ensure_future(self.store.wait_for_changes(seconds))
+        nudged = asyncio.ensure_future(self._nudge.wait())
+        try:
+            await asyncio.wait({news, nudged}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (news, nudged):
+                task.cancel()
+            await asyncio.gather(news, nudged, return_exceptions=True)
+        self._nudge.clear()
+        if news.cancelled() or news.exception() is not None:
+            return set()
+        return news.result()
+
+    async def _changed_marks(self) -> set[str]:
+        """The accounts whose mark differs from the last read (every account, the first time)."""
+        try:
+            marks = await self.store.marks()
+        except BrokerError:
+            return set()  # the store is away: each account's own retries go on meanwhile
+        before, self._marks = self._marks, marks
+        if before is None:  # the first read: what the store holds beyond what was loaded
+            managers = self.managers()
+            return {
+                name
+                for name, mark in marks.items()
+                if name in managers and mark[0] != managers[name].generation
+            }
+        return {
+            name for name in marks.keys() | before.keys() if marks.get(name) != before.get(name)
+        }
+
+    def _wake(self, changed: set[str], now: float) -> None:
+        managers = self.managers()
+        for name in changed:
+            if name in managers:
+                self._start(name, managers[name])
+        while self._due and self._due[0][0] <= now:
+            at, name = heapq.heappop(self._due)
+            if self._planned.get(name) != at:
+                continue  # superseded by a later plan
+            del self._planned[name]
+            if name in managers:
+                self._start(name, managers[name])
+        for name in managers.keys() - self._known:  # at start, or added while serving
+            managers[name].on_due_change = functools.partial(self.replan, name)
+            self._plan(name, now + managers[name].seconds_until_due())
+        self._known = set(managers)
+
+    def _start(self, name: str, manager: TokenManager) -> None:
+        if name in self._running:
+            return  # its tick in progress reads the store anew when it is done (see _tick)
+        self.ticks += 1
+        self._running[name] = asyncio.create_task(self._tick(name, manager), name=f"tick-{name}")
+
+    async def _tick(self, name: str, manager: TokenManager) -> None:
+        # The task's own context: every event of this account's tick carries its name.
+        structlog.contextvars.bind_contextvars(account=name)
+        try:
+            async with self._slots:
+                await manager.tick()
+        except BrokerError:
+            pass  # logged where it happened; its back-off sets when it is due again
+        except Exception:
+            log.exception("refresh_loop_error")
+        finally:
+            del self._running[name]
+            loop = asyncio.get_running_loop()
+            if name in self.managers():
+                self._plan(name, loop.time() + manager.seconds_until_due())
+
+    def _plan(self, name: str, at: float) -> None:
+        if math.isinf(at):
+            self._planned.pop(name, None)
+            return
+        self._planned[name] = at
+        heapq.heappush(self._due, (at, name))
