@@ -7,9 +7,9 @@ proxy (broker/server/routing.py picks one per call); the HTTP session and the me
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -31,13 +31,14 @@ from broker.server.status import live_status
 from broker.tokens.manager import TokenManager
 from broker.tokens.scheduler import Scheduler
 from broker.traffic.limiter import AccountLimiter
-from broker.traffic.share import sharing_pace
+from broker.traffic.share import PaceClaims, ShareKeeper
 
 MANAGER = web.AppKey("manager", TokenManager)
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", AccountLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
+SHARES = web.AppKey("shares", ShareKeeper)  # the pace grants of shared accounts
 
 
 def create_app(
@@ -92,6 +93,7 @@ def create_app(
     app[MANAGER], app[LIMITER], app[PROXY] = manager, default.limiter, default.proxy
     app[METRICS] = metrics
     app[STARTED] = time.time()
+    app[SHARES] = ShareKeeper()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
@@ -135,32 +137,50 @@ def _background(proactive: bool) -> Any:
     their pace check-ins."""
 
     async def background(app: web.Application) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            accounts = app[ACCOUNTS]
-            task = None
-            if proactive:
-                any_store = next(iter(accounts.values())).manager.store  # all share one
-                scheduler = Scheduler(
-                    any_store, lambda: {name: a.manager for name, a in accounts.items()}
-                )
-                task = asyncio.create_task(scheduler.run(), name="refresh-scheduler")
-            for account in accounts.values():
-                if account.limiter.settings.shared:
-                    limiter = account.limiter
-                    await stack.enter_async_context(
-                        sharing_pace(
-                            account.manager.store,
-                            limiter.settings,
-                            limiter.take_share,
-                            window=limiter.grant_window,
-                        )
-                    )
-            yield
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        accounts = app[ACCOUNTS]
+        tasks = []
+        if proactive:
+            any_store = next(iter(accounts.values())).manager.store  # all share one
+            scheduler = Scheduler(any_store, Managers(accounts))
+            tasks.append(asyncio.create_task(scheduler.run(), name="refresh-scheduler"))
+        keeper = app[SHARES]
+        for account in accounts.values():
+            share_pace(keeper, account)
+        tasks.append(asyncio.create_task(keeper.run(), name="pace-shares"))
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     return background
+
+
+class Managers(Mapping[str, TokenManager]):
+    """The accounts' token managers, as a live view (accounts come and go while serving)."""
+
+    def __init__(self, accounts: Mapping[str, Account]) -> None:
+        self._accounts = accounts
+
+    def __getitem__(self, name: str) -> TokenManager:
+        return self._accounts[name].manager
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._accounts)
+
+    def __len__(self) -> int:
+        return len(self._accounts)
+
+
+def share_pace(keeper: ShareKeeper, account: Account) -> None:
+    """In shared mode, have the account's pace granted by the store ([limits] shared)."""
+    limiter = account.limiter
+    if not limiter.settings.shared:
+        return
+    claims = PaceClaims(
+        account.manager.store, limiter.settings, limiter.take_share, limiter.grant_window
+    )
+    keeper.add(account.name, claims, limiter.last_busy_at)
+    limiter.demand = functools.partial(keeper.demand, account.name)
 
 
 async def healthz(request: web.Request) -> web.Response:

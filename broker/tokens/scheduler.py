@@ -16,7 +16,7 @@ import asyncio
 import functools
 import heapq
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -40,12 +40,12 @@ class Scheduler:
     def __init__(
         self,
         store: Store,
-        managers: Callable[[], Mapping[str, TokenManager]],
+        managers: Mapping[str, TokenManager],
         *,
         poll: float = POLL_SECONDS,
     ) -> None:
         self.store = store
-        self.managers = managers  # read anew each round: accounts come and go while serving
+        self.managers = managers  # a live view: accounts come and go while serving
         self.poll = poll
         self._due: list[tuple[float, str]] = []  # heap of (loop time, account)
         self._planned: dict[str, float] = {}  # the current entry of each account in the heap
@@ -78,7 +78,7 @@ class Scheduler:
     def replan(self, name: str) -> None:
         """Plan the account's next tick anew: its own work moved outside a tick (a refresh
         for a caller ended, a pair was adopted on a 401)."""
-        manager = self.managers().get(name)
+        manager = self.managers.get(name)
         if manager is None or name in self._running:
             return  # a tick in progress plans when it ends
         self._plan(name, asyncio.get_running_loop().time() + manager.seconds_until_due())
@@ -108,7 +108,7 @@ class Scheduler:
             return set()  # the store is away: each account's own retries go on meanwhile
         before, self._marks = self._marks, marks
         if before is None:  # the first read: what the store holds beyond what was loaded
-            managers = self.managers()
+            managers = self.managers
             return {
                 name
                 for name, mark in marks.items()
@@ -119,7 +119,7 @@ class Scheduler:
         }
 
     def _wake(self, changed: set[str], now: float) -> None:
-        managers = self.managers()
+        managers = self.managers
         for name in changed:
             if name in managers:
                 self._start(name, managers[name])
@@ -154,7 +154,7 @@ class Scheduler:
         finally:
             del self._running[name]
             loop = asyncio.get_running_loop()
-            if name in self.managers():
+            if name in self.managers:
                 self._plan(name, loop.time() + manager.seconds_until_due())
 
     def _plan(self, name: str, at: float) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,19 @@ class AccountLimiter:
         )
         self.upstream = UpstreamStats()
         self.share: Share | None = None  # in shared mode, once this process has checked in
+        # Shared mode: told of each call, so a resting account claims its grant at once.
+        self.demand: Callable[[], None] | None = None
+        self._last_call_at = -math.inf
+
+    def last_busy_at(self) -> float:
+        """Loop time of the latest call to this account: now while calls wait in its queue."""
+        now = asyncio.get_running_loop().time()
+        return now if self.pacer.depth else self._last_call_at
+
+    def _called(self) -> None:
+        self._last_call_at = asyncio.get_running_loop().time()
+        if self.demand is not None:
+            self.demand()
 
     @property
     def grant_window(self) -> float:
@@ -102,6 +116,7 @@ class AccountLimiter:
 
     def check(self, *, idempotent: bool = False) -> None:
         """Refuse at once (AccountBlocked, RateLimited) a call that could not get its turn."""
+        self._called()
         self._check_block(idempotent, 0.0)
         self.pacer.check()
 
@@ -136,6 +151,7 @@ class AccountLimiter:
         connections: `release_connection()` after.
         """
         loop = asyncio.get_running_loop()
+        self._called()
         self._check_block(idempotent, waited_already)
         try:
             departure, waited = await self.pacer.acquire(

@@ -42,6 +42,9 @@ LEASE = 3.0
 GONE_AFTER = LEASE + 2 * CHECK_IN_EVERY
 # The pacer's sliding window: what a grant's calls are counted in.
 PACE_WINDOW = WINDOW + WINDOW_GUARD
+# An account this process has not called for this long gives its grant back (ShareKeeper):
+# a thousand idle accounts cost no renewals, and the others' shares grow meanwhile.
+IDLE_AFTER = 30.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,11 @@ class PaceClaims:
         with contextlib.suppress(StoreError):
             await self.store.check_out(self.holder, self.window)
 
+    def rest(self, now: float) -> None:
+        """Hold no grant, and say the next call can expect one at once (it asks for it)."""
+        self.share = Share(0, 0.0, 0, now, 0, 0.0, 0, 0)
+        self.take(self.share)
+
 
 @contextlib.asynccontextmanager
 async def sharing_pace(
@@ -168,3 +176,86 @@ async def sharing_pace(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await claims.check_out()
+
+
+@dataclass
+class _Kept:
+    claims: PaceClaims
+    last_call: Callable[[], float]  # loop time of the account's latest call
+    active: bool = False  # holds (or is renewing) a grant
+
+
+class ShareKeeper:
+    """Keep the grants of every shared account of this process, with one task for all.
+
+    An account holds a grant only while it is in use: the first call after a rest asks for
+    one (`demand`, answered at once, not at the next round), it is renewed every
+    CHECK_IN_EVERY while calls come, and given back after IDLE_AFTER without any. So the
+    store sees renewals for the accounts in use, not for every account configured, and
+    start-up claims nothing.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, _Kept] = {}
+        self._demanded: set[str] = set()
+        self._wake = asyncio.Event()
+
+    def add(self, name: str, claims: PaceClaims, last_call: Callable[[], float]) -> None:
+        """Keep `name`'s grant; it rests (no grant, no store call) until its first call."""
+        self._kept[name] = _Kept(claims, last_call)
+        claims.rest(asyncio.get_running_loop().time())
+
+    async def remove(self, name: str) -> None:
+        """Stop keeping `name`'s grant, and give it back."""
+        kept = self._kept.pop(name, None)
+        if kept is not None and kept.active:
+            await kept.claims.check_out()
+
+    def demand(self, name: str) -> None:
+        """A call arrived for `name`: claim a grant now unless one is held (cheap, repeatable)."""
+        kept = self._kept.get(name)
+        if kept is not None and not kept.active:
+            self._demanded.add(name)
+            self._wake.set()
+
+    @property
+    def active(self) -> int:
+        """Accounts holding a grant now."""
+        return sum(kept.active for kept in self._kept.values())
+
+    async def run(self) -> None:
+        """Renew, claim and give back, until cancelled; then give every grant back."""
+        loop = asyncio.get_running_loop()
+        next_round = loop.time() + CHECK_IN_EVERY
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(next_round):
+                        await self._wake.wait()
+                self._wake.clear()
+                now = loop.time()
+                work = [self._claim(name) for name in self._take_demanded()]
+                if now >= next_round:
+                    next_round = now + CHECK_IN_EVERY
+                    work += [self._round(kept, now) for kept in self._kept.values() if kept.active]
+                await asyncio.gather(*work)
+        finally:
+            active = [kept.claims.check_out() for kept in self._kept.values() if kept.active]
+            await asyncio.gather(*active, return_exceptions=True)
+
+    def _take_demanded(self) -> set[str]:
+        demanded, self._demanded = self._demanded, set()
+        return {name for name in demanded if name in self._kept}
+
+    async def _claim(self, name: str) -> None:
+        kept = self._kept[name]
+        kept.active = True
+        await kept.claims.renew()
+
+    async def _round(self, kept: _Kept, now: float) -> None:
+        if now - kept.last_call() < IDLE_AFTER:
+            await kept.claims.renew()
+            return
+        kept.active = False
+        await kept.claims.check_out()
+        kept.claims.rest(asyncio.get_running_loop().time())

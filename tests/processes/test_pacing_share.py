@@ -142,8 +142,11 @@ async def test_two_shared_processes_keep_the_account_at_seven_per_second(
     env = procs.env(BROKER_RPS="7", BROKER_BURST="7", BROKER_SHARED_LIMITS="true")
     a, b = await asyncio.gather(procs.start(env), procs.start(env))
 
-    # The one started first holds all 7 calls at first; the other gets its 3 once that grant
-    # has lapsed (a lease and a window after it was given): wait until both hold their share.
+    # Each claims a grant with its first call (an idle account holds none). The first to
+    # claim holds all 7 calls at first; the other gets its 3 once that grant has lapsed (a
+    # lease and a window after it was given): wait until both hold their share.
+    first = await asyncio.gather(get(http, a), get(http, b))
+    assert [r.status for r in first] == [200, 200]
     for _ in range(100):
         limits = [(await status_of(http, s))["limits"] for s in (a, b)]
         if sorted(doc["process_rps"] for doc in limits) == [3, 4]:
