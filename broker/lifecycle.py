@@ -6,8 +6,9 @@ How `serve` ends (its signal handlers stay in place until it returns):
   for (bounded by its lease and token-endpoint timeouts): amoCRM may have spent the old
   refresh token, so its answer must reach the store. The store is closed; exit 0, cut or not.
 - The same signal again while stopping: cut the requests now. A refresh still finishes.
-- SIGHUP: no reload (settings are read at start; the clients file is re-read when it changes).
-  `sighup_ignored` says to restart, and serving goes on undisturbed.
+- SIGHUP: read the configuration again and add or remove the `[[accounts]]` it names
+  (service.reload_accounts); every other setting is read at start only (the clients file is
+  re-read whenever it changes). Serving goes on undisturbed.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class InFlight:
 
 
 class Signals:
-    """SIGTERM and SIGINT ask to stop (twice: to hurry); SIGHUP is logged. Handled while open.
+    """SIGTERM and SIGINT ask to stop (twice: to hurry); SIGHUP asks to reload. Handled while
+    open.
 
     Python's default for SIGHUP, and for a signal once its handler is gone, ends the process:
     in the middle of storing a rotation, that could lose amoCRM's answer.
@@ -121,7 +123,21 @@ class Signals:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()
+        self.reload = asyncio.Event()
         self.received: str | None = None
+
+    async def stop_or_reload(self) -> bool:
+        """Wait for SIGTERM or SIGINT (True) or SIGHUP (False, once per signal)."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self.stop, self.reload)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.stop.is_set():
+            return True
+        self.reload.clear()
+        return False
 
     def __enter__(self) -> Signals:
         loop = asyncio.get_running_loop()
@@ -149,12 +165,8 @@ class Signals:
         self.hurry.set()
 
     def _hangup(self) -> None:
-        log.warning(
-            "sighup_ignored",
-            signal="SIGHUP",
-            message="amo-broker does not reload on SIGHUP: restart to apply configuration "
-            "changes (the caller clients file is re-read whenever it changes)",
-        )
+        log.info("reload_requested", signal="SIGHUP")
+        self.reload.set()
 
 
 async def listen(runner: web.AppRunner, config: Config) -> str:

@@ -17,10 +17,11 @@ import aiohttp
 from aiohttp import http_parser, web
 
 from broker.config.model import Config
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.lifecycle import InFlight, Signals, drain, listen, make_runner
 from broker.logs import get_logger, redactor
 from broker.notify.watch import notifying
+from broker.server.accounts import add_account, remove_account
 from broker.server.app import create_app
 from broker.server.call import WriteTellingRequest
 from broker.server.clients import ClientRegistry
@@ -159,7 +160,7 @@ def build_app(
     callback = None
     if config.oauth_callback:
         callback = make_callback_handler(
-            lambda name: (config.for_account(name), runtime.accounts[name].manager),
+            lambda name: (runtime.accounts[name].config, runtime.accounts[name].manager),
             runtime.session,
             refresh_timeout=config.refresh_timeout,
             states=runtime.store,
@@ -167,7 +168,7 @@ def build_app(
     revoke = None
     if config.revoke_hook:
         revoke = make_revoke_handler(
-            lambda name: (config.for_account(name), runtime.accounts[name].manager),
+            lambda name: (runtime.accounts[name].config, runtime.accounts[name].manager),
             config.account,
         )
     app = create_app(
@@ -232,8 +233,13 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     proactive: bool = True,
     insecure_no_client_auth: bool = False,
+    reload: Callable[[], Config] | None = None,
 ) -> int:
-    """Run the broker until SIGTERM or SIGINT, then drain and stop; return the exit code."""
+    """Run the broker until SIGTERM or SIGINT, then drain and stop; return the exit code.
+
+    On SIGHUP, `reload` reads the configuration again, and the accounts it adds or removes
+    join or leave (reload_accounts); nothing else changes without a restart.
+    """
     require_c_parser()
     clients = caller_registry(config, insecure_no_client_auth=insecure_no_client_auth)
     with Signals() as signals:
@@ -256,7 +262,11 @@ async def serve(
                 )
                 if on_ready is not None:
                     on_ready(url)
-                await signals.stop.wait()
+                while not await signals.stop_or_reload():
+                    if reload is None:
+                        log.warning("sighup_ignored", message="this server cannot reload")
+                        continue
+                    await reload_accounts(runtime, app, reload, configured=config)
             except BaseException:
                 await runner.cleanup()
                 raise
@@ -270,3 +280,62 @@ async def serve(
         # open_runtime has waited for any refresh in flight and closed the store.
         log.info("stopped")
     return 0
+
+
+async def reload_accounts(
+    runtime: Runtime, app: web.Application, load: Callable[[], Config], *, configured: Config
+) -> None:
+    """Serve the accounts the configuration names now: open the new, drop the gone ones.
+
+    The others are not touched: their connections, queues, leases and refreshes go on. A
+    configuration that does not load changes nothing. An account whose settings changed keeps
+    the old ones until a restart (`restart_needed` names it): swapping its client or limits
+    under calls in flight is not worth the risk.
+    """
+    try:
+        config = load()
+    except ConfigError as exc:
+        log.error("reload_failed", error=exc.message, message="nothing changed")
+        return
+    default = runtime.store.account
+    # Without [[accounts]]: the one account of [amocrm] (whose settings need a restart).
+    wanted: dict[str, object] = {a.name: a for a in config.accounts} or {config.account: None}
+    if default not in wanted:
+        log.error(
+            "reload_failed",
+            error=f"the default account {default} cannot leave while serving: restart to change it",
+            message="nothing changed",
+        )
+        return
+    before: dict[str, object] = {a.name: a for a in configured.accounts}
+    before = before or {configured.account: None}
+    added = [name for name in wanted if name not in runtime.accounts]
+    removed = [name for name in runtime.accounts if name not in wanted]
+    changed = [name for name in wanted if name in before and wanted[name] != before[name]]
+    opened = await asyncio.gather(
+        *(_join(runtime, app, config.for_account(name)) for name in added)
+    )
+    for name in removed:
+        await remove_account(app, name)
+        await runtime.accounts.pop(name).manager.wait_idle()  # a refresh in flight lands
+    log.info(
+        "accounts_reloaded",
+        added=[name for name, ok in zip(added, opened, strict=True) if ok],
+        removed=removed,
+        accounts=len(runtime.accounts),
+        restart_needed=changed,
+    )
+
+
+async def _join(runtime: Runtime, app: web.Application, config: Config) -> bool:
+    """Open one added account on the shared store and serve it; log why not, if not."""
+    try:
+        store = runtime.store.for_account(config.account)
+        account = await open_account(config, runtime.session, store)
+        setup = AccountSetup(config.account, account.manager, _base_url(config), config.limits)
+    except BrokerError as exc:
+        log.error("account_add_failed", account=config.account, error=exc.message)
+        return False
+    runtime.accounts[config.account] = account
+    add_account(app, setup)
+    return True

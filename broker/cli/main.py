@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from broker import __version__
 from broker.cli import authorize as cli_authorize
+from broker.cli import bulk_import
 from broker.cli import clients as cli_clients
 from broker.cli import migrate as cli_migrate
 from broker.cli import notify as cli_notify
@@ -105,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="store an existing pair from AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN or stdin",
     )
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="many accounts at once: one JSON object a line on stdin "
+        '({"account": …, "refresh_token": …, "access_token": …})',
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("exchange-code", parents=[common], help="trade an authorization code")
@@ -148,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
 def _config(
     args: argparse.Namespace, *, environ: Mapping[str, str] | None = None, **extra: Any
 ) -> Config:
+    config = _load(args, environ=environ, **extra)
+    configure_logging(config.log_format, config.log_level)
+    return config
+
+
+def _load(
+    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None, **extra: Any
+) -> Config:
     overrides = {
         "store.path": getattr(args, "db", None),
         "store.key_file": getattr(args, "key_file", None),
@@ -156,7 +171,6 @@ def _config(
         **extra,
     }
     config = load_config(getattr(args, "config", None), environ=environ, overrides=overrides)
-    configure_logging(config.log_format, config.log_level)
     return config.for_account(getattr(args, "account", None))
 
 
@@ -165,8 +179,15 @@ def _print_json(doc: dict[str, Any]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config(args, **{"server.host": args.host, "server.port": args.port})
-    return asyncio.run(serve(config, insecure_no_client_auth=args.insecure_no_client_auth))
+    listen = {"server.host": args.host, "server.port": args.port}
+    config = _config(args, **listen)
+    return asyncio.run(
+        serve(
+            config,
+            insecure_no_client_auth=args.insecure_no_client_auth,
+            reload=lambda: _load(args, **listen),  # on SIGHUP: the accounts may change
+        )
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -191,6 +212,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     # configuration: `--account` says whose they are, so they are taken out of the environment
     # the configuration is read from (beside [[accounts]] it would refuse them as ambiguous).
     environ = dict(os.environ)
+    if args.jsonl:
+        return _import_jsonl(args, environ)
     refresh = environ.pop(BOOTSTRAP_REFRESH_ENV, "").strip()
     access: str | None = environ.pop(BOOTSTRAP_ACCESS_ENV, "").strip() or None
     config = _config(args, environ=environ)
@@ -214,6 +237,19 @@ async def _import(config: Config, refresh: str, access: str | None) -> int:
             "store": location,
         }
     )
+    return 0
+
+
+def _import_jsonl(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    if args.account is not None:
+        raise ConfigError("import --jsonl: each line names its account; drop --account")
+    for name in (BOOTSTRAP_REFRESH_ENV, BOOTSTRAP_ACCESS_ENV):
+        environ.pop(name, None)  # the lines are this command's input
+    config = _config(args, environ=environ)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ConfigError(f"import --jsonl reads stdin: {bulk_import.FORMAT}")
+    entries = bulk_import.parse_lines(sys.stdin.read())
+    _print_json(asyncio.run(bulk_import.import_many(config, entries)))
     return 0
 
 

@@ -68,7 +68,21 @@ async def store_document(config: Config) -> dict[str, Any]:
     async with open_store(config, sealer=Sealer(key)) as store:
         doc = await store_status(store)
         doc["key_check"] = await key_check(store) if config.key is not None else "no key given"
+        doc["accounts"] = await account_list(store)
     return doc
+
+
+async def account_list(store: Store) -> list[dict[str, Any]]:
+    """Every account the store holds, in one read (generation and persisted state)."""
+    marks = await store.marks()
+    return [
+        {
+            "account": name,
+            "state": state or ("ok" if generation else "no_tokens"),
+            "generation": generation or 0,
+        }
+        for name, (generation, state, _since) in sorted(marks.items())
+    ]
 
 
 async def key_check(store: Store) -> str:

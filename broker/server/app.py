@@ -7,9 +7,8 @@ proxy (broker/server/routing.py picks one per call); the HTTP session and the me
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -19,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from broker import __version__
 from broker.config.model import LimitSettings
 from broker.server import status_page, token_shim
+from broker.server.accounts import PARTS, SHARES, Managers, SharedParts, share_pace
 from broker.server.bodies import BodyBudget
 from broker.server.clients import ClientRegistry
 from broker.server.metrics import Metrics
@@ -27,18 +27,17 @@ from broker.server.oauth_callback import CALLBACK_PATH
 from broker.server.proxy import ACCOUNT, Proxy
 from broker.server.revoke_hook import ROUTES as revoke_routes
 from broker.server.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
-from broker.server.status import live_status
+from broker.server.status import live_status, memory_status
 from broker.tokens.manager import TokenManager
 from broker.tokens.scheduler import Scheduler
 from broker.traffic.limiter import AccountLimiter
-from broker.traffic.share import PaceClaims, ShareKeeper
+from broker.traffic.share import ShareKeeper
 
 MANAGER = web.AppKey("manager", TokenManager)
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", AccountLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
-SHARES = web.AppKey("shares", ShareKeeper)  # the pace grants of shared accounts
 
 
 def create_app(
@@ -70,28 +69,22 @@ def create_app(
         app[CLIENTS] = clients
     setups = [AccountSetup(account, manager, base_url, limits or LimitSettings()), *others]
     accounts: dict[str, Account] = {}
-    metrics = Metrics(lambda: list(accounts.values()))
-    budget = BodyBudget(max(max_buffered_bytes, max_body_bytes))  # one process, one memory
     connections = session.connector.limit if session.connector is not None else 0
+    app[PARTS] = SharedParts(
+        session,
+        Metrics(lambda: list(accounts.values())),
+        BodyBudget(max(max_buffered_bytes, max_body_bytes)),  # one process, one memory
+        upstream_timeout,
+        max_body_bytes,
+        public_url,
+        connections,
+    )
     for setup in setups:
-        limiter = AccountLimiter(setup.limits, connections=connections or 1024)
-        proxy = Proxy(
-            setup.manager,
-            session,
-            setup.base_url,
-            timeout=upstream_timeout,
-            max_body_bytes=max_body_bytes,
-            limiter=limiter,
-            metrics=metrics,
-            budget=budget,
-            account=setup.name,
-            public_url=public_url,
-        )
-        accounts[setup.name] = Account(setup.name, setup.manager, limiter, proxy)
+        accounts[setup.name] = app[PARTS].build(setup)
     default = accounts[account]
     app[ACCOUNTS], app[DEFAULT] = accounts, account
     app[MANAGER], app[LIMITER], app[PROXY] = manager, default.limiter, default.proxy
-    app[METRICS] = metrics
+    app[METRICS] = app[PARTS].metrics
     app[STARTED] = time.time()
     app[SHARES] = ShareKeeper()
     app.router.add_get("/healthz", healthz)
@@ -155,34 +148,6 @@ def _background(proactive: bool) -> Any:
     return background
 
 
-class Managers(Mapping[str, TokenManager]):
-    """The accounts' token managers, as a live view (accounts come and go while serving)."""
-
-    def __init__(self, accounts: Mapping[str, Account]) -> None:
-        self._accounts = accounts
-
-    def __getitem__(self, name: str) -> TokenManager:
-        return self._accounts[name].manager
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._accounts)
-
-    def __len__(self) -> int:
-        return len(self._accounts)
-
-
-def share_pace(keeper: ShareKeeper, account: Account) -> None:
-    """In shared mode, have the account's pace granted by the store ([limits] shared)."""
-    limiter = account.limiter
-    if not limiter.settings.shared:
-        return
-    claims = PaceClaims(
-        account.manager.store, limiter.settings, limiter.take_share, limiter.grant_window
-    )
-    keeper.add(account.name, claims, limiter.last_busy_at)
-    limiter.demand = functools.partial(keeper.demand, account.name)
-
-
 async def healthz(request: web.Request) -> web.Response:
     """Answer 200 while the process serves."""
     return web.json_response({"status": "ok"})
@@ -201,19 +166,35 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """Describe the default account (or `?account=`) and list every account; never a secret."""
+    """Describe the default account (or `?account=`) and list every account; never a secret.
+
+    The list comes from memory (O(1) per account, no store read): a thousand accounts cost
+    one document's store reads, not a thousand.
+    """
     if status_page.prefers_html(request.headers.get("Accept")):
         return await status_html(request)
     chosen = queried(request)
-    docs = {name: await _account_status(request, a) for name, a in request.app[ACCOUNTS].items()}
-    doc = dict(docs[chosen.name])
-    doc["accounts"] = [{key: d[key] for key in _SUMMARY if key in d} for d in docs.values()]
+    doc = await _account_status(request, chosen)
+    accounts = request.app[ACCOUNTS].values()
+    doc["accounts"] = [
+        {key: d[key] for key in _SUMMARY if key in d}
+        for d in (doc if a is chosen else _memory_status(request, a) for a in accounts)
+    ]
     return web.json_response(doc)
+
+
+# The page shows every account in full up to this many; beyond, from memory only (the full
+# document, with its recent rotations, is one `/status?account=NAME` away).
+PAGE_FULL = 20
 
 
 async def status_html(request: web.Request) -> web.Response:
     """Show every account's /status document as a page for people (server/status_page.py)."""
-    docs = [await _account_status(request, a) for a in request.app[ACCOUNTS].values()]
+    accounts = list(request.app[ACCOUNTS].values())
+    if len(accounts) <= PAGE_FULL:
+        docs = [await _account_status(request, a) for a in accounts]
+    else:
+        docs = [_memory_status(request, a) for a in accounts]
     page = status_page.render({"version": __version__, "accounts": docs})
     return web.Response(text=page, headers=status_page.HEADERS)
 
@@ -233,6 +214,17 @@ _SUMMARY = (
 
 async def _account_status(request: web.Request, account: Account) -> dict[str, Any]:
     doc = await live_status(
+        account.manager,
+        requests_total=account.proxy.stats.requests_total,
+        started=request.app[STARTED],
+    )
+    doc.update(account.limiter.status())
+    doc["state"] = account.state
+    return doc
+
+
+def _memory_status(request: web.Request, account: Account) -> dict[str, Any]:
+    doc = memory_status(
         account.manager,
         requests_total=account.proxy.stats.requests_total,
         started=request.app[STARTED],

@@ -73,7 +73,28 @@ async def live_status(
     """Describe the account as the running process sees it, over what the store says."""
     now = time.time() if now is None else now
     doc = await store_status(manager.store, now=now)
+    return memory_status(manager, requests_total=requests_total, started=started, now=now, doc=doc)
+
+
+def memory_status(
+    manager: TokenManager,
+    *,
+    requests_total: int,
+    started: float,
+    now: float | None = None,
+    doc: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Describe the account from the process's memory alone (no store read: O(1) per account,
+    for listing a thousand), over `doc` (the store's view) when given."""
+    now = time.time() if now is None else now
     pair, stats = manager.pair, manager.stats
+    if doc is None:
+        doc = {
+            "account": manager.store.account,
+            "refresh_token_obtained_at": iso(pair.refresh_obtained_at) if pair else None,
+            "store": manager.store.location,
+            "version": __version__,
+        }
     doc["state"] = manager.state
     doc["generation"] = manager.generation
     if pair is not None:

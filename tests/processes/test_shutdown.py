@@ -215,14 +215,15 @@ async def test_a_second_sigterm_cuts_the_drain_short(
     procs.assert_no_leak(issued)
 
 
-async def test_sighup_is_logged_and_serving_goes_on_on_the_same_connection(
+async def test_sighup_reloads_and_serving_goes_on_on_the_same_connection(
     procs: Processes,
     sandbox: Sandbox,
     seeded: TokenPair,
     issued: Issued,
     background: Background,
 ) -> None:
-    """SIGHUP logs sighup_ignored; the request in flight and its keep-alive connection live on."""
+    """SIGHUP reloads the accounts (one account: nothing to add or remove); the request in
+    flight and its keep-alive connection live on."""
     serve = await procs.start()
     opened, reused = [], []
     trace = aiohttp.TraceConfig()
@@ -246,19 +247,18 @@ async def test_sighup_is_logged_and_serving_goes_on_on_the_same_connection(
         pending = background(get(one, serve))
         await until(lambda: sandbox.api_calls == 2, "the request reaches amoCRM")
         serve.signal(signal.SIGHUP)
-        ignored = await serve.logged("sighup_ignored")
+        reloaded = await serve.logged("accounts_reloaded")
         assert not pending.done(), "the request finished before serve saw SIGHUP"
         assert (await pending).status == 200
         sandbox.api_delay = 0.0
         assert (await get(one, serve, "/status")).status == 200
         assert (len(opened), len(reused)) == (1, 2)
 
-    assert "restart to apply configuration changes" in ignored["message"]
-    assert ignored["level"] == "warning"
+    assert (reloaded["added"], reloaded["removed"], reloaded["accounts"]) == ([], [], 1)
     assert serve.proc.returncode is None
     assert serve.named("stopping") == []
     assert await serve.terminate() == 0
-    assert len(serve.named("sighup_ignored")) == 1
+    assert len(serve.named("reload_requested")) == 1
     procs.assert_no_leak(issued)
 
 
