@@ -52,29 +52,45 @@ _MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every li
 _KEEP_TOKENS = 64  # the newest tokens remembered for exact scrubbing
 
 
+# Characters of the tokens and secrets a broker holds (JWTs, hex, base64, URL-safe).
+# A registered secret made only of these lies within one run of them in any text, so only
+# such runs are searched; the rare secret with other characters (a database password) goes
+# into a small pattern of its own.
+_RUN = re.compile(rf"[A-Za-z0-9._~+/=-]{{{_MIN_SECRET_LEN},}}")
+_RUN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-")
+
+
 class Redactor:
-    """A structlog processor that removes secrets from every value of an event."""
+    """A structlog processor that removes secrets from every value of an event.
+
+    Exact secrets are found through an index of their first `_MIN_SECRET_LEN` characters,
+    so registering one is O(1) and scrubbing costs what the text's length does, however
+    many accounts' tokens are registered (a pattern of alternatives, rebuilt at each
+    registration, made a thousand accounts take minutes to start).
+    """
 
     def __init__(self, keep: int = _KEEP_TOKENS) -> None:
         self._keep = keep
         self._permanent: set[str] = set()
         self._recent: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
-        self._pattern: re.Pattern[str] | None = None
+        self._index: dict[str, frozenset[str]] = {}  # first characters -> secrets
+        self._odd_set: set[str] = set()  # secrets with other characters
+        self._odd: re.Pattern[str] | None = None  # ... as one pattern
 
     def register(self, *values: str | None, permanent: bool = False) -> None:
         """Remember exact secret values to scrub from now on.
 
         Tokens rotate, so only the newest `keep` are remembered (the patterns still catch any
-        JWT or refresh token): remembering every token ever seen would grow the pattern, and
-        the cost of each rebuild, for the life of the process. Configured secrets (the client
-        secret) are `permanent`.
+        JWT or refresh token): remembering every token ever seen would grow the index for the
+        life of the process. Configured secrets (each account's client secret) are
+        `permanent`.
         """
         fresh = [v for v in values if v and len(v) >= _MIN_SECRET_LEN]
         if not fresh:
             return
         with self._lock:
-            known = self._permanent | self._recent.keys()
+            gone: list[str] = []
             if permanent:
                 self._permanent.update(fresh)
             else:
@@ -82,12 +98,35 @@ class Redactor:
                     self._recent[value] = None
                     self._recent.move_to_end(value)
                 while len(self._recent) > self._keep:
-                    self._recent.popitem(last=False)
-            secrets = self._permanent | self._recent.keys()
-            if secrets == known:
-                return
-            ordered = sorted(secrets, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+                    gone.append(self._recent.popitem(last=False)[0])
+            for value in fresh:
+                self._add(value)
+            for value in gone:
+                if value not in self._permanent and value not in self._recent:
+                    self._remove(value)
+
+    def _add(self, secret: str) -> None:
+        if not _RUN_CHARS.issuperset(secret):
+            self._odd_set.add(secret)
+            self._rebuild_odd()
+            return
+        head = secret[:_MIN_SECRET_LEN]
+        self._index[head] = self._index.get(head, frozenset()) | {secret}
+
+    def _remove(self, secret: str) -> None:
+        head = secret[:_MIN_SECRET_LEN]
+        left = self._index.get(head, frozenset()) - {secret}
+        if left:
+            self._index[head] = left
+        else:
+            self._index.pop(head, None)
+        if secret in self._odd_set:
+            self._odd_set.discard(secret)
+            self._rebuild_odd()
+
+    def _rebuild_odd(self) -> None:
+        odd = sorted(self._odd_set, key=len, reverse=True)
+        self._odd = re.compile("|".join(re.escape(s) for s in odd)) if odd else None
 
     def scrub(self, value: Any) -> Any:
         """Return `value` with every secret in it replaced."""
@@ -106,10 +145,32 @@ class Redactor:
     def _scrub_text(self, text: str) -> str:
         if len(text) < _MIN_SECRET_LEN:  # too short to hold a secret or a shape of one
             return text
-        pattern = self._pattern
-        if pattern is not None:
-            text = pattern.sub("[redacted]", text)
+        if self._index:
+            text = _RUN.sub(self._scrub_run, text)
+        odd = self._odd
+        if odd is not None:
+            text = odd.sub("[redacted]", text)
         return _SHAPES.sub(_shape_replacement, text)
+
+    def _scrub_run(self, match: re.Match[str]) -> str:
+        """Replace each registered secret within one run, the longest first where two start
+        at the same place."""
+        run, index, width = match.group(), self._index, _MIN_SECRET_LEN
+        out: list[str] = []
+        done = i = 0
+        while i <= len(run) - width:
+            found = index.get(run[i : i + width])
+            secret = (
+                max((s for s in found if run.startswith(s, i)), key=len, default=None)
+                if found
+                else None
+            )
+            if secret is None:
+                i += 1
+                continue
+            out += (run[done:i], "[redacted]")
+            i = done = i + len(secret)
+        return "".join(out) + run[done:] if out else run
 
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]

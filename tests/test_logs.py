@@ -281,6 +281,31 @@ def test_remembered_tokens_are_bounded_and_configured_secrets_are_kept() -> None
     assert tokens[0] in event["event"]  # forgotten: rotated away long ago
 
 
+def test_secrets_are_found_inside_longer_runs_and_with_odd_characters() -> None:
+    """A secret glued to other token characters, or one with characters no token has (a
+    database password), is scrubbed all the same."""
+    token, password = opaque(), "p@ss word:with/odd#chars"
+    redactor = Redactor()
+    redactor.register(token)
+    redactor.register(password, permanent=True)
+    event = redactor(None, "info", {"event": f"x{token}y.{token}. url=pg://u:{password}@h"})
+    assert event["event"] == "x[redacted]y.[redacted]. url=pg://u:[redacted]@h"
+
+
+def test_a_thousand_accounts_secrets_are_all_scrubbed() -> None:
+    """Each of a thousand accounts' client secrets stays scrubbed (registering one is O(1):
+    no pattern of alternatives is rebuilt), and unrelated text stays as it was."""
+    redactor = Redactor()
+    secrets = [opaque() for _ in range(1000)]
+    for secret in secrets:
+        redactor.register(secret, permanent=True)
+    text = " ".join(secrets[::97]) + " generation 4, fingerprint 1a2b3c4d"
+    event = redactor(None, "info", {"event": text})
+    assert event["event"] == " ".join(["[redacted]"] * len(secrets[::97])) + (
+        " generation 4, fingerprint 1a2b3c4d"
+    )
+
+
 class CountingStream(io.StringIO):
     """A stream that counts its writes: each would be a system call on stderr."""
 

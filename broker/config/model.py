@@ -7,6 +7,7 @@ importing each other.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -153,26 +154,32 @@ class Config:
         """Say whether only this host can reach the broker (a unix socket, or a loopback host)."""
         return self.unix_socket is not None or parse.is_loopback(self.host)
 
+    @functools.cached_property
+    def _accounts_by_name(self) -> dict[str, AccountConfig]:
+        # Works on a frozen dataclass: cached_property writes the instance's __dict__.
+        return {account.name: account for account in self.accounts}
+
     def for_account(self, name: str | None) -> Config:
         """See this configuration as one account does (its URL, client, limits); None: default."""
         if name is None or name == self.account:
             return self
-        for account in self.accounts:
-            if account.name == name:
-                return replace(
-                    self,
-                    account=account.name,
-                    base_url=account.base_url,
-                    client_id=account.client_id,
-                    client_secret=account.client_secret,
-                    redirect_uri=account.redirect_uri,
-                    limits=account.limits,
-                    long_lived_token=account.long_lived_token,
-                    # AMOCRM_* tokens in the environment are the default account's only.
-                    bootstrap_access_token=None,
-                    bootstrap_refresh_token=None,
-                )
-        known = ", ".join(a.name for a in self.accounts)
+        account = self._accounts_by_name.get(name)
+        if account is not None:
+            return replace(
+                self,
+                account=account.name,
+                base_url=account.base_url,
+                client_id=account.client_id,
+                client_secret=account.client_secret,
+                redirect_uri=account.redirect_uri,
+                limits=account.limits,
+                long_lived_token=account.long_lived_token,
+                # AMOCRM_* tokens in the environment are the default account's only.
+                bootstrap_access_token=None,
+                bootstrap_refresh_token=None,
+            )
+        names = [a.name for a in self.accounts]
+        known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         raise ConfigError(f"--account: no account named {name!r} (configured: {known})")
 
     def require_key(self) -> bytes:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client import Histogram
 from yarl import URL
 
 from broker.errors import (
@@ -83,7 +84,9 @@ class Proxy:
     ) -> None:
         self.account = account
         self._budget = budget
-        self._queue_wait = metrics.queue_wait.labels(account)
+        # The account's histogram is made at its first call: a thousand accounts that are
+        # never called cost no series (a histogram child is a dozen objects).
+        self._queue_wait: Histogram | None = None
         self._manager = manager
         self._limiter = limiter
         self._metrics = metrics
@@ -231,6 +234,8 @@ class Proxy:
             idempotent=request.method in IDEMPOTENT,
         )
         call.holds_connection = True
+        if self._queue_wait is None:
+            self._queue_wait = self._metrics.queue_wait.labels(self.account)
         self._queue_wait.observe(queued)
         try:
             token, generation = await self._manager.token()
