@@ -1,8 +1,10 @@
-# syntax=docker/dockerfile:1
 # amo-broker: the OAuth token broker for amoCRM, as a small non-root image.
 #
 #   docker build -t amo-broker:0.1.0 .
+#   podman build --format docker -t amo-broker:0.1.0 .    # podman/buildah: keep the HEALTHCHECK
 #
+# No `# syntax=` line: it makes BuildKit pull a frontend image from Docker Hub, and the
+# built-in frontend of current BuildKit already supports `RUN --mount`.
 # Stage 1 builds a wheel of this repository (and wheels of its dependencies); stage 2
 # installs them from that directory only (--no-index), so the final image is reproducible
 # from the build context and nothing is fetched when a container starts.
