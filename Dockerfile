@@ -32,13 +32,19 @@ COPY pyproject.toml README.md ./
 COPY broker ./broker
 # The dependencies come from pyproject.toml, as binary wheels where the registry has them.
 # aiohttp must bring its C HTTP parser (`serve` refuses the pure-Python one): stage 2 checks.
-RUN pip wheel --wheel-dir /wheels --prefer-binary .
+RUN pip wheel --wheel-dir /wheels --prefer-binary . \
+ && sha256sum /wheels/*.whl > /src/wheels.sha256
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="amo-broker" \
       org.opencontainers.image.description="OAuth token broker for amoCRM / Kommo" \
       org.opencontainers.image.licenses="MIT"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The digests of the wheels installed below, kept as a record of what is in the image. They
+# are also what makes podman/buildah rebuild the next step: buildah keys a RUN on its text,
+# not on what a bind mount from another stage holds, and would reuse the old install after
+# the code changed (seen with podman 4.3). BuildKit keys it on the mount's content anyway.
+COPY --from=build /src/wheels.sha256 /usr/local/share/amo-broker/wheels.sha256
 # The wheels come in through a bind mount, not a COPY: they never become a layer.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv /opt/amo-broker \
