@@ -32,15 +32,13 @@ fi
 mirror=${mirror:-http://deb.debian.org/debian}
 
 root=$(mktemp -d /var/tmp/python-base.XXXXXX)
-trap 'rm -rf "$root"' EXIT
+trap 'rm -rf "$root" "$root.debootstrap.log"' EXIT
 echo "image-base: debootstrap bookworm from $mirror"
 debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
     bookworm "$root" "$mirror" >"$root.debootstrap.log" 2>&1 || {
     tail -n 30 "$root.debootstrap.log" >&2
-    rm -f "$root.debootstrap.log"
     exit 1
 }
-rm -f "$root.debootstrap.log"
 ln -s python3 "$root/usr/bin/python"
 if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
