@@ -1,8 +1,10 @@
-# syntax=docker/dockerfile:1
 # amo-broker: the OAuth token broker for amoCRM, as a small non-root image.
 #
 #   docker build -t amo-broker:0.1.0 .
+#   podman build --format docker -t amo-broker:0.1.0 .    # podman/buildah: keep the HEALTHCHECK
 #
+# No `# syntax=` line: it makes BuildKit pull a frontend image from Docker Hub, and the
+# built-in frontend of current BuildKit already supports `RUN --mount`.
 # Stage 1 builds a wheel of this repository (and wheels of its dependencies); stage 2
 # installs them from that directory only (--no-index), so the final image is reproducible
 # from the build context and nothing is fetched when a container starts.
@@ -30,13 +32,19 @@ COPY pyproject.toml README.md ./
 COPY broker ./broker
 # The dependencies come from pyproject.toml, as binary wheels where the registry has them.
 # aiohttp must bring its C HTTP parser (`serve` refuses the pure-Python one): stage 2 checks.
-RUN pip wheel --wheel-dir /wheels --prefer-binary .
+RUN pip wheel --wheel-dir /wheels --prefer-binary . \
+ && sha256sum /wheels/*.whl > /src/wheels.sha256
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="amo-broker" \
       org.opencontainers.image.description="OAuth token broker for amoCRM / Kommo" \
       org.opencontainers.image.licenses="MIT"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The digests of the wheels installed below, kept as a record of what is in the image. They
+# are also what makes podman/buildah rebuild the next step: buildah keys a RUN on its text,
+# not on what a bind mount from another stage holds, and would reuse the old install after
+# the code changed (seen with podman 4.3). BuildKit keys it on the mount's content anyway.
+COPY --from=build /src/wheels.sha256 /usr/local/share/amo-broker/wheels.sha256
 # The wheels come in through a bind mount, not a COPY: they never become a layer.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv /opt/amo-broker \
