@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -171,15 +172,12 @@ async def pg_connections(url: str) -> tuple[int, int]:
 async def bench_database(admin_url: str) -> AsyncIterator[str]:
     """A database of the bench's own on the server, dropped afterwards."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
         await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
         await conn.execute(f"CREATE DATABASE {BENCH_DB}")
-    params = conninfo_to_dict(admin_url)
-    params["dbname"] = BENCH_DB
     try:
-        yield make_conninfo(**params)
+        yield urlsplit(admin_url)._replace(path="/" + BENCH_DB).geturl()
     finally:
         async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
             await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
@@ -212,13 +210,13 @@ async def scenario(
             **({"BROKER_STORE_URL": store_url} if store_url else {"BROKER_DB": str(cwd / "b.db")}),
         )
         lines = []
+        storm_due = time.monotonic() + STORM_TTL / 2  # issued now: due at half their life
         for account in names:
             sandbox.access_ttl = STORM_TTL if account in stormed else 86_400
             lines.append(json.dumps({"account": account, **sandbox.issue_pair()}))
         sandbox.access_ttl = 86_400
         argv = [sys.executable, "-m", "broker", "import", "--jsonl"]
         await run(argv, env, cwd, "\n".join(lines).encode())
-        storm_due = time.monotonic() + STORM_TTL / 2
         issued: list[float] = []
         issue = sandbox.issue_pair
 

@@ -205,8 +205,10 @@ class Processes:
             + tail(serve.log_path)
         )
 
-    async def cli(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-        """Run one `amo-broker` command; return exit code, stdout and stderr."""
+    async def cli(
+        self, *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
+    ) -> tuple[int, str, str]:
+        """Run one `amo-broker` command (fed `stdin`); return exit code, stdout and stderr."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -214,14 +216,14 @@ class Processes:
             *args,
             env=env or self.env(),
             cwd=self.tmp_path,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         self.commands.append(proc)
         try:
             async with asyncio.timeout(CLI_TIMEOUT):
-                out, err = await proc.communicate()
+                out, err = await proc.communicate(stdin)
         except TimeoutError:
             proc.kill()
             await proc.communicate()

@@ -238,7 +238,9 @@ class ShareKeeper:
                 if now >= next_round:
                     next_round = now + CHECK_IN_EVERY
                     work += [self._round(kept, now) for kept in self._kept.values() if kept.active]
-                await asyncio.gather(*work)
+                for failed in await asyncio.gather(*work, return_exceptions=True):
+                    if isinstance(failed, Exception):  # one account's bug stops no other's
+                        log.error("pace_share_error", error=repr(failed))
         finally:
             active = [kept.claims.check_out() for kept in self._kept.values() if kept.active]
             await asyncio.gather(*active, return_exceptions=True)
