@@ -127,7 +127,7 @@ async def start_serve(env: dict[str, str], cwd: Path, log: Path) -> Serve:
                     if response.status == 200:
                         return Serve(proc, url, time.monotonic() - began)
             await asyncio.sleep(0.02)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])  # noqa: ASYNC240
     raise RuntimeError(f"serve did not start:\n{tail}")
 
 
@@ -246,7 +246,7 @@ async def scenario(
                 # Wait for the storm, then for its refreshes, then a little more: no second.
                 await asyncio.sleep(max(0.0, storm_due - time.monotonic()))
                 deadline = time.monotonic() + 60
-                while sandbox.token_calls - calls_before < storm and time.monotonic() < deadline:
+                while sandbox.token_calls - calls_before < storm and time.monotonic() < deadline:  # noqa: ASYNC110 -- a plain counter
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(3)
                 async with http.get(serves[-1].url + "/status") as response:
@@ -281,7 +281,7 @@ def table(results: list[Result]) -> str:
         pg = (
             f"{r.pg_connections} of max {r.pg_max_connections}"
             if r.pg_connections is not None
-            else "–"
+            else "-"
         )
         s = r.storm
         rows.append(
@@ -309,7 +309,7 @@ async def main(args: argparse.Namespace) -> int:
     if not args.no_pg:
         plan += [
             (f"PostgreSQL, {args.accounts} accounts", args.accounts, args.storm, 1, True),
-            (f"PostgreSQL, 3 replicas × {args.accounts}", args.accounts, args.storm, 3, True),
+            (f"PostgreSQL, 3 replicas x {args.accounts}", args.accounts, args.storm, 3, True),
         ]
     for name, accounts, storm, processes, pg in plan:
         print(f"scale: {name} …", file=sys.stderr, flush=True)
@@ -337,7 +337,7 @@ async def main(args: argparse.Namespace) -> int:
     )
     print(report)
     if args.out:
-        Path(args.out).write_text(report)
+        Path(args.out).write_text(report)  # noqa: ASYNC240 -- once, at the end
     return 0
 
 

@@ -52,21 +52,15 @@ _MIN_SECRET_LEN = 8  # shorter values would scrub ordinary words out of every li
 _KEEP_TOKENS = 64  # the newest tokens remembered for exact scrubbing
 
 
-# Characters of the tokens and secrets a broker holds (JWTs, hex, base64, URL-safe).
-# A registered secret made only of these lies within one run of them in any text, so only
-# such runs are searched; the rare secret with other characters (a database password) goes
-# into a small pattern of its own.
-_RUN = re.compile(rf"[A-Za-z0-9._~+/=-]{{{_MIN_SECRET_LEN},}}")
-_RUN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-")
-
-
 class Redactor:
     """A structlog processor that removes secrets from every value of an event.
 
-    Exact secrets are found through an index of their first `_MIN_SECRET_LEN` characters,
-    so registering one is O(1) and scrubbing costs what the text's length does, however
-    many accounts' tokens are registered (a pattern of alternatives, rebuilt at each
-    registration, made a thousand accounts take minutes to start).
+    Exact secrets are indexed by their first `_MIN_SECRET_LEN` characters, and one pattern of
+    those *heads* finds where one may start. Tokens share their heads (every amoCRM JWT starts
+    alike, every refresh token with def50200), so registering a rotated token changes nothing
+    but a dict entry; the pattern is rebuilt only when a new head appears (a client secret at
+    start), lazily, at the next scrub. A pattern of whole secrets, rebuilt at each
+    registration, made a thousand accounts take minutes to start.
     """
 
     def __init__(self, keep: int = _KEEP_TOKENS) -> None:
@@ -74,9 +68,9 @@ class Redactor:
         self._permanent: set[str] = set()
         self._recent: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
-        self._index: dict[str, frozenset[str]] = {}  # first characters -> secrets
-        self._odd_set: set[str] = set()  # secrets with other characters
-        self._odd: re.Pattern[str] | None = None  # ... as one pattern
+        self._index: dict[str, frozenset[str]] = {}  # head -> secrets
+        self._heads: re.Pattern[str] | None = None
+        self._heads_stale = False
 
     def register(self, *values: str | None, permanent: bool = False) -> None:
         """Remember exact secret values to scrub from now on.
@@ -100,33 +94,27 @@ class Redactor:
                 while len(self._recent) > self._keep:
                     gone.append(self._recent.popitem(last=False)[0])
             for value in fresh:
-                self._add(value)
+                head = value[:_MIN_SECRET_LEN]
+                known = self._index.get(head)
+                self._index[head] = (known or frozenset()) | {value}
+                self._heads_stale = self._heads_stale or known is None
             for value in gone:
                 if value not in self._permanent and value not in self._recent:
-                    self._remove(value)
+                    head = value[:_MIN_SECRET_LEN]
+                    left = self._index.get(head, frozenset()) - {value}
+                    if left:
+                        self._index[head] = left
+                    else:
+                        self._index.pop(head, None)
+                        self._heads_stale = True
 
-    def _add(self, secret: str) -> None:
-        if not _RUN_CHARS.issuperset(secret):
-            self._odd_set.add(secret)
-            self._rebuild_odd()
-            return
-        head = secret[:_MIN_SECRET_LEN]
-        self._index[head] = self._index.get(head, frozenset()) | {secret}
-
-    def _remove(self, secret: str) -> None:
-        head = secret[:_MIN_SECRET_LEN]
-        left = self._index.get(head, frozenset()) - {secret}
-        if left:
-            self._index[head] = left
-        else:
-            self._index.pop(head, None)
-        if secret in self._odd_set:
-            self._odd_set.discard(secret)
-            self._rebuild_odd()
-
-    def _rebuild_odd(self) -> None:
-        odd = sorted(self._odd_set, key=len, reverse=True)
-        self._odd = re.compile("|".join(re.escape(s) for s in odd)) if odd else None
+    def _current_heads(self) -> re.Pattern[str] | None:
+        if self._heads_stale:
+            with self._lock:
+                heads = sorted(self._index)
+                self._heads = re.compile("|".join(map(re.escape, heads))) if heads else None
+                self._heads_stale = False
+        return self._heads
 
     def scrub(self, value: Any) -> Any:
         """Return `value` with every secret in it replaced."""
@@ -145,32 +133,29 @@ class Redactor:
     def _scrub_text(self, text: str) -> str:
         if len(text) < _MIN_SECRET_LEN:  # too short to hold a secret or a shape of one
             return text
-        if self._index:
-            text = _RUN.sub(self._scrub_run, text)
-        odd = self._odd
-        if odd is not None:
-            text = odd.sub("[redacted]", text)
+        heads = self._current_heads()
+        if heads is not None:
+            text = self._scrub_secrets(text, heads)
         return _SHAPES.sub(_shape_replacement, text)
 
-    def _scrub_run(self, match: re.Match[str]) -> str:
-        """Replace each registered secret within one run, the longest first where two start
-        at the same place."""
-        run, index, width = match.group(), self._index, _MIN_SECRET_LEN
+    def _scrub_secrets(self, text: str, heads: re.Pattern[str]) -> str:
+        """Replace each registered secret, the longest first where two start at one place."""
+        found = heads.search(text)
+        if found is None:
+            return text
+        index, done = self._index, 0
         out: list[str] = []
-        done = i = 0
-        while i <= len(run) - width:
-            found = index.get(run[i : i + width])
-            secret = (
-                max((s for s in found if run.startswith(s, i)), key=len, default=None)
-                if found
-                else None
-            )
-            if secret is None:
-                i += 1
-                continue
-            out += (run[done:i], "[redacted]")
-            i = done = i + len(secret)
-        return "".join(out) + run[done:] if out else run
+        while found is not None:
+            at = found.start()
+            candidates = index.get(text[at : at + _MIN_SECRET_LEN], ())
+            secret = max((s for s in candidates if text.startswith(s, at)), key=len, default="")
+            if secret:
+                out += (text[done:at], "[redacted]")
+                done = at + len(secret)
+                found = heads.search(text, done)
+            else:
+                found = heads.search(text, at + 1)
+        return "".join(out) + text[done:]
 
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]

@@ -60,6 +60,7 @@ class Watcher:
     delivery: Delivery
     template: str | None = None
     failing_after: float = 3600.0
+    default_urls: tuple[str, ...] = ()  # for accounts not in `urls` (added while serving)
     holder: str = field(default_factory=holder_id)
     memory: dict[str, Memory] = field(default_factory=dict)
 
@@ -67,8 +68,9 @@ class Watcher:
         """Look at every account once; return the events this process queued."""
         now = time.time() if now is None else now
         sent: list[Event] = []
-        for name, account in self.accounts.items():
-            if not self.urls.get(name):
+        for name, account in list(self.accounts.items()):
+            urls = self.urls.get(name, self.default_urls)  # an account added on SIGHUP: [notify]
+            if not urls:
                 continue
             before = self.memory.get(name, Memory())
             self.memory[name], events = detect(
@@ -77,7 +79,7 @@ class Watcher:
             for event in events:
                 if await self._claim(account, event, now):
                     self.delivery.submit(
-                        self.urls[name],
+                        urls,
                         body(event, self.template),
                         event=event.event,
                         account=name,
@@ -129,6 +131,7 @@ def notifying(config: Config) -> Callable[[web.Application], AsyncIterator[None]
                 delivery,
                 template=config.notify.template,
                 failing_after=config.notify.refresh_failing_after,
+                default_urls=config.notify.urls,
             )
             task = asyncio.create_task(watcher.run(), name="notify-watch")
             yield
