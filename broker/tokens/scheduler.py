@@ -51,6 +51,7 @@ class Scheduler:
         self._planned: dict[str, float] = {}  # the current entry of each account in the heap
         self._marks: dict[str, tuple[Any, ...]] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # changed while their tick ran
         self._known: set[str] = set()  # the accounts planned for so far
         self._slots = asyncio.Semaphore(MAX_TICKS)
         self._nudge = asyncio.Event()
@@ -137,7 +138,8 @@ class Scheduler:
 
     def _start(self, name: str, manager: TokenManager) -> None:
         if name in self._running:
-            return  # its tick in progress reads the store anew when it is done (see _tick)
+            self._again.add(name)  # news that came during its tick: tick once more after it
+            return
         self.ticks += 1
         self._running[name] = asyncio.create_task(self._tick(name, manager), name=f"tick-{name}")
 
@@ -153,9 +155,12 @@ class Scheduler:
             log.exception("refresh_loop_error")
         finally:
             del self._running[name]
-            loop = asyncio.get_running_loop()
+            now = asyncio.get_running_loop().time()
             if name in self.managers:
-                self._plan(name, loop.time() + manager.seconds_until_due())
+                again = name in self._again
+                self._again.discard(name)
+                self._plan(name, now if again else now + manager.seconds_until_due())
+                self._nudge.set()  # the loop may sleep past this account's new due time
 
     def _plan(self, name: str, at: float) -> None:
         if math.isinf(at):
