@@ -147,8 +147,11 @@ async def test_three_replicas_share_seven_calls_per_second(
     sandbox.rate_limit_rps = 7
     await seed(make_config, sandbox, pg_url)
     replicas = await three(procs, pg_url, BROKER_RPS="7", BROKER_BURST="7")
-    # A later replica gets its calls only once the earlier ones' larger grants have lapsed (a
-    # lease and a window): wait until all three hold their share (see test_pacing_share).
+    # Each claims its grant with its first call (an idle account holds none). A later replica
+    # gets its calls only once the earlier ones' larger grants have lapsed (a lease and a
+    # window): wait until all three hold their share (see test_pacing_share).
+    first = await asyncio.gather(*(get(http, s) for s in replicas))
+    assert [r.status for r in first] == [200] * 3
     for _ in range(100):
         limits = [(await status_of(http, s))["limits"] for s in replicas]
         if sorted(doc["process_rps"] for doc in limits) == [2, 2, 3]:
