@@ -27,7 +27,7 @@ from broker.server.oauth_callback import CALLBACK_PATH
 from broker.server.proxy import ACCOUNT, Proxy
 from broker.server.revoke_hook import ROUTES as revoke_routes
 from broker.server.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
-from broker.server.status import live_status, memory_status
+from broker.server.status import memory_status, store_status
 from broker.tokens.manager import TokenManager
 from broker.tokens.scheduler import Scheduler
 from broker.traffic.limiter import AccountLimiter
@@ -213,21 +213,18 @@ _SUMMARY = (
 
 
 async def _account_status(request: web.Request, account: Account) -> dict[str, Any]:
-    doc = await live_status(
-        account.manager,
-        requests_total=account.proxy.stats.requests_total,
-        started=request.app[STARTED],
-    )
-    doc.update(account.limiter.status())
-    doc["state"] = account.state
-    return doc
+    """One account's whole document: what the store says, under what this process knows."""
+    return _memory_status(request, account, await store_status(account.manager.store))
 
 
-def _memory_status(request: web.Request, account: Account) -> dict[str, Any]:
+def _memory_status(
+    request: web.Request, account: Account, store_doc: dict[str, Any] | None = None
+) -> dict[str, Any]:
     doc = memory_status(
         account.manager,
         requests_total=account.proxy.stats.requests_total,
         started=request.app[STARTED],
+        doc=store_doc,
     )
     doc.update(account.limiter.status())
     doc["state"] = account.state

@@ -67,15 +67,6 @@ async def store_status(store: Store, *, now: float | None = None) -> dict[str, A
     }
 
 
-async def live_status(
-    manager: TokenManager, *, requests_total: int, started: float, now: float | None = None
-) -> dict[str, Any]:
-    """Describe the account as the running process sees it, over what the store says."""
-    now = time.time() if now is None else now
-    doc = await store_status(manager.store, now=now)
-    return memory_status(manager, requests_total=requests_total, started=started, now=now, doc=doc)
-
-
 def memory_status(
     manager: TokenManager,
     *,
@@ -84,8 +75,9 @@ def memory_status(
     now: float | None = None,
     doc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Describe the account from the process's memory alone (no store read: O(1) per account,
-    for listing a thousand), over `doc` (the store's view) when given."""
+    """Describe the account as the running process sees it, over `doc` (the store's view,
+    `store_status`) when given; without it from memory alone (no store read: O(1) per
+    account, for listing a thousand)."""
     now = time.time() if now is None else now
     pair, stats = manager.pair, manager.stats
     if doc is None:
