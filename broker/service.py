@@ -262,11 +262,12 @@ async def serve(
                 )
                 if on_ready is not None:
                     on_ready(url)
+                settings = account_settings(config)
                 while not await signals.stop_or_reload():
                     if reload is None:
                         log.warning("sighup_ignored", message="this server cannot reload")
                         continue
-                    await reload_accounts(runtime, app, reload, configured=config)
+                    await reload_accounts(runtime, app, reload, settings)
             except BaseException:
                 await runner.cleanup()
                 raise
@@ -282,15 +283,25 @@ async def serve(
     return 0
 
 
+def account_settings(config: Config) -> dict[str, object]:
+    """Each served account's settings as configured (without [[accounts]]: the one account,
+    whose settings need a restart to change)."""
+    return {a.name: a for a in config.accounts} or {config.account: None}
+
+
 async def reload_accounts(
-    runtime: Runtime, app: web.Application, load: Callable[[], Config], *, configured: Config
+    runtime: Runtime,
+    app: web.Application,
+    load: Callable[[], Config],
+    settings: dict[str, object],
 ) -> None:
     """Serve the accounts the configuration names now: open the new, drop the gone ones.
 
     The others are not touched: their connections, queues, leases and refreshes go on. A
     configuration that does not load changes nothing. An account whose settings changed keeps
-    the old ones until a restart (`restart_needed` names it): swapping its client or limits
-    under calls in flight is not worth the risk.
+    the ones it was opened with until a restart (`restart_needed` names it): swapping its
+    client or limits under calls in flight is not worth the risk. `settings` (what each
+    served account was opened with) is kept up to date here.
     """
     try:
         config = load()
@@ -298,8 +309,7 @@ async def reload_accounts(
         log.error("reload_failed", error=exc.message, message="nothing changed")
         return
     default = runtime.store.account
-    # Without [[accounts]]: the one account of [amocrm] (whose settings need a restart).
-    wanted: dict[str, object] = {a.name: a for a in config.accounts} or {config.account: None}
+    wanted = account_settings(config)
     if default not in wanted:
         log.error(
             "reload_failed",
@@ -307,20 +317,21 @@ async def reload_accounts(
             message="nothing changed",
         )
         return
-    before: dict[str, object] = {a.name: a for a in configured.accounts}
-    before = before or {configured.account: None}
     added = [name for name in wanted if name not in runtime.accounts]
     removed = [name for name in runtime.accounts if name not in wanted]
-    changed = [name for name in wanted if name in before and wanted[name] != before[name]]
-    opened = await asyncio.gather(
+    changed = [name for name in wanted if name in settings and wanted[name] != settings[name]]
+    joined = await asyncio.gather(
         *(_join(runtime, app, config.for_account(name)) for name in added)
     )
+    added = [name for name, ok in zip(added, joined, strict=True) if ok]
+    settings.update({name: wanted[name] for name in added})
     for name in removed:
         await remove_account(app, name)
+        settings.pop(name, None)
         await runtime.accounts.pop(name).manager.wait_idle()  # a refresh in flight lands
     log.info(
         "accounts_reloaded",
-        added=[name for name, ok in zip(added, opened, strict=True) if ok],
+        added=added,
         removed=removed,
         accounts=len(runtime.accounts),
         restart_needed=changed,
@@ -335,6 +346,9 @@ async def _join(runtime: Runtime, app: web.Application, config: Config) -> bool:
         setup = AccountSetup(config.account, account.manager, _base_url(config), config.limits)
     except BrokerError as exc:
         log.error("account_add_failed", account=config.account, error=exc.message)
+        return False
+    except Exception:  # a defect must not take the other accounts down with the server
+        log.exception("account_add_failed", account=config.account)
         return False
     runtime.accounts[config.account] = account
     add_account(app, setup)

@@ -30,12 +30,21 @@ def names(count: int) -> list[str]:
     return [f"acct-{i:02d}" for i in range(count)]
 
 
-def write_accounts(path: Path, accounts: list[str], sandbox: Sandbox, sandbox_url: str) -> None:
-    """A TOML file of `[[accounts]]`, the first the default, all in front of `sandbox`."""
+def write_accounts(
+    path: Path,
+    accounts: list[str],
+    sandbox: Sandbox,
+    sandbox_url: str,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """A TOML file of `[[accounts]]`, the first the default, all in front of `sandbox`;
+    `extra` adds lines to an account's table."""
     tables = [
         f'[[accounts]]\nname = "{name}"\nbase_url = "{sandbox_url}"\n'
         f'client_id = "{sandbox.client_id}"\nclient_secret = "{sandbox.client_secret}"\n'
-        f'redirect_uri = "{sandbox.redirect_uri}"\n' + ("default = true\n" if i == 0 else "")
+        f'redirect_uri = "{sandbox.redirect_uri}"\n'
+        + ("default = true\n" if i == 0 else "")
+        + (extra or {}).get(name, "")
         for i, name in enumerate(accounts)
     ]
     path.write_text("\n".join(tables), encoding="utf-8")
@@ -173,10 +182,13 @@ async def test_an_account_joins_and_another_leaves_on_sighup_and_the_rest_go_on(
 
         caller = asyncio.create_task(keep_calling())
         await until(lambda: len(statuses) >= 5, "acct-00 is being called")
-        write_accounts(config, ["acct-00", "acct-01", "acct-03"], sandbox, sandbox_url)
+        # acct-01's limits change too: that takes a restart, and the log says so.
+        changed = {"acct-01": "[accounts.limits]\nrps = 5\n"}
+        write_accounts(config, ["acct-00", "acct-01", "acct-03"], sandbox, sandbox_url, changed)
         serve.signal(signal.SIGHUP)
         reloaded = await serve.logged("accounts_reloaded")
         assert (reloaded["added"], reloaded["removed"]) == (["acct-03"], ["acct-02"])
+        assert reloaded["restart_needed"] == ["acct-01"]
         assert (await get(http, serve, "/a/acct-03/api/v4/leads")).status == 200
         gone = await get(http, serve, "/a/acct-02/api/v4/leads")
         assert (gone.status, gone.json()["error"]) == (404, "unknown_account")
