@@ -305,3 +305,32 @@ async def _seed_history(config: Config, sandbox: Sandbox) -> None:
         )
     finally:
         await store.close()
+
+
+async def test_every_account_shares_the_pool_and_a_wait_for_it_is_bounded(
+    pg_url: str, key: str, sandbox: Sandbox
+) -> None:
+    """Fifty accounts' views of one store open at most pool_size connections; a call that
+    finds them all busy waits within the store's bound, then fails with a StoreError."""
+    sealer = Sealer(decode_key(key, "key"))
+    store = await PgTokenStore.open(pg_url, sealer, account="a0", bound=1.0, pool_size=2)
+    try:
+        views = [store, *(store.for_account(f"a{i}") for i in range(1, 50))]
+        await asyncio.gather(
+            *(v.store_pair(pair_from_sandbox(sandbox), reason="import") for v in views)
+        )
+        assert [await v.generation() for v in views] == [1] * 50
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            found = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'amo-broker'"
+            ).fetchone()
+        assert found is not None and found[0] <= 2
+        async with views[1]._session(), views[2]._session():  # both held, as by hung calls
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="all 2 store connections stayed busy"):
+                await views[3].generation()
+            assert time.monotonic() - started < 5  # the 1 s bound, not forever
+        assert await views[3].generation() == 1  # free again: served
+    finally:
+        await store.close()

@@ -113,11 +113,6 @@ class PgTokenStore(PgSideTables):
     def location(self) -> str:
         return self._pool.location
 
-    @property
-    def open_connections(self) -> int:
-        """The pool's connections open now (the LISTEN connection not counted)."""
-        return self._pool.open_connections
-
     async def close(self) -> None:
         if self._owner:
             await self._pool.close()

@@ -53,7 +53,6 @@ class PgConnections:
         # The open connection first (LIFO: the warm one is reused while traffic is light).
         for slot in [_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)]:
             self._free.put_nowait(slot)
-        self._slots_open = 1
         self._listener: asyncio.Task[None] | None = None
         self._events: dict[str, asyncio.Event] = {}  # account -> "a pair was committed"
         self._changed: set[str] = set()
@@ -63,11 +62,6 @@ class PgConnections:
     @property
     def location(self) -> str:
         return masked_url(self.url)
-
-    @property
-    def open_connections(self) -> int:
-        """Pooled connections open now (the LISTEN connection not counted)."""
-        return self._slots_open
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -124,12 +118,10 @@ class PgConnections:
             with suppress(psycopg.Error, OSError):
                 await conn.close()
             slot.conn = None
-            self._slots_open -= 1
         try:
             slot.conn = await connect(self.url, self.bound)
         except psycopg.Error as exc:
             raise StoreError(f"store {self.location}: {reason(exc)}") from None
-        self._slots_open += 1
         slot.cut = False
         return slot.conn
 
