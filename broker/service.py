@@ -118,7 +118,13 @@ async def open_account(
 ) -> AccountRuntime:
     """Set up one account over its view of the store: its upstream, OAuth client and manager."""
     long_lived = config.long_lived_token
-    oauth_config = config.require_oauth() if need_oauth and long_lived is None else None
+    try:
+        oauth_config = config.require_oauth() if need_oauth and long_lived is None else None
+    except ConfigError as exc:
+        if not config.accounts:
+            raise
+        # Among a thousand [[accounts]], say which one lacks it.
+        raise ConfigError(f"[[accounts]] {config.account}: {exc.message}") from None
     if config.client_secret is not None:
         redactor.register(config.client_secret.reveal(), permanent=True)
     upstream = Upstream(config.base_url, store) if config.base_url is not None else None

@@ -342,3 +342,19 @@ async def test_a_restart_with_the_same_revoked_token_keeps_reauth_required(
         answer = await broker.client.get("/api/v4/leads")
     assert (state, answer.status) == ("reauth_required", 503)
     assert probes(sandbox) == 2  # one at the 401, one at the start
+
+
+async def test_an_account_without_its_client_is_named_among_many(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Opening thirty accounts, one lacking its OAuth client: the error names that account."""
+    tables = [
+        f'[[accounts]]\nname = "a{i}"\nbase_url = "http://127.0.0.1:1"\n'
+        + ('client_id = "c"\nclient_secret = "s"\nredirect_uri = "https://e.com/cb"\n' * (i != 17))
+        + ("default = true\n" if i == 0 else "")
+        for i in range(30)
+    ]
+    config = load_config(write_config(tmp_path, "\n".join(tables)), environ=env)
+    with pytest.raises(ConfigError, match=r"^\[\[accounts\]\] a17: missing setting"):
+        async with open_runtime(config, every_account=True):
+            pass
