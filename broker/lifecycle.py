@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import stat
@@ -167,6 +168,20 @@ class Signals:
     def _hangup(self) -> None:
         log.info("reload_requested", signal="SIGHUP")
         self.reload.set()
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one, as Go's runtime does at start.
+
+    Each account may hold up to 64 connections to amoCRM; a thousand accounts with traffic
+    can need more than the common soft default of 1024 descriptors, and running out would
+    fail calls with EMFILE where the queue's bounds were meant to hold.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 async def listen(runner: web.AppRunner, config: Config) -> str:

@@ -18,7 +18,14 @@ from aiohttp import http_parser, web
 
 from broker.config.model import Config
 from broker.errors import BrokerError, ConfigError
-from broker.lifecycle import InFlight, Signals, drain, listen, make_runner
+from broker.lifecycle import (
+    InFlight,
+    Signals,
+    drain,
+    listen,
+    make_runner,
+    raise_open_files_limit,
+)
 from broker.logs import get_logger, redactor
 from broker.notify.watch import notifying
 from broker.server.accounts import add_account, remove_account
@@ -42,10 +49,6 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-# Connections to amoCRM held open at once; calls beyond them wait for one in the account's
-# queue (broker/traffic/queue.py), bounded like every other wait.
-UPSTREAM_CONNECTIONS = 64
-
 
 def new_session() -> aiohttp.ClientSession:
     """One pooled session for every call to amoCRM.
@@ -53,7 +56,10 @@ def new_session() -> aiohttp.ClientSession:
     No cookie jar: cookies amoCRM sets must never ride along on other callers' requests.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300),
+        # No limit of the session's own: each account's queue bounds its connections
+        # (UPSTREAM_CONNECTIONS), and counts every caller waiting for one; a process-wide cap
+        # would make one account's calls wait, uncounted, behind another's.
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         cookie_jar=aiohttp.DummyCookieJar(),
         # Send only what the caller sent: no aiohttp defaults in its name.
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
@@ -247,6 +253,7 @@ async def serve(
     join or leave (reload_accounts); nothing else changes without a restart.
     """
     require_c_parser()
+    raise_open_files_limit()
     clients = caller_registry(config, insecure_no_client_auth=insecure_no_client_auth)
     with Signals() as signals:
         async with open_runtime(config, every_account=True) as runtime:

@@ -37,10 +37,10 @@ class SharedParts:
     upstream_timeout: float
     max_body_bytes: int
     public_url: str | None
-    connections: int  # the session's connection limit, which each account's queue counts
+    connections: int  # each account's own, counted by its queue (UPSTREAM_CONNECTIONS)
 
     def build(self, setup: AccountSetup) -> Account:
-        limiter = AccountLimiter(setup.limits, connections=self.connections or 1024)
+        limiter = AccountLimiter(setup.limits, connections=self.connections)
         proxy = Proxy(
             setup.manager,
             self.session,
@@ -57,6 +57,9 @@ class SharedParts:
 
 
 PARTS = web.AppKey("shared_parts", SharedParts)
+# Connections to amoCRM one account holds open at once; its calls beyond them wait for one in
+# the account's queue (broker/traffic/queue.py), bounded like every other wait.
+UPSTREAM_CONNECTIONS = 64
 SHARES = web.AppKey("shares", ShareKeeper)  # the pace grants of shared accounts
 
 

@@ -18,7 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from broker import __version__
 from broker.config.model import LimitSettings
 from broker.server import status_page, token_shim
-from broker.server.accounts import PARTS, SHARES, Managers, SharedParts, share_pace
+from broker.server.accounts import (
+    PARTS,
+    SHARES,
+    UPSTREAM_CONNECTIONS,
+    Managers,
+    SharedParts,
+    share_pace,
+)
 from broker.server.bodies import BodyBudget
 from broker.server.clients import ClientRegistry
 from broker.server.metrics import Metrics
@@ -69,7 +76,6 @@ def create_app(
         app[CLIENTS] = clients
     setups = [AccountSetup(account, manager, base_url, limits or LimitSettings()), *others]
     accounts: dict[str, Account] = {}
-    connections = session.connector.limit if session.connector is not None else 0
     app[PARTS] = SharedParts(
         session,
         Metrics(lambda: list(accounts.values())),
@@ -77,7 +83,7 @@ def create_app(
         upstream_timeout,
         max_body_bytes,
         public_url,
-        connections,
+        UPSTREAM_CONNECTIONS,
     )
     for setup in setups:
         accounts[setup.name] = app[PARTS].build(setup)

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from broker.sandbox.server import Sandbox
+from tests.conftest import most_in_one_second
 from tests.procs import Env, Processes, Serve, get, until
 
 pytestmark = pytest.mark.slow
@@ -117,6 +118,25 @@ async def test_forty_accounts_share_one_sqlite_connection_and_its_thread(
     assert (threads <= 4, store_files <= 3) == (True, True), (threads, store_files)
     listed = (await get(http, serve, "/status")).json()["accounts"]
     assert [(a["account"], a["state"]) for a in listed] == [(n, "ok") for n in names(MANY)]
+
+
+async def test_one_accounts_calls_never_wait_uncounted_behind_anothers_connections(
+    procs: Processes,
+    sandbox: Sandbox,
+    sandbox_url: str,
+) -> None:
+    """Two accounts with 40 slow calls each: all 80 reach amoCRM at once, each account within
+    its own 64 connections. The old broker's session capped the process at 64: 16 calls
+    waited inside aiohttp, counted by no queue, until others' answers came 2 s later."""
+    serve, _, _ = await serve_many(procs, sandbox, sandbox_url, 2)
+    sandbox.api_delay = 2.0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as crowd:
+        statuses = await asyncio.gather(
+            *(call_each(crowd, serve, ["acct-00", "acct-01"]) for _ in range(40))
+        )
+    assert [status for pair in statuses for status in pair] == [200] * 80
+    assert most_in_one_second(sandbox.arrivals) == 80
 
 
 async def pg_connections(pg_url: str) -> int:

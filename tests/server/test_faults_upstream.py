@@ -23,10 +23,11 @@ import pytest
 from aiohttp import web
 
 from broker.pair import TokenPair
+from broker.server.accounts import UPSTREAM_CONNECTIONS
 from broker.server.app import PROXY
 from broker.server.links import MAX_REWRITE
 from broker.server.proxy import Proxy
-from broker.service import UPSTREAM_CONNECTIONS, Runtime, build_app, open_runtime
+from broker.service import Runtime, build_app, open_runtime
 from tests.conftest import Broker, ConfigFactory
 
 BOUND = 5.0  # seconds: a guard so a hung handler fails the test instead of stalling it
@@ -428,8 +429,9 @@ async def test_two_hundred_faults_leak_no_pooled_connection(
         connector = broker.connector
         assert len(connector._acquired) == 0  # the connector keeps no public count
         assert not any(connector._waiters.values())
-        assert upstream.open_max <= connector.limit
-        assert upstream.open_now <= connector.limit
+        # The account's queue bounds its connections (the session has no cap of its own).
+        assert upstream.open_max <= UPSTREAM_CONNECTIONS
+        assert upstream.open_now <= UPSTREAM_CONNECTIONS
         assert await _outcome(broker.client, "ok") == (200, "whole")  # the pool still works
 
 
