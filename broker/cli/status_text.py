@@ -6,6 +6,7 @@ either shape: the store-only one (no `limits`) or a running broker's (`--url`).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from broker.timing import duration
@@ -64,8 +65,7 @@ def summary(doc: dict[str, Any]) -> str:
     rows += [("warning", str(w)) for w in doc.get("warnings") or []]
     others = doc.get("accounts") or []
     if len(others) > 1:
-        listed = ", ".join(f"{a.get('account')} {a.get('state')}" for a in others)
-        rows.append(("accounts", listed))
+        rows.append(("accounts", _accounts_line(others)))
     rows.append(("store", str(doc.get("store"))))
     width = max(len(label) for label, _ in rows)
     lines = [f"amo-broker {doc.get('version', '')} · account {doc.get('account')} · {state}"]
@@ -105,3 +105,17 @@ def _live_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
             ("served", f"{doc['requests_total']} calls · up {duration(doc['uptime_seconds'])}")
         )
     return rows
+
+
+# Beyond this many accounts, the line counts them by state and names only those not ok.
+LISTED = 10
+
+
+def _accounts_line(accounts: list[dict[str, Any]]) -> str:
+    if len(accounts) <= LISTED:
+        return ", ".join(f"{a.get('account')} {a.get('state')}" for a in accounts)
+    states = Counter(str(a.get("state")) for a in accounts)
+    counts = ", ".join(f"{n} {state}" for state, n in states.most_common())
+    troubled = [str(a.get("account")) for a in accounts if a.get("state") != "ok"]
+    named = ", ".join(troubled[:LISTED]) + (" …" if len(troubled) > LISTED else "")
+    return f"{len(accounts)}: {counts}" + (f" (not ok: {named})" if troubled else "")

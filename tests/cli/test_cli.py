@@ -714,3 +714,15 @@ def test_the_summary_lists_warnings_and_every_account() -> None:
         line.split()[:1] == ["accounts"] and "agency-client reauth_required" in line
         for line in lines
     )
+
+
+def test_the_status_summary_counts_a_thousand_accounts_and_names_the_troubled() -> None:
+    """Past ten accounts the summary's accounts line counts them by state and names only
+    those not ok, instead of a line a thousand entries long."""
+    from broker.cli.status_text import summary
+
+    accounts = [{"account": f"a{i}", "state": "ok"} for i in range(1000)]
+    accounts[7]["state"] = accounts[400]["state"] = "reauth_required"
+    doc = {"account": "a0", "state": "ok", "store": "s", "accounts": accounts}
+    line = next(row for row in summary(doc).splitlines() if row.strip().startswith("accounts"))
+    assert line.split(None, 1)[1] == "1000: 998 ok, 2 reauth_required (not ok: a7, a400)"
