@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from broker.config.load import ConfigError, load_config
 from broker.config.model import Config
 from broker.pair import TokenPair, fingerprint
 from broker.sandbox.server import Sandbox, start_sandbox
+from broker.server.routing import ACCOUNTS
 from broker.service import build_app, open_runtime
 from broker.store.opener import open_store
 from broker.tokens.long_lived import WARN_DAYS, expiry_warning
@@ -358,3 +360,38 @@ async def test_an_account_without_its_client_is_named_among_many(
     with pytest.raises(ConfigError, match=r"^\[\[accounts\]\] a17: missing setting"):
         async with open_runtime(config, every_account=True):
             pass
+
+
+async def test_status_and_its_page_list_many_accounts_from_memory(
+    tmp_path: Path, env: dict[str, str], aiohttp_client: AiohttpClient, sandbox: Sandbox
+) -> None:
+    """25 accounts: /status lists each (state, generation) and the page shows each, while the
+    store is read for the one account described in full only."""
+    tables = [
+        f'[[accounts]]\nname = "a{i:02d}"\nbase_url = "http://127.0.0.1:1"\n'
+        'client_id = "c"\nclient_secret = "s"\nredirect_uri = "https://e.com/cb"\n'
+        + ("default = true\n" if i == 0 else "")
+        for i in range(25)
+    ]
+    config = load_config(write_config(tmp_path, "\n".join(tables)), environ=env)
+    for i in range(25):
+        await seed(config.for_account(f"a{i:02d}"), sandbox)
+    async with serving(config, aiohttp_client) as broker:
+        reads: list[str] = []
+        for account in broker.client.app[ACCOUNTS].values():  # type: ignore[index]
+            store = account.manager.store
+            info = store.info
+
+            async def counted(info: Any = info, name: str = account.name) -> Any:
+                reads.append(name)
+                return await info()
+
+            store.info = counted
+        doc = await (await broker.client.get("/status?account=a07")).json()
+        assert doc["account"] == "a07" and "recent_rotations" in doc
+        assert [(a["account"], a["generation"]) for a in doc["accounts"]] == [
+            (f"a{i:02d}", 1) for i in range(25)
+        ]
+        page = await (await broker.client.get("/", headers={"Accept": "text/html"})).text()
+        assert all(f'id="account-a{i:02d}"' in page for i in range(25))
+    assert reads == ["a07"]
