@@ -334,3 +334,15 @@ async def test_every_account_shares_the_pool_and_a_wait_for_it_is_bounded(
         assert await views[3].generation() == 1  # free again: served
     finally:
         await store.close()
+
+
+async def test_a_call_after_close_fails_at_once(pg_url: str, key: str) -> None:
+    """A view used after its store closed (a late check-out at shutdown) fails at once, not
+    after waiting the store's bound for a connection that will never come back."""
+    store = await PgTokenStore.open(pg_url, Sealer(decode_key(key, "key")), bound=5.0)
+    other = store.for_account("b")
+    await store.close()
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="closed"):
+        await other.generation()
+    assert time.monotonic() - started < 1  # not the 5 s bound

@@ -58,12 +58,14 @@ class PgConnections:
         self._changed: set[str] = set()
         self._everything = False  # the listener (re)connected: commits may have been missed
         self._any = asyncio.Event()
+        self._closed = False
 
     @property
     def location(self) -> str:
         return masked_url(self.url)
 
     async def close(self) -> None:
+        self._closed = True  # a call after this fails at once instead of waiting for a slot
         if self._listener is not None:
             self._listener.cancel()
             with suppress(asyncio.CancelledError):
@@ -81,6 +83,8 @@ class PgConnections:
         The bound runs from the call's start, so calls queued behind busy connections fail
         in time too. A connection the server dropped, or a Cutoff shut, is replaced first.
         """
+        if self._closed:
+            raise StoreError(f"store {self.location}: closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.bound + extra
         try:
