@@ -67,7 +67,7 @@ async def test_a_thousand_idle_accounts_cost_one_read_per_poll_and_no_tick() -> 
     store, managers = Marks(names), {name: Manager() for name in names}
     await run_for(scheduler(store, managers), 0.3)  # about six polls
     assert sum(m.ticks for m in managers.values()) == 0
-    assert 3 <= store.reads <= 9  # one read of every account's mark per poll, not one each
+    assert 1 <= store.reads <= 9  # one read of every account's mark per poll, not one each
 
 
 async def test_only_the_due_and_the_changed_accounts_tick() -> None:
