@@ -325,6 +325,25 @@ async def reseal_rows(
     return resealed
 
 
+async def claim_notice(db: Any, account: str, key: str, holder: str, now: float, mark: str) -> bool:
+    """Claim notification `key` of `account` inside a transaction: True for the first claimer.
+
+    INSERT … ON CONFLICT DO NOTHING decides it in one statement, so two replicas racing for
+    the same transition get one True between them; old claims are pruned alongside. `mark`
+    is the backend's placeholder, `?` or `%s`.
+    """
+    await db.execute(
+        "DELETE FROM notices WHERE claimed_at < ?".replace("?", mark),
+        (now - NOTICE_DAYS * 86400,),
+    )
+    cursor = await db.execute(
+        "INSERT INTO notices (account, key, holder, claimed_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (account, key) DO NOTHING".replace("?", mark),
+        (account, key, holder, now),
+    )
+    return bool(cursor.rowcount == 1)
+
+
 def open_pair(sealer: Sealer, account: str, row: tuple[Any, ...]) -> StoredPair:
     """Open a stored row into a pair; a ciphertext that does not open raises (fail closed).
 

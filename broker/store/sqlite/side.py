@@ -15,7 +15,6 @@ from broker.errors import StoreError
 from broker.store import pace_grants
 from broker.store.api import (
     HOST_COLUMNS,
-    NOTICE_DAYS,
     ROTATION_COLUMNS,
     STATE_COLUMNS,
     TOKEN_COLUMNS,
@@ -23,6 +22,7 @@ from broker.store.api import (
     Resealer,
     SealedRow,
     StoreDump,
+    claim_notice,
     reseal_rows,
 )
 from broker.store.history import COUNT_COLUMNS
@@ -114,22 +114,9 @@ class SideTables:
             )
 
     async def claim_notification(self, key: str, holder: str, now: float) -> bool:
-        """Claim notification `key` of this account: True for the first claimer only.
-
-        INSERT … ON CONFLICT DO NOTHING decides it in one statement, so two replicas racing
-        for the same transition get one True between them; old claims are pruned alongside.
-        """
+        """Claim notification `key` of this account: True for the first claimer only."""
         async with self.transaction() as db:
-            await db.execute(
-                "DELETE FROM notices WHERE claimed_at < ?", (now - NOTICE_DAYS * 86400,)
-            )
-            cursor = await db.execute(
-                "INSERT INTO notices (account, key, holder, claimed_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (account, key) DO NOTHING",
-                (self.account, key, holder, now),
-            )
-            claimed = cursor.rowcount == 1
-        return claimed
+            return await claim_notice(db, self.account, key, holder, now, "?")
 
     async def account_host(self) -> AccountHost | None:
         """The base URL the account moved to, if it ever moved."""
