@@ -45,6 +45,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
+from broker.store.history import WAS_SPENT
 from broker.store.history import append as append_entry
 from broker.store.lease import Lease
 from broker.store.postgres.connection import DEFAULT_TIMEOUT, Conn, Cutoff, connect
@@ -190,6 +191,11 @@ class PgTokenStore(PgSideTables):
             (self.account, limit),
         )
         return [history_entry(row) for row in rows]
+
+    async def was_spent(self, refresh_fingerprint: str) -> bool:
+        """Say whether the history records this refresh token as spent (primary-key reads)."""
+        params = (self.account, refresh_fingerprint) * 2
+        return await self._one(WAS_SPENT.replace("?", "%s"), params) is not None
 
     async def outcome_counts(self) -> dict[str, int]:
         """Count every history event ever appended, by outcome, from the counters (O(1))."""

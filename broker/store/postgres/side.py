@@ -221,7 +221,8 @@ class PgSideTables:
         # The store's bound is for one pair's write; a long history takes longer to copy.
         async with self.transaction(extra=copied / ROWS_PER_SECOND) as db:
             await db.execute(
-                "LOCK TABLE tokens, rotations, account_state, rotation_counts, account_hosts "
+                "LOCK TABLE tokens, rotations, account_state, rotation_counts, account_hosts, "
+                "spent_tokens "
                 "IN EXCLUSIVE MODE"
             )
             for table in (
@@ -261,6 +262,16 @@ class PgSideTables:
                         "VALUES (%s, %s, %s, 0) ON CONFLICT (account, outcome) "
                         "DO UPDATE SET count = EXCLUDED.count",
                         row,
+                    )
+            # The rows' trigger recorded what the copied history spent; the source also knows
+            # what its compacted entries spent.
+            if dump.spent:
+                async with db.cursor() as spent:
+                    await spent.executemany(
+                        "INSERT INTO spent_tokens AS s (account, fingerprint, spent_at) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (account, fingerprint) "
+                        "DO UPDATE SET spent_at = greatest(s.spent_at, EXCLUDED.spent_at)",
+                        dump.spent,
                     )
             cursor = await db.execute("SELECT account, generation FROM tokens ORDER BY account")
             return {

@@ -44,6 +44,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
+from broker.store.history import WAS_SPENT
 from broker.store.history import append as append_entry
 from broker.store.lease import (
     BootClock,
@@ -241,6 +242,11 @@ class TokenStore(SideTables):
             (self.account, limit),
         )
         return [history_entry(tuple(row)) for row in await cursor.fetchall()]
+
+    async def was_spent(self, refresh_fingerprint: str) -> bool:
+        """Say whether the history records this refresh token as spent (primary-key reads)."""
+        params = (self.account, refresh_fingerprint) * 2
+        return await one_row(self._db, WAS_SPENT, params) is not None
 
     async def outcome_counts(self) -> dict[str, int]:
         """Count every history event ever appended, by outcome, from the counters (O(1))."""
