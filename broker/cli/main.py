@@ -34,7 +34,7 @@ from broker.store.api import Store
 from broker.store.opener import open_store
 from broker.store.sealing import new_key
 from broker.timing import iso
-from broker.tokens.importing import import_pair, pair_from_import
+from broker.tokens.importing import import_checked, import_pair, pair_from_import
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="many accounts at once: one JSON object a line on stdin "
         '({"account": …, "refresh_token": …, "access_token": …})',
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="put the pair over another pair the account still uses (without it, that is "
+        "refused; a pair under reauth_required is always replaced, a spent refresh token never "
+        "imported)",
     )
     p.set_defaults(func=cmd_import)
 
@@ -219,14 +226,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     config = _config(args, environ=environ)
     if not refresh:
         refresh, access = read_tokens_from_stdin()
-    return asyncio.run(_import(config, refresh, access))
+    return asyncio.run(_import(config, refresh, access, replace=args.replace))
 
 
-async def _import(config: Config, refresh: str, access: str | None) -> int:
+async def _import(config: Config, refresh: str, access: str | None, *, replace: bool) -> int:
     async with open_store(config) as store:
         await _check_key(store)  # a wrong key must fail before anything is overwritten
         pair = pair_from_import(refresh, access, time.time())
-        generation = await import_pair(store, pair, reason="import", outcome="imported")
+        generation = await import_checked(store, pair, replace=replace)
         location = store.location  # the SQLite file, or PostgreSQL's URL without its password
     _print_json(
         {
@@ -249,7 +256,7 @@ def _import_jsonl(args: argparse.Namespace, environ: dict[str, str]) -> int:
     if sys.stdin is None or sys.stdin.isatty():
         raise ConfigError(f"import --jsonl reads stdin: {bulk_import.FORMAT}")
     entries = bulk_import.parse_lines(sys.stdin.read())
-    _print_json(asyncio.run(bulk_import.import_many(config, entries)))
+    _print_json(asyncio.run(bulk_import.import_many(config, entries, replace=args.replace)))
     return 0
 
 
