@@ -20,6 +20,7 @@ from broker.pair import TokenPair, fingerprint, jwt_expiry
 from broker.store.api import Store
 from broker.timing import iso
 from broker.tokens.probe import Probe, verdict
+from broker.tokens.rescue import Rescued
 
 log = get_logger()
 
@@ -141,6 +142,51 @@ async def import_base(store: Store, pair: TokenPair, *, replace: bool) -> int:
     raise ImportRefusedError(
         f"account {account} holds another pair in use (generation {info.generation}, refresh "
         f"token {held}), not {new}: pass --replace to put this one over it"
+    )
+
+
+async def import_rescued(store: Store, rescued: Rescued, *, replace: bool = False) -> int | None:
+    """Write a rescue file's pair over the pair it was granted over; return its generation,
+    or None when the store holds that very pair already (its write landed after all).
+
+    Stale (ImportRefusedError): its refresh token spent since, or the store moved on to a
+    pair not of its lineage (an import, a code exchange) unless `replace`. A row it replaces
+    holds the token it spent: written as that rotation (outcome `rotated`, reason `rescued`).
+    """
+    pair, account = rescued.pair, store.account
+    for _ in range(IMPORT_ATTEMPTS):
+        info = await store.info()
+        if info is not None and (info.refresh_fingerprint, info.access_fingerprint) == (
+            pair.refresh_fingerprint,
+            pair.access_fingerprint,
+        ):
+            return None
+        if pair.refresh_fingerprint is not None and await store.was_spent(pair.refresh_fingerprint):
+            raise ImportRefusedError(
+                f"account {account}: the rescue file is stale: its refresh token "
+                f"{pair.refresh_fingerprint} was spent since (the store's history records it "
+                "rotated away or refused); delete the file"
+            )
+        current = info.generation if info else 0
+        own = current == rescued.over_generation or (
+            info is not None and info.refresh_fingerprint in rescued.spent
+        )
+        if not own and not replace:
+            held = info.refresh_fingerprint if info else None
+            raise ImportRefusedError(
+                f"account {account}: the rescue file is stale: the store moved on to "
+                f"generation {current} (refresh token {held}) since its pair was granted over "
+                f"generation {rescued.over_generation}; delete the file, or pass --replace to "
+                "put its pair over the stored one"
+            )
+        try:
+            return await import_pair(
+                store, pair, reason="rescued", outcome="rotated", expected_generation=current
+            )
+        except StaleWriteError:
+            continue  # a rotation or an import landed since the check: check again
+    raise ImportRefusedError(
+        f"account {account}: its pair changed {IMPORT_ATTEMPTS} times while importing: retry"
     )
 
 

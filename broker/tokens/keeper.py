@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from broker.errors import StaleWriteError, StoreError
 from broker.logs import get_logger, redactor
@@ -47,6 +48,8 @@ class PairKeeper:
         # Told when this account's next own work may have moved (a refresh ended, a pair was
         # adopted, a refusal declared): the scheduler plans its next tick anew.
         self.on_due_change: Callable[[], None] | None = None
+        # Where broker/tokens/rescue.py sealed the unsaved pair, when the store never took it.
+        self.rescued: Path | None = None
 
     def _due_changed(self) -> None:
         if self.on_due_change is not None:
@@ -55,6 +58,11 @@ class PairKeeper:
     @property
     def generation(self) -> int:
         return self._state.generation
+
+    @property
+    def pair_state(self) -> PairState:
+        """Everything this process knows of the pair (frozen): what a rescue file keeps."""
+        return self._state
 
     @property
     def pair(self) -> TokenPair | None:

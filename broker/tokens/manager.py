@@ -32,7 +32,7 @@ from broker.tokens import pair_state as rules
 from broker.tokens.endpoint import REQUEST_FACTOR
 from broker.tokens.keeper import PairKeeper
 from broker.tokens.leasing import take_lease
-from broker.tokens.pair_state import On401
+from broker.tokens.pair_state import DEGRADED_RETRY, On401
 from broker.tokens.parts import Refresher, consume_exception, quietly
 from broker.tokens.probe import Probe, Verdict, verdict
 
@@ -60,6 +60,9 @@ class TokenManager(PairKeeper):
         self._refresher = refresher
         self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
+        # Set by settle(): the account leaves or the process ends; no proactive refresh, and
+        # the monotonic time by which what the store lacks must have landed.
+        self._settle_by: float | None = None
 
     # -- what the proxy and /status read --------------------------------------------------
 
@@ -150,6 +153,43 @@ class TokenManager(PairKeeper):
         task = self._inflight
         if task is not None and not task.done():
             await asyncio.gather(task, return_exceptions=True)
+
+    async def settle(self, seconds: float) -> bool:
+        """Land what the store lacks before the account leaves or the process ends.
+
+        Let a refresh in flight end, then write the unsaved pair (and an owed refusal) every
+        DEGRADED_RETRY, keeping the lease, until it lands or `seconds` pass; no proactive
+        refresh starts meanwhile. Say whether the store holds the pair in use now (else
+        broker/tokens/rescue.py seals it into a file).
+        """
+        now = self._clock.monotonic()
+        self._settle_by = min(self._settle_by or math.inf, now + seconds)
+        while True:
+            await self.wait_idle()
+            if not self._holds_news() or self._clock.monotonic() >= self._settle_by:
+                break
+            try:
+                await self.tick()
+            except BrokerError:
+                pass  # logged where it happened (store_write_failed); retried below
+            except Exception:  # a defect must not drop the pair: log it, and go on trying
+                log.exception("settle_error")
+            left = self._settle_by - self._clock.monotonic()
+            if not self._holds_news() or left <= 0:
+                continue
+            await asyncio.sleep(min(DEGRADED_RETRY, left))
+        return self._state.unsaved is None
+
+    def hurry(self, seconds: float) -> None:
+        """Bring a settle() under way to an end within `seconds` (the process is stopping)."""
+        if self._settle_by is not None:
+            self._settle_by = min(self._settle_by, self._clock.monotonic() + seconds)
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long the refresh lease this process takes lasts: an account leaving keeps
+        writing an unsaved pair for that long (broker/service.py reload_accounts)."""
+        return self._lease_seconds()
 
     # -- refreshing -------------------------------------------------------------------------
 
@@ -343,7 +383,7 @@ class TokenManager(PairKeeper):
             )
         if await self.store.generation() > self._state.durable or self._state.reauth:
             await self._follow(await self.store.load(), announce=True)
-        if rules.refresh_due(self._state, self._clock.monotonic()):
+        if self._settle_by is None and rules.refresh_due(self._state, self._clock.monotonic()):
             await self.refresh("expiry")
 
     def seconds_until_due(self) -> float:

@@ -8,8 +8,12 @@ The store fault is a trigger, created from outside, that makes every write of on
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import signal
 import sqlite3
+import stat
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,22 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.pair import fingerprint
+from broker.pair import TokenPair, fingerprint
 from broker.sandbox.server import Sandbox
-from tests.processes.test_many_accounts import accounts_env, write_accounts
-from tests.procs import Issued, Processes, get
+from broker.tokens.landing import SETTLE_SECONDS
+from tests.conftest import assert_no_leak
+from tests.processes.test_many_accounts import accounts_env, import_pairs, write_accounts
+from tests.procs import Env, Issued, Processes, Serve, get, until
+
+
+def events_of(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a command's stderr."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
+
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +106,191 @@ async def test_an_old_jsonl_file_run_again_is_refused_and_the_live_pair_stays(
     assert (await get(http, serve, "/a/acct-b/api/v4/leads")).status == 200
     assert sandbox.rejected_refresh_calls == 0
     procs.assert_no_leak(issued)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def gone(path: Path) -> bool:
+    return not path.exists()
+
+
+def rescue_path(line: str) -> Path:
+    """The rescue file an error line tells to import."""
+    found = re.search(r"`amo-broker import --rescued (\S+)`", line)
+    assert found, line
+    return Path(found.group(1))
+
+
+def assert_rescue_file(path: Path, account: str, sandbox: Sandbox, procs: Processes) -> str:
+    """The file is private, named by account and fingerprint, holds no token; its fingerprint."""
+    assert mode(path) == 0o600
+    [live] = sandbox.live_refresh_tokens
+    assert path.name == f"amo-broker-rescued-{account}-{fingerprint(live)}.rescued.json"
+    assert path.parent == procs.tmp_path  # beside the store file
+    assert_no_leak(path.read_text(encoding="utf-8"), live)
+    return fingerprint(live)
+
+
+async def test_a_refresh_command_whose_write_the_store_refuses_exits_3_with_a_rescue_file(
+    procs: Processes, sandbox: Sandbox, seeded: TokenPair, db_path: Path, issued: Issued
+) -> None:
+    """`refresh` over a store refusing the new pair retries, then seals it in a rescue file
+    and exits 3 saying what to run; `import --rescued` then stores it and deletes the file.
+    (The old command printed "refreshed": true, "generation": 2 and exited 0 while the store
+    kept generation 1 and its spent token: the next refresh was refused.)"""
+    refuse_token_writes(db_path, "default")
+    code, out, err = await procs.cli("refresh")
+    assert code == 3, err
+    assert out == ""  # never "refreshed" over a store that has not got the pair
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("amo-broker: error: ") and "mode 0600" in line
+    path = rescue_path(line)
+    new = assert_rescue_file(path, "default", sandbox, procs)
+    assert [e["event"] for e in events_of(err) if e.get("level") == "error"].count(
+        "pair_rescued"
+    ) == 1
+    assert stored(db_path, "default") == (1, str(seeded.refresh_fingerprint))
+    assert (sandbox.refresh_calls, sandbox.rejected_refresh_calls) == (1, 0)
+
+    heal(db_path)
+    code, out, err = await procs.cli("import", "--rescued", str(path))
+    assert code == 0, err
+    assert json.loads(out)["generation"] == 2
+    assert stored(db_path, "default") == (2, new)
+    assert gone(path)
+    code, _, err = await procs.cli("refresh")
+    assert code == 0, err
+    assert (sandbox.refresh_calls, sandbox.rejected_refresh_calls) == (2, 0)
+    procs.assert_no_leak([*issued, *sandbox.live_refresh_tokens])
+
+
+async def test_serve_stopping_with_a_pair_the_store_refused_rescues_it_and_exits_3(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    seeded: TokenPair,
+    db_path: Path,
+    issued: Issued,
+) -> None:
+    """SIGTERM while the only working pair is in memory: serve retries the write, seals the
+    pair in a rescue file, logs an error and exits 3; the file's import brings the account
+    back. (The old serve exited 0 and the pair was gone: reauth_required at the restart.)"""
+    serve = await procs.start()
+    refuse_token_writes(db_path, "default")
+    sandbox.expire_access_tokens()
+    reply = await get(http, serve)
+    assert reply.status == 200 and "store_degraded" in reply.headers["X-Broker-Warning"]
+
+    serve.signal(signal.SIGTERM)
+    async with asyncio.timeout(SETTLE_SECONDS + 20):
+        code = await serve.proc.wait()
+    assert code == 3
+    [rescued] = serve.named("pair_rescued")
+    assert rescued["level"] == "error" and rescued["account"] == "default"
+    path = Path(rescued["path"])
+    new = assert_rescue_file(path, "default", sandbox, procs)
+    assert rescued["command"] == f"amo-broker import --rescued {path}"
+    assert stored(db_path, "default")[0] == 1
+
+    heal(db_path)
+    code, _, err = await procs.cli("import", "--rescued", str(path))
+    assert code == 0, err
+    assert stored(db_path, "default") == (2, new) and gone(path)
+    again = await procs.start()
+    sandbox.expire_access_tokens()
+    assert (await get(http, again)).status == 200
+    assert sandbox.rejected_refresh_calls == 0
+    assert await again.terminate() == 0
+    procs.assert_no_leak([*issued, *sandbox.live_refresh_tokens])
+
+
+async def degraded_and_removed(
+    procs: Processes, http: aiohttp.ClientSession, sandbox: Sandbox, sandbox_url: str, db: Path
+) -> tuple[Serve, Env, Path]:
+    """Serve acct-a and acct-b; acct-b's store refuses the pair a 401 brought (store_degraded);
+    then acct-b leaves on SIGHUP and answers 404 at once."""
+    config = procs.tmp_path / "accounts.toml"
+    write_accounts(config, ["acct-a", "acct-b"], sandbox, sandbox_url)
+    # A 2 s token request makes the lease 4 x 2 + 10 = 18 s: how long acct-b keeps writing.
+    env = accounts_env(procs, config, BROKER_REFRESH_TIMEOUT="2")
+    await import_pairs(procs, env, sandbox, ["acct-a", "acct-b"])
+    serve = await procs.start(env)
+    refuse_token_writes(db, "acct-b")
+    sandbox.expire_access_tokens()
+    reply = await get(http, serve, "/a/acct-b/api/v4/leads")
+    assert reply.status == 200 and "store_degraded" in reply.headers["X-Broker-Warning"]
+    write_accounts(config, ["acct-a"], sandbox, sandbox_url)
+    serve.signal(signal.SIGHUP)
+    reloaded = await serve.logged("accounts_reloaded")
+    assert reloaded["removed"] == ["acct-b"]
+    gone = await get(http, serve, "/a/acct-b/api/v4/leads")
+    assert (gone.status, gone.json()["error"]) == (404, "unknown_account")
+    return serve, env, config
+
+
+async def readd(serve: Serve, config: Path, sandbox: Sandbox, sandbox_url: str) -> None:
+    write_accounts(config, ["acct-a", "acct-b"], sandbox, sandbox_url)
+    serve.signal(signal.SIGHUP)
+    await until(lambda: len(serve.named("accounts_reloaded")) == 2, "acct-b is back")
+    assert serve.named("accounts_reloaded")[-1]["added"] == ["acct-b"]
+
+
+async def test_an_account_removed_while_degraded_writes_its_pair_once_the_store_heals(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    sandbox_url: str,
+    db_path: Path,
+) -> None:
+    """SIGHUP removing a store_degraded account: it answers 404 at once, and its manager goes
+    on writing the granted pair, which lands when the store heals; added back, it works.
+    (The old removal dropped the pair with the manager: the store kept the spent token, and
+    the account re-added went to reauth_required, its last_error saying the process died.)"""
+    serve, _, config = await degraded_and_removed(procs, http, sandbox, sandbox_url, db_path)
+    assert stored(db_path, "acct-b")[0] == 1
+    heal(db_path)
+    [live] = [
+        t for t in sandbox.live_refresh_tokens if fingerprint(t) != stored(db_path, "acct-a")[1]
+    ]
+    await until(lambda: stored(db_path, "acct-b") == (2, fingerprint(live)), "the pair lands")
+    left = await serve.logged("account_left")
+    assert (left["account"], left["rescued"]) == ("acct-b", None)
+
+    await readd(serve, config, sandbox, sandbox_url)
+    sandbox.expire_access_tokens()
+    assert (await get(http, serve, "/a/acct-b/api/v4/leads")).status == 200
+    assert sandbox.rejected_refresh_calls == 0
+    assert await serve.terminate() == 0
+
+
+async def test_an_account_removed_while_the_store_stays_away_rescues_its_pair(
+    procs: Processes,
+    http: aiohttp.ClientSession,
+    sandbox: Sandbox,
+    sandbox_url: str,
+    db_path: Path,
+) -> None:
+    """The store refusing for longer than the removed account's lease: its pair goes to a
+    rescue file (an error, `pair_rescued`) instead of being dropped; imported, and the account
+    added back, it works, and serve stops with 0 once the file is imported."""
+    serve, env, config = await degraded_and_removed(procs, http, sandbox, sandbox_url, db_path)
+    async with asyncio.timeout(40):  # the lease's 18 s, well past `until`'s bound
+        while not serve.named("pair_rescued"):  # noqa: ASYNC110 -- a log file, no event
+            await asyncio.sleep(0.2)
+    [rescued] = serve.named("pair_rescued")
+    assert rescued["level"] == "error" and rescued["account"] == "acct-b"
+    path = Path(rescued["path"])
+    assert mode(path) == 0o600
+    assert stored(db_path, "acct-b")[0] == 1
+
+    heal(db_path)
+    code, out, err = await procs.cli("import", "--rescued", str(path), env=env)
+    assert code == 0, err
+    assert json.loads(out)["generation"] == 2 and gone(path)
+    await readd(serve, config, sandbox, sandbox_url)
+    sandbox.expire_access_tokens()
+    assert (await get(http, serve, "/a/acct-b/api/v4/leads")).status == 200
+    assert sandbox.rejected_refresh_calls == 0
+    assert await serve.terminate() == 0
