@@ -42,11 +42,11 @@ class Scheduler:
         store: Store,
         managers: Mapping[str, TokenManager],
         *,
-        poll: float = POLL_SECONDS,
+        poll: float | None = None,
     ) -> None:
         self.store = store
         self.managers = managers  # a live view: accounts come and go while serving
-        self.poll = poll
+        self.poll = POLL_SECONDS if poll is None else poll  # read now: a test may set it
         self._due: list[tuple[float, str]] = []  # heap of (loop time, account)
         self._planned: dict[str, float] = {}  # the current entry of each account in the heap
         self._marks: dict[str, tuple[Any, ...]] | None = None
