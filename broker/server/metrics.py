@@ -161,6 +161,31 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _SchedulerCollector(Collector):
+    """Read whether the refresh scheduler runs, and its errors by call, at scrape time."""
+
+    def __init__(self, scheduler: SchedulerView) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        scheduler = self._scheduler
+        if not scheduler.enabled:
+            return
+        yield GaugeMetricFamily(
+            "amo_broker_scheduler_running",
+            "1 while the task driving every account's proactive refresh runs; 0: it stopped.",
+            value=1.0 if scheduler.running else 0.0,
+        )
+        errors = CounterMetricFamily(
+            "amo_broker_scheduler_errors",
+            "Failed calls of the refresh scheduler (store reads, change waits, ticks), by call.",
+            labels=["call"],
+        )
+        for call, count in sorted(scheduler.errors.items()):
+            errors.add_metric([call], count)
+        yield errors
+
+
 class _LiveCollector(Collector):
     """Read the values that live in each account's token manager and limiter, at scrape time."""
 
@@ -215,28 +240,3 @@ class _LiveCollector(Collector):
             depth.add_metric([name], limiter.pacer.depth)
             rate.add_metric([name], limiter.settings.rps)
         yield from (state, expiry, generation, refreshes, incurable, depth, rate)
-
-
-class _SchedulerCollector(Collector):
-    """Read whether the refresh scheduler runs, and its errors by call, at scrape time."""
-
-    def __init__(self, scheduler: SchedulerView) -> None:
-        self._scheduler = scheduler
-
-    def collect(self) -> Iterator[Metric]:
-        scheduler = self._scheduler
-        if not scheduler.enabled:
-            return
-        yield GaugeMetricFamily(
-            "amo_broker_scheduler_running",
-            "1 while the task driving every account's proactive refresh runs; 0: it stopped.",
-            value=1.0 if scheduler.running else 0.0,
-        )
-        errors = CounterMetricFamily(
-            "amo_broker_scheduler_errors",
-            "Failed calls of the refresh scheduler (store reads, change waits, ticks), by call.",
-            labels=["call"],
-        )
-        for call, count in sorted(scheduler.errors.items()):
-            errors.add_metric([call], count)
-        yield errors
