@@ -195,9 +195,9 @@ class Scheduler:
             async with self._slots:
                 await manager.tick()
             failed = False
-        except BrokerError as exc:  # logged where it happened; its back-off plans the next
-            self.stats.count("tick", exc)
-        except Exception as exc:
+        except BrokerError:
+            pass  # the manager's own failure: logged and counted where it happened
+        except Exception as exc:  # a defect, or a raw error of the store's
             self.stats.count("tick", exc)
             if name not in self._tick_logged:  # once per run of failures, with its traceback
                 self._tick_logged.add(name)
