@@ -87,6 +87,10 @@ class PairKeeper:
         refusal it could not record. Either way it keeps the lease until the store has it."""
         return self._state.unsaved is not None or self._owed_refusal is not None
 
+    def _refreshing(self) -> bool:
+        """Say whether a refresh of this process is in flight (TokenManager's single flight)."""
+        return False
+
     async def _release_lease(self) -> None:
         """Give back exactly the lease this process holds, if it holds one."""
         token, self._lease = self._lease, None
@@ -94,8 +98,10 @@ class PairKeeper:
             await quietly(self.store.release_lease(token))
 
     async def _let_go(self) -> None:
-        """Release the lease once the store has all this process knows."""
-        if not self._holds_news():
+        """Release the lease once the store has all this process knows, unless a refresh of
+        its own is in flight: that refresh may be spending the refresh token of the very pair
+        just written, and releases the lease itself when it ends (defect R7)."""
+        if not self._holds_news() and not self._refreshing():
             await self._release_lease()
 
     async def _keep_lease(self, seconds: float) -> None:

@@ -221,6 +221,9 @@ class TokenManager(PairKeeper):
             if not self._holds_news():
                 await self._release_lease()
 
+    def _refreshing(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
     def _lease_seconds(self) -> float:
         timeout = self._refresher.timeout_seconds if self._refresher else 15.0
         return timeout * REQUEST_FACTOR + 10  # outlives the request

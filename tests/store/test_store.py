@@ -513,11 +513,13 @@ async def test_a_lease_row_of_an_old_store_migrates_and_keeps_its_holder(
         lease = await store.lease()
         assert lease is not None
         assert (lease.holder, lease.acquired_at, lease.expires_at) == (OTHER_HOST_A, T0, T0 + 30)
+        assert lease.seq == 0  # an older release's row: no grant's token ever names seq 0
         assert not (await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 29)).acquired
         result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 31)
         assert result.acquired
         assert result.taken_over is not None
         assert result.taken_over.holder == OTHER_HOST_A
+        assert result.token is not None and result.token.seq >= 1
     finally:
         await store.close()
     with raw(db_path) as conn:
