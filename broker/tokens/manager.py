@@ -213,6 +213,8 @@ class TokenManager(PairKeeper):
             self._lease = lease.token  # a grant replaces the row: an older token is void
         try:
             if moved:  # another process rotated while we waited: use its pair
+                if not self._holds_news():  # nothing to do under the lease: give it back
+                    await self._release_lease()
                 await self._follow(await self.store.load(), announce=True)
                 return await self._held()
             return await self._spend_refresh_token(refresher, reason, lease)
