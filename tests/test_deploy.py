@@ -26,10 +26,10 @@ from broker.config.load import SETTINGS, load_config
 from broker.config.model import BOOTSTRAP_ACCESS_ENV, BOOTSTRAP_REFRESH_ENV, KEY_ENV, Config
 from broker.errors import ConfigError
 from broker.lifecycle import DRAIN_SECONDS
-from broker.tokens.landing import SETTLE_SECONDS
 from broker.service import build_app, caller_registry, open_runtime
 from broker.store.sealing import new_key
 from broker.tokens.endpoint import REQUEST_FACTOR
+from broker.tokens.landing import SETTLE_SECONDS
 from tests.conftest import Broker, ConfigFactory
 
 ROOT = Path(__file__).resolve().parent.parent

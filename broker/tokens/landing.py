@@ -4,7 +4,7 @@ Three things end an account's manager: a command finishing (`refresh`), `serve` 
 (SIGTERM), an account leaving `[[accounts]]` (SIGHUP). In each, a pair amoCRM granted may
 still be in memory only (store_degraded): its old refresh token is spent, so dropping it
 would lose the account. Each first lets a refresh in flight land and retries the write for a
-bound (TokenManager.settle), keeping the lease; what still has not landed is sealed into a
+bound (settle), keeping the lease; what still has not landed is sealed into a
 rescue file (broker/tokens/rescue.py) and logged as an error, and the command or `serve`
 exits 3 (PairRescuedError) with the one line saying what to run.
 """
@@ -12,14 +12,16 @@ exits 3 (PairRescuedError) with the one line saying what to run.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import PairRescuedError
+from broker.errors import BrokerError, PairRescuedError
 from broker.logs import get_logger
 from broker.tokens.manager import TokenManager
+from broker.tokens.pair_state import DEGRADED_RETRY
 from broker.tokens.rescue import from_manager, write_rescue
 
 log = get_logger()
@@ -30,13 +32,45 @@ log = get_logger()
 SETTLE_SECONDS = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Landing:
     """One account's manager, and where to seal its pair if the store never takes it."""
 
     manager: TokenManager
     directory: Path  # Config.rescue_directory
     location: str  # the store's, named in the rescue file
+    deadline: float = math.inf  # on the loop's clock: when settle() gives up the write
+
+    def hurry(self, seconds: float) -> None:
+        """Bring the settling to an end within `seconds` (the process is stopping)."""
+        self.deadline = min(self.deadline, asyncio.get_running_loop().time() + seconds)
+
+
+async def settle(landing: Landing, seconds: float) -> bool:
+    """Land what the store lacks before the account leaves or the process ends.
+
+    Let a refresh in flight end, then write the unsaved pair (and an owed refusal) every
+    DEGRADED_RETRY through the manager's tick, which keeps the lease, until it lands or
+    `seconds` pass (or a hurry); no proactive refresh starts meanwhile. Say whether the
+    store holds the pair in use now.
+    """
+    manager, clock = landing.manager, asyncio.get_running_loop()
+    manager.leaving = True
+    landing.hurry(seconds)
+    while True:
+        await manager.wait_idle()
+        if not manager.holds_news or clock.time() >= landing.deadline:
+            break
+        try:
+            await manager.tick()
+        except BrokerError:
+            pass  # logged where it happened (store_write_failed): retried below
+        except Exception:  # a defect must not drop the pair: log it, and go on trying
+            log.exception("settle_error", account=manager.store.account)
+        left = landing.deadline - clock.time()
+        if manager.holds_news and left > 0:
+            await asyncio.sleep(min(DEGRADED_RETRY, left))
+    return not manager.store_degraded
 
 
 @dataclass(frozen=True)
@@ -56,7 +90,7 @@ async def land(landing: Landing, seconds: float) -> Unlanded | None:
     """
     manager = landing.manager
     account = manager.store.account
-    if await manager.settle(seconds):
+    if await settle(landing, seconds):
         return None
     if manager.rescued is not None:
         return Unlanded(account, manager.rescued)
@@ -116,7 +150,7 @@ class Departures:
         still leaving too (hurried); seal the rest. Return what is not in the store: a rescue
         file of an account that left earlier counts while it has not been imported."""
         for landing, _ in self._leaving:
-            landing.manager.hurry(seconds)
+            landing.hurry(seconds)
         found = await asyncio.gather(
             *(land(landing, seconds) for landing in landings),
             *(task for _, task in self._leaving),

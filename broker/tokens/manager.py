@@ -32,7 +32,7 @@ from broker.tokens import pair_state as rules
 from broker.tokens.endpoint import REQUEST_FACTOR
 from broker.tokens.keeper import PairKeeper
 from broker.tokens.leasing import take_lease
-from broker.tokens.pair_state import DEGRADED_RETRY, On401
+from broker.tokens.pair_state import On401
 from broker.tokens.parts import Refresher, consume_exception, quietly
 from broker.tokens.probe import Probe, Verdict, verdict
 
@@ -60,9 +60,9 @@ class TokenManager(PairKeeper):
         self._refresher = refresher
         self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
-        # Set by settle(): the account leaves or the process ends; no proactive refresh, and
-        # the monotonic time by which what the store lacks must have landed.
-        self._settle_by: float | None = None
+        # Set when the account leaves or the process ends (broker/tokens/landing.py): what
+        # the store lacks is still written, but no proactive refresh starts.
+        self.leaving = False
 
     # -- what the proxy and /status read --------------------------------------------------
 
@@ -154,37 +154,6 @@ class TokenManager(PairKeeper):
         if task is not None and not task.done():
             await asyncio.gather(task, return_exceptions=True)
 
-    async def settle(self, seconds: float) -> bool:
-        """Land what the store lacks before the account leaves or the process ends.
-
-        Let a refresh in flight end, then write the unsaved pair (and an owed refusal) every
-        DEGRADED_RETRY, keeping the lease, until it lands or `seconds` pass; no proactive
-        refresh starts meanwhile. Say whether the store holds the pair in use now (else
-        broker/tokens/rescue.py seals it into a file).
-        """
-        now = self._clock.monotonic()
-        self._settle_by = min(self._settle_by or math.inf, now + seconds)
-        while True:
-            await self.wait_idle()
-            if not self._holds_news() or self._clock.monotonic() >= self._settle_by:
-                break
-            try:
-                await self.tick()
-            except BrokerError:
-                pass  # logged where it happened (store_write_failed); retried below
-            except Exception:  # a defect must not drop the pair: log it, and go on trying
-                log.exception("settle_error")
-            left = self._settle_by - self._clock.monotonic()
-            if not self._holds_news() or left <= 0:
-                continue
-            await asyncio.sleep(min(DEGRADED_RETRY, left))
-        return self._state.unsaved is None
-
-    def hurry(self, seconds: float) -> None:
-        """Bring a settle() under way to an end within `seconds` (the process is stopping)."""
-        if self._settle_by is not None:
-            self._settle_by = min(self._settle_by, self._clock.monotonic() + seconds)
-
     @property
     def lease_seconds(self) -> float:
         """How long the refresh lease this process takes lasts: an account leaving keeps
@@ -241,23 +210,31 @@ class TokenManager(PairKeeper):
             lease = await take_lease(
                 self.store, self._holder, stale, self._lease_seconds(), self._clock
             )
+            moved = lease.generation > stale
         except StoreError as exc:
             if self._state.unsaved is None:
                 raise  # nothing spent yet: fail, and retry when the store answers again
             # Degraded: the only working pair is in memory. Refresh from it without a lease;
             # the compare-and-swap on the way back keeps any stale write out.
             log.warning("refresh_without_lease", error=exc.message)
-            lease = LeaseResult(True, self.generation, None)
-        if lease is None:  # another process rotated while we waited: use its pair
-            await self._follow(await self.store.load(), announce=True)
-            return await self._held()
+            lease, moved = LeaseResult(True, self.generation, None), False
+        if lease.token is not None:
+            self._lease = lease.token  # a grant replaces the row: an older token is void
         try:
+            if moved:  # another process rotated while we waited: use its pair
+                if not self._holds_news():  # nothing to do under the lease: give it back
+                    await self._release_lease()
+                await self._follow(await self.store.load(), announce=True)
+                return await self._held()
             return await self._spend_refresh_token(refresher, reason, lease)
         finally:
             # A pair held unsaved keeps the lease (tick renews it): released, another process
             # would read the store's pair, whose refresh token this one already spent.
             if not self._holds_news():
-                await quietly(self.store.release_lease(self._holder))
+                await self._release_lease()
+
+    def _refreshing(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
 
     def _lease_seconds(self) -> float:
         timeout = self._refresher.timeout_seconds if self._refresher else 15.0
@@ -375,15 +352,14 @@ class TokenManager(PairKeeper):
         """Do one round of the proactive loop."""
         if self._state.unsaved is not None:
             await self._write()
+            await self._let_go()  # the store has the pair now: the lease can go
         if await self._record_refusal():  # the store has the refusal now: the lease can go
-            await quietly(self.store.release_lease(self._holder))
+            await self._let_go()
         if self._holds_news():  # the store still lacks it: keep the lease while we wait
-            await quietly(
-                self.store.try_lease(self._holder, self._lease_seconds(), self._clock.time())
-            )
+            await self._keep_lease(self._lease_seconds())
         if await self.store.generation() > self._state.durable or self._state.reauth:
             await self._follow(await self.store.load(), announce=True)
-        if self._settle_by is None and rules.refresh_due(self._state, self._clock.monotonic()):
+        if not self.leaving and rules.refresh_due(self._state, self._clock.monotonic()):
             await self.refresh("expiry")
 
     def seconds_until_due(self) -> float:

@@ -2,7 +2,7 @@
 
 Once amoCRM has answered a refresh, the old refresh token is dead: the new pair is the only one
 that works. A process that must end (a command, `serve` on SIGTERM) or an account that leaves
-(SIGHUP) first retries the write for a bound (TokenManager.settle); if the store still refuses
+(SIGHUP) first retries the write for a bound (broker/tokens/landing.py); if the store still refuses
 it, the pair goes here instead of being dropped with the process's memory, and the person
 running the broker is told to run `amo-broker import --rescued PATH`.
 

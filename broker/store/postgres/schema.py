@@ -158,7 +158,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
     ),
     6: (
-        # As SQLite's migration 9: the refresh tokens the history spent, kept past compaction
+        # Fenced leases, as SQLite's migration 9: the account's grant counter, and each
+        # lease's seq (0 in a row a replica of the older release writes during an upgrade).
+        "ALTER TABLE leases ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+        """CREATE TABLE lease_fences (
+            account TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL
+        )""",
+    ),
+    7: (
+        # As SQLite's migration 10: the refresh tokens the history spent, kept past compaction
         # and pruned after 92 days (history.SPENT_DAYS, 7948800 s).
         """CREATE TABLE spent_tokens (
             account TEXT NOT NULL,
