@@ -45,7 +45,9 @@ class PgSideTables:
 
     account: str
 
-    def transaction(self, extra: float = 0.0) -> AbstractAsyncContextManager[Conn]:
+    def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
         raise NotImplementedError  # PgTokenStore's
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
