@@ -20,7 +20,7 @@ import broker.errors
 from broker.errors import StoreError
 from broker.pair import TokenPair, fingerprint
 from broker.store.api import AccountHost, AccountState, PairInfo, StoredPair
-from broker.store.lease import Lease, LeaseResult
+from broker.store.lease import Lease, LeaseResult, LeaseToken
 from broker.store.pace_grants import Grant, PaceTerms
 from broker.store.sealing import Sealer
 
@@ -73,6 +73,7 @@ class SharedStore:
         self.row_written_at = 0.0  # true time of the last commit
         self.row_imported = False
         self.lease_row: Lease | None = None
+        self.lease_seq = 0  # the fence: each new grant gets the next
         self.state_row: AccountState | None = None
         self.host_row: AccountHost | None = None
         self.rows: list[dict[str, Any]] = []  # the history, oldest first
@@ -142,7 +143,9 @@ class SharedStore:
             and self.world.holder_alive(held.holder)
         ):
             return LeaseResult(False, self.generation, held)
-        lease = Lease(holder, self.generation, now, now + ttl, True)
+        live_own = held is not None and held.holder == holder and held.expires_at > now
+        self.lease_seq += 0 if live_own else 1
+        lease = Lease(holder, self.generation, now, now + ttl, True, self.lease_seq)
         self.lease_row = lease
         self.world.trace("lease", holder, f"g{self.generation}")
         taken_over = held if held is not None and held.holder != holder else None
@@ -285,10 +288,20 @@ class StoreView:
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
         return await self._call(True, "try_lease", lambda: self._shared.try_lease(holder, ttl, now))
 
-    async def release_lease(self, holder: str) -> None:
+    async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
+        def effect() -> bool:
+            held, at = self._shared.lease_row, self._shared.lease_now(now)
+            if held is None or held.token != token or held.expires_at <= at:
+                return False
+            self._shared.lease_row = replace(held, expires_at=at + ttl)
+            return True
+
+        return await self._call(True, "renew_lease", effect)
+
+    async def release_lease(self, token: LeaseToken) -> None:
         def effect() -> None:
             held = self._shared.lease_row
-            if held is not None and held.holder == holder:
+            if held is not None and held.token == token:
                 self._shared.lease_row = None
 
         await self._call(True, "release_lease", effect)
