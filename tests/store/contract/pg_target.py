@@ -201,7 +201,7 @@ class PgTarget:
         try:
             yield
         finally:
-            psycopg.AsyncTransaction.__aexit__ = real  # type: ignore[method-assign,assignment]
+            psycopg.AsyncTransaction.__aexit__ = real  # type: ignore[method-assign]
 
     @asynccontextmanager
     async def _busy(self) -> AsyncIterator[None]:

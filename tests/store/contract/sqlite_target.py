@@ -131,7 +131,7 @@ class SqliteTarget:
                 await real()
             raise sqlite3.OperationalError("injected: disk I/O error")
 
-        db.commit = commit  # type: ignore[method-assign,assignment]
+        db.commit = commit  # type: ignore[method-assign]
         try:
             yield
         finally:
