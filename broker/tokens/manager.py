@@ -199,19 +199,22 @@ class TokenManager(PairKeeper):
             raise TokenEndpointError("no OAuth client configured: cannot refresh")
         try:
             lease = await take_lease(
-                self.store, self._holder, stale, self._lease_seconds(), self._clock, self._lease
+                self.store, self._holder, stale, self._lease_seconds(), self._clock
             )
+            moved = lease.generation > stale
         except StoreError as exc:
             if self._state.unsaved is None:
                 raise  # nothing spent yet: fail, and retry when the store answers again
             # Degraded: the only working pair is in memory. Refresh from it without a lease;
             # the compare-and-swap on the way back keeps any stale write out.
             log.warning("refresh_without_lease", error=exc.message)
-            lease = LeaseResult(True, self.generation, None)
-        if lease is not None and lease.token is not None:
-            self._lease = lease.token
+            lease, moved = LeaseResult(True, self.generation, None), False
+        if lease.token is not None:
+            self._lease = lease.token  # a grant replaces the row: an older token is void
         try:
-            if lease is None:  # another process rotated while we waited: use its pair
+            if moved:  # another process rotated while we waited: use its pair
+                if not self._holds_news():  # nothing to do under the lease: give it back
+                    await self._release_lease()
                 await self._follow(await self.store.load(), announce=True)
                 return await self._held()
             return await self._spend_refresh_token(refresher, reason, lease)
