@@ -66,7 +66,8 @@ class PgConnections:
         self.bound = bound
         self.size = max(1, size)
         # The open connection last: lent first (a stack), the warm one reused while it can be.
-        self._slots = Lender([_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)])
+        self._all = [_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)]
+        self._slots = Lender(list(self._all))
         self._listener: asyncio.Task[None] | None = None
         self._events: dict[str, asyncio.Event] = {}  # account -> "a pair was committed"
         self._changed: set[str] = set()
@@ -128,7 +129,12 @@ class PgConnections:
                 raise StoreError(f"store {self.location}: {reason(exc)}") from None
             finally:
                 cutoff.cancel()
-                slot.cut = slot.cut or cutoff.fired
+                if cutoff.fired:
+                    # A path that went silent for this connection went silent for its idle
+                    # siblings too (a NAT forgets every flow): replace each on its next use,
+                    # rather than let the next calls hang on them for a bound each.
+                    for each in self._all:
+                        each.cut = True
         finally:
             self._slots.give_back(slot, urgent)
 
