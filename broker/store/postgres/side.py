@@ -45,7 +45,9 @@ class PgSideTables:
 
     account: str
 
-    def transaction(self, extra: float = 0.0) -> AbstractAsyncContextManager[Conn]:
+    def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
         raise NotImplementedError  # PgTokenStore's
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
@@ -97,8 +99,12 @@ class PgSideTables:
         return int(row[0])
 
     async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
-        """Extend exactly `token`'s lease while it is live on the database's clock; else False."""
-        async with self.transaction() as db:
+        """Extend exactly `token`'s lease while it is live on the database's clock; else False.
+
+        Urgent (pool.py): the holder renews while it keeps a pair the store lacks, and a lease
+        that lapsed behind other accounts' calls would let a replica spend the same token.
+        """
+        async with self.transaction(urgent=True) as db:
             cursor = await db.execute(
                 f"UPDATE leases SET expires_at = {DB_NOW} + %s "  # noqa: S608 -- constant
                 f"WHERE account = %s AND holder = %s AND seq = %s AND expires_at > {DB_NOW}",
