@@ -110,6 +110,16 @@ class PairKeeper:
         if token is not None:
             await quietly(self.store.release_lease(token))
 
+    async def hand_over(self, path: Path) -> None:
+        """The unsaved pair is sealed in a rescue file at `path`: give the lease back.
+
+        The file keeps the pair now. Holding the lease longer would only keep this account's
+        refreshes waiting for nothing (an account added back, another process): the stored
+        token is spent either way, and `import --rescued` writes over it whatever happened.
+        """
+        self.rescued = path
+        await self._release_lease()
+
     async def _let_go(self) -> None:
         """Release the lease once the store has all this process knows, unless a refresh of
         its own is in flight: that refresh may be spending the refresh token of the very pair

@@ -90,10 +90,10 @@ async def land(landing: Landing, seconds: float) -> Unlanded | None:
     """
     manager = landing.manager
     account = manager.store.account
+    if manager.rescued is not None:  # sealed already (a command's own landing, then its exit)
+        return Unlanded(account, manager.rescued)
     if await settle(landing, seconds):
         return None
-    if manager.rescued is not None:
-        return Unlanded(account, manager.rescued)
     rescued = from_manager(manager, landing.location, time.time())
     if rescued is None:
         return None
@@ -110,7 +110,7 @@ async def land(landing: Landing, seconds: float) -> Unlanded | None:
             "its old refresh token is spent; authorise anew with `amo-broker exchange-code`",
         )
         return Unlanded(account, None)
-    manager.rescued = path
+    await manager.hand_over(path)
     log.error(
         "pair_rescued",
         account=account,
