@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.config.model import Config
 from broker.pair import TokenPair
@@ -175,3 +177,28 @@ def test_a_foreign_or_damaged_rescue_file_is_one_line(
     line = assert_user_error(run(capsys, "import", "--rescued", str(path)))
     assert "BROKER_ENCRYPTION_KEY" in line and str(path) in line
     assert path.exists() and stored(config) == (1, old.refresh_fingerprint)
+
+
+def test_the_rescue_directory_is_the_stores_unless_configured(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    """Beside the SQLite file by default (PostgreSQL too); BROKER_RESCUE_DIR moves it."""
+    assert make_config().rescue_directory == make_config().db_path.parent
+    chosen = tmp_path / "rescued"
+    assert make_config(BROKER_RESCUE_DIR=str(chosen)).rescue_directory == chosen
+
+
+def test_a_rescue_directory_that_cannot_be_written_falls_back_to_the_temporary_one(
+    sandbox: Sandbox, make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    """No directory there: the file goes to the temporary directory, and the log says so."""
+    config = make_config(BROKER_RESCUE_DIR=str(tmp_path / "missing"))
+    old, new = pair_from_sandbox(sandbox), pair_from_sandbox(sandbox)
+    with capture_logs() as logs:
+        path = rescue(config, new, old, 1)
+    try:
+        assert path.parent == Path(tempfile.gettempdir())
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert [e["event"] for e in logs] == ["rescue_dir_unwritable"]
+    finally:
+        path.unlink()
