@@ -101,10 +101,12 @@ class TokenManager(PairKeeper):
 
         Return whether sending the call again may help: True after a rotation (here or by
         another process), False when the token was fresh and the 401 goes back to the caller.
+        Within the cool-down only a probe that found the token working sends the 401 back;
+        any other outcome rotates (see `_token_works`).
         """
         decision = self._on_401(generation)
-        if decision is On401.PROBE and await self._token_works(generation):
-            decision = On401.RETURN
+        if decision is On401.PROBE:
+            decision = On401.RETURN if await self._token_works(generation) else On401.ROTATE
         if decision is On401.RETURN:
             self.note_unauthorized_after_refresh()
             return False
@@ -122,20 +124,38 @@ class TokenManager(PairKeeper):
         return rules.on_401(self._state, generation, now, can_probe=self._token_probe is not None)
 
     async def _token_works(self, generation: int) -> bool:
-        """Probe the held token once for all who ask now; remember a working one."""
+        """Probe the held token once for all who ask now; True only if amoCRM served it.
+
+        The probe waits its turn in the account's pace and asks again, within the caller's
+        wait bound, while its answers prove nothing (broker/tokens/probe.py). If it still
+        knows nothing (a 429, a 5xx, no answer, no turn in the queue), the 401 is taken as
+        the token's and the pair rotates, rather than the caller getting a 503: a refresh
+        costs amoCRM's token endpoint one call (not counted against the /api/v4 pace), runs
+        once for everyone under the lease, and cures the 401 if the token was dropped; if it
+        was not, the replay's 401 goes back as amoCRM's answer and the next 401 probes again.
+        A 503 would fail a call a refresh cures, and most client libraries do not retry one.
+        Taking "unknown" as "works" (as before) sent the dead token again and the 401 back.
+        """
         pair, probe = self.pair, self._token_probe
         if pair is None or probe is None:
             return True
         if self._token_probing is None or self._token_probing.done():
 
             async def run() -> Verdict:
-                return verdict(await probe(pair.access_token))
+                found = verdict(await probe(pair.access_token))
+                if found == "unknown":  # once per probe, however many callers wait for it
+                    log.warning(
+                        "probe_inconclusive",
+                        generation=generation,
+                        message="amoCRM's answers to the token probe proved nothing: refreshing",
+                    )
+                return found
 
             self._token_probing = asyncio.create_task(run())
         found = await asyncio.shield(self._token_probing)
         if found == "alive" and generation == self.generation:
             self._state = replace(self._state, probed_alive=generation)
-        return found != "refused"
+        return found == "alive"
 
     def note_unauthorized_after_refresh(self) -> None:
         """Count a 401 that a fresh token did not cure (shown in /status and /metrics)."""
