@@ -106,7 +106,11 @@ class TokenManager(PairKeeper):
         """
         decision = self._on_401(generation)
         if decision is On401.PROBE:
-            decision = On401.RETURN if await self._token_works(generation) else On401.ROTATE
+            works = await self._token_works(generation)
+            if generation < self.generation:  # rotated while the probe was out: try the new one
+                decision = On401.REPLAY
+            else:
+                decision = On401.RETURN if works else On401.ROTATE
         if decision is On401.RETURN:
             self.note_unauthorized_after_refresh()
             return False

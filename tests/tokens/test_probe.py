@@ -160,3 +160,32 @@ async def test_callers_meeting_one_inconclusive_probe_share_it_and_one_refresh(
     assert replays == [True] * 10
     assert sandbox.refresh_calls == 2
     assert probes(sandbox) <= 3  # one episode: asked at 0 and 0.25 s
+
+
+async def test_a_pair_rotated_while_the_probe_was_out_is_tried_before_any_401_goes_back(
+    parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
+) -> None:
+    """The probe finds the old token working, but a refresh landed meanwhile: replay, no 401."""
+    config, session = parts
+    store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
+    oauth = OAuthClient(session, config.require_oauth(), timeout=5)
+    out, back = asyncio.Event(), asyncio.Event()
+
+    async def slow_probe(token: str) -> int | None:
+        out.set()
+        await back.wait()
+        return 200
+
+    manager = TokenManager(store, oauth, margin=600, probe=slow_probe)
+    await manager.load()
+    try:
+        assert await manager.unauthorized(manager.generation)  # the first 401: rotate
+        asked = asyncio.create_task(manager.unauthorized(manager.generation))
+        await out.wait()
+        await manager.refresh("manual")  # e.g. the proactive refresh, while the probe is out
+        back.set()
+        assert await asked  # sent again with the new token, not back to the caller
+    finally:
+        await store.close()
+    assert sandbox.refresh_calls == 2
+    assert manager.stats.unauthorized_after_refresh == 0
