@@ -56,7 +56,8 @@ class TokenManager(PairKeeper):
     ) -> None:
         super().__init__(store, margin=margin, clock=clock)
         self._token_probe = probe
-        self._token_probing: asyncio.Task[Verdict] | None = None
+        # The probe in flight and the generation whose token it carries.
+        self._token_probing: tuple[int, asyncio.Task[Verdict]] | None = None
         self._refresher = refresher
         self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
@@ -143,7 +144,9 @@ class TokenManager(PairKeeper):
         pair, probe = self.pair, self._token_probe
         if pair is None or probe is None:
             return True
-        if self._token_probing is None or self._token_probing.done():
+        running = self._token_probing
+        # A probe of an older token says nothing of this one: the pair rotated meanwhile.
+        if running is None or running[1].done() or running[0] != self.generation:
 
             async def run() -> Verdict:
                 found = verdict(await probe(pair.access_token))
@@ -155,8 +158,8 @@ class TokenManager(PairKeeper):
                     )
                 return found
 
-            self._token_probing = asyncio.create_task(run())
-        found = await asyncio.shield(self._token_probing)
+            running = self._token_probing = (self.generation, asyncio.create_task(run()))
+        found = await asyncio.shield(running[1])
         if found == "alive" and generation == self.generation:
             self._state = replace(self._state, probed_alive=generation)
         return found == "alive"
