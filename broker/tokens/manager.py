@@ -183,8 +183,7 @@ class TokenManager(PairKeeper):
 
     @property
     def lease_seconds(self) -> float:
-        """How long the refresh lease this process takes lasts: an account leaving keeps
-        writing an unsaved pair for that long (broker/service.py reload_accounts)."""
+        """How long the refresh lease lasts (an account leaving writes for that long)."""
         return self._lease_seconds()
 
     # -- refreshing -------------------------------------------------------------------------
