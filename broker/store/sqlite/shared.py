@@ -206,4 +206,5 @@ class SharedConnection:
 
 def _busy(exc: sqlite3.Error) -> bool:
     """Another connection holds the lock this statement needs (SQLITE_BUSY, any variant)."""
-    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+    code = getattr(exc, "sqlite_errorcode", None)  # absent from an error SQLite did not raise
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY
