@@ -38,8 +38,8 @@ from broker.server.routing import AccountSetup
 from broker.store.api import Store
 from broker.store.opener import open_store
 from broker.tokens.endpoint import OAuthClient
-from broker.tokens.importing import bootstrap_from_env, install_long_lived
-from broker.tokens.long_lived import LongLivedManager
+from broker.tokens.importing import bootstrap_from_env
+from broker.tokens.long_lived import account_manager
 from broker.tokens.manager import TokenManager
 from broker.tokens.probe import account_probe
 from broker.tokens.upstream import Upstream
@@ -141,16 +141,18 @@ async def open_account(
         if oauth_config
         else None
     )
-    manager: TokenManager
     # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
     probe = (
         account_probe(session, upstream, config.upstream_timeout) if upstream is not None else None
     )
-    if long_lived is not None:
-        await install_long_lived(store, long_lived.reveal(), time.time(), probe)
-        manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
-    else:
-        manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
+    manager = await account_manager(
+        store,
+        oauth,
+        margin=config.margin_seconds,
+        probe=probe,
+        long_lived=long_lived.reveal() if long_lived is not None else None,
+        now=time.time(),
+    )
     manager.upstream = upstream
     await manager.load()
     return AccountRuntime(config, store, oauth, manager)

@@ -16,7 +16,9 @@ from broker.errors import ReauthRequiredError, StoreError
 from broker.logs import get_logger
 from broker.store.api import Store
 from broker.timing import Clock, iso
+from broker.tokens.importing import install_long_lived
 from broker.tokens.manager import TokenManager
+from broker.tokens.parts import Refresher
 from broker.tokens.probe import Probe, verdict
 
 log = get_logger()
@@ -123,6 +125,27 @@ class LongLivedManager(TokenManager):
         # Nothing is ever due: only follow the store (a new token configured by a restart of
         # another process) at the poll interval.
         return self._poll_interval if poll is None else poll
+
+
+async def account_manager(
+    store: Store,
+    refresher: Refresher | None,
+    *,
+    margin: float,
+    probe: Probe | None,
+    long_lived: str | None,
+    now: float,
+    clock: Clock | None = None,
+) -> TokenManager:
+    """Make the token manager an account's settings call for, over its view of the store.
+
+    A configured long-lived token is stored first (a new one replaces the old). `serve`, the
+    CLI and the simulator (tests/sim) all build an account's manager here; it is not loaded.
+    """
+    if long_lived is not None:
+        await install_long_lived(store, long_lived, now, probe)
+        return LongLivedManager(store, margin=margin, probe=probe, clock=clock)
+    return TokenManager(store, refresher, margin=margin, probe=probe, clock=clock)
 
 
 def expiry_warning(seconds_left: float | None) -> str | None:
