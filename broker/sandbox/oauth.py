@@ -10,8 +10,10 @@ test flips them on the sandbox as before.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -108,6 +110,9 @@ class OAuthServer:
         self.rejected_refresh_calls = 0
         self.dropped_token_calls = 0
         self.code_calls = 0
+        # How often each refresh token reached the endpoint, live or not, by its fingerprint
+        # (first 8 hex of sha256): more than once means two refreshes spent the same token.
+        self.refresh_tokens_received: Counter[str] = Counter()
         # The shared API domain (host:port) named in every access token, as amoCRM's tokens
         # since August 2024 name theirs; None: no claim, as older tokens.
         self.api_domain: str | None = None
@@ -207,6 +212,7 @@ class OAuthServer:
                 raise crm.Reject(_oauth_problem(400, "Authorization code has been revoked"))
             return self._shaped(self._issue())
         token = form["refresh_token"]
+        self.refresh_tokens_received[hashlib.sha256(token.encode()).hexdigest()[:8]] += 1
         if not self.is_refresh_token_live(token):
             known_unspent = token in self._refresh_expiry and token not in self._dead_refresh
             hint = "Token has expired" if known_unspent else "Token has been revoked"

@@ -27,7 +27,7 @@ import json
 import random
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar, overload
@@ -139,6 +139,7 @@ class Sandbox:
     rejected_refresh_calls = _OAuthAttribute[int]()
     dropped_token_calls = _OAuthAttribute[int]()
     code_calls = _OAuthAttribute[int]()
+    refresh_tokens_received = _OAuthAttribute[Counter[str]]()
 
     def __init__(
         self,

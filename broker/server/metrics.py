@@ -176,6 +176,11 @@ class _LiveCollector(Collector):
             "401s that a fresh token did not cure, sent back to the caller instead of rotating.",
             labels=["account"],
         )
+        lost = CounterMetricFamily(
+            "amo_broker_leases_lost",
+            "Renewals of the lease kept for an unsaved pair or refusal that found it gone.",
+            labels=["account"],
+        )
         depth = GaugeMetricFamily(
             "amo_broker_queue_depth",
             "Calls waiting for the account's pace now.",
@@ -196,6 +201,7 @@ class _LiveCollector(Collector):
             for (reason, outcome), count in sorted(manager.stats.outcomes.items()):
                 refreshes.add_metric([name, reason, outcome], count)
             incurable.add_metric([name], manager.stats.unauthorized_after_refresh)
+            lost.add_metric([name], manager.stats.leases_lost)
             depth.add_metric([name], limiter.pacer.depth)
             rate.add_metric([name], limiter.settings.rps)
-        yield from (state, expiry, generation, refreshes, incurable, depth, rate)
+        yield from (state, expiry, generation, refreshes, incurable, lost, depth, rate)

@@ -107,6 +107,7 @@ def memory_status(
     doc["refreshes_total"] = stats.refreshes_total
     doc["refresh_failures_total"] = stats.refresh_failures_total
     doc["unauthorized_after_refresh"] = stats.unauthorized_after_refresh
+    doc["leases_lost"] = stats.leases_lost
     doc["long_lived"] = pair is not None and pair.refresh_token is None
     warning = expiry_warning(manager.seconds_until_expiry) if doc["long_lived"] else None
     doc["warnings"] = [warning] if warning else []

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from broker.errors import StaleWriteError, StoreLockedError
 from broker.pair import TokenPair
-from broker.store.lease import Lease, LeaseResult
+from broker.store.lease import Lease, LeaseResult, LeaseToken
 from broker.store.pace_grants import Grant, PaceTerms
 from broker.store.sealing import Sealer
 
@@ -166,7 +166,8 @@ class Store(Protocol):
         expected_generation: int | None = None,
     ) -> int:
         """Store `pair` as the next generation; with `expected_generation`, only over that one
-        (else StaleWriteError). Releases the lease and clears reauth_required."""
+        (else StaleWriteError). Clears reauth_required; never touches the lease, which only
+        its holder releases (it may still be refreshing from this very pair)."""
         ...
 
     async def record_failure(
@@ -181,13 +182,22 @@ class Store(Protocol):
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
         """Take the lease for `ttl` seconds unless another holder's binds; report the generation.
 
+        A live lease of the same holder is extended and keeps its seq; any new grant (a free
+        row, a lapsed or dead holder's) gets a seq no earlier grant of the account had.
         Expiry is judged on a clock no process's wall-clock step moves (SQLite: the host's boot
         clock; PostgreSQL: the database's). `now`, the caller's wall time, at most dates the
         lease for display.
         """
         ...
 
-    async def release_lease(self, holder: str) -> None: ...
+    async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
+        """Extend exactly the lease of `token` by `ttl` seconds from now, while it is live;
+        False (nothing written) when it lapsed, was taken over or is gone."""
+        ...
+
+    async def release_lease(self, token: LeaseToken) -> None:
+        """Delete exactly the lease of `token`; any other (a later grant) is left alone."""
+        ...
 
     async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
         """Renew `holder`'s share of the account's pace: a grant of whole calls per window

@@ -23,6 +23,14 @@ UNKNOWN_BOOT = "unknown"
 
 
 @dataclass(frozen=True)
+class LeaseToken:
+    """What a lease holder presents to renew or release its lease: holder and fence."""
+
+    holder: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class Lease:
     """Who is refreshing which generation, until when (wall times, for display)."""
 
@@ -31,6 +39,13 @@ class Lease:
     acquired_at: float
     expires_at: float
     live: bool  # by the store's lease clock: another holder would be refused it now
+    # The fence: per account it only ever grows, and each grant gets a seq no earlier grant
+    # had, so a holder whose lease lapsed and was granted again can never act on the new one.
+    seq: int = 0
+
+    @property
+    def token(self) -> LeaseToken:
+        return LeaseToken(self.holder, self.seq)
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,11 @@ class LeaseResult:
     generation: int
     current: Lease | None  # the lease now in force (ours when acquired)
     taken_over: Lease | None = None  # an expired or orphaned lease we replaced
+
+    @property
+    def token(self) -> LeaseToken | None:
+        """The token of the lease taken: what renews and releases exactly that lease."""
+        return self.current.token if self.acquired and self.current is not None else None
 
 
 def is_alive(holder: str) -> bool:

@@ -15,7 +15,7 @@ from broker.errors import StaleWriteError, StoreError
 from broker.logs import get_logger, redactor
 from broker.pair import TokenPair
 from broker.store.api import Store, StoredPair
-from broker.store.lease import holder_id
+from broker.store.lease import LeaseToken, holder_id
 from broker.timing import Clock, SystemClock
 from broker.tokens import pair_state as rules
 from broker.tokens.pair_state import PairState
@@ -33,6 +33,8 @@ class PairKeeper:
         self._margin = margin
         self._clock = clock or SystemClock()
         self._holder = holder_id()
+        # The lease this process holds (holder and fence): the only one it renews or releases.
+        self._lease: LeaseToken | None = None
         self._state = PairState()
         # One store write at a time: the pair to write is read once the turn comes, so a
         # retry can never write a pair that a later grant superseded while it waited.
@@ -84,6 +86,53 @@ class PairKeeper:
         """Say whether this process knows what the store does not: an unsaved pair, or a
         refusal it could not record. Either way it keeps the lease until the store has it."""
         return self._state.unsaved is not None or self._owed_refusal is not None
+
+    def _refreshing(self) -> bool:
+        """Say whether a refresh of this process is in flight (TokenManager's single flight)."""
+        return False
+
+    async def _release_lease(self) -> None:
+        """Give back exactly the lease this process holds, if it holds one."""
+        token, self._lease = self._lease, None
+        if token is not None:
+            await quietly(self.store.release_lease(token))
+
+    async def _let_go(self) -> None:
+        """Release the lease once the store has all this process knows, unless a refresh of
+        its own is in flight: that refresh may be spending the refresh token of the very pair
+        just written, and releases the lease itself when it ends (defect R7)."""
+        if not self._holds_news() and not self._refreshing():
+            await self._release_lease()
+
+    async def _keep_lease(self, seconds: float) -> None:
+        """Renew the lease held for news the store lacks; say so, and take it anew, if lost.
+
+        Only that exact lease is renewed: a lapsed one that another process took (and holds
+        under a newer seq) is never extended by this one.
+        """
+        token = self._lease
+        if token is not None:
+            try:
+                renewed = await self.store.renew_lease(token, seconds, self._clock.time())
+            except StoreError as exc:
+                log.error("store_write_failed", error=exc.message)
+                return  # still ours, as far as anyone knows: renewed again next tick
+            if renewed:
+                return
+            self._lease = None
+            self.stats.leases_lost += 1
+            unsaved = self._state.unsaved
+            log.error(
+                "lease_lost",
+                generation=self.generation,
+                new_fingerprint=unsaved.refresh_fingerprint if unsaved else None,
+            )
+        try:
+            result = await self.store.try_lease(self._holder, seconds, self._clock.time())
+        except StoreError as exc:
+            log.error("store_write_failed", error=exc.message)
+            return
+        self._lease = result.token
 
     async def _record_refusal(self) -> bool:
         """Persist an owed reauth_required; say whether it was settled just now: recorded, or
@@ -221,4 +270,4 @@ class PairKeeper:
                 await self.upstream.load()
         if before.unsaved is not None and self._state.unsaved is None:
             # A newer pair superseded the one we kept the lease for: give the lease back.
-            await quietly(self.store.release_lease(self._holder))
+            await self._let_go()

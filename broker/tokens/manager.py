@@ -201,23 +201,31 @@ class TokenManager(PairKeeper):
             lease = await take_lease(
                 self.store, self._holder, stale, self._lease_seconds(), self._clock
             )
+            moved = lease.generation > stale
         except StoreError as exc:
             if self._state.unsaved is None:
                 raise  # nothing spent yet: fail, and retry when the store answers again
             # Degraded: the only working pair is in memory. Refresh from it without a lease;
             # the compare-and-swap on the way back keeps any stale write out.
             log.warning("refresh_without_lease", error=exc.message)
-            lease = LeaseResult(True, self.generation, None)
-        if lease is None:  # another process rotated while we waited: use its pair
-            await self._follow(await self.store.load(), announce=True)
-            return await self._held()
+            lease, moved = LeaseResult(True, self.generation, None), False
+        if lease.token is not None:
+            self._lease = lease.token  # a grant replaces the row: an older token is void
         try:
+            if moved:  # another process rotated while we waited: use its pair
+                if not self._holds_news():  # nothing to do under the lease: give it back
+                    await self._release_lease()
+                await self._follow(await self.store.load(), announce=True)
+                return await self._held()
             return await self._spend_refresh_token(refresher, reason, lease)
         finally:
             # A pair held unsaved keeps the lease (tick renews it): released, another process
             # would read the store's pair, whose refresh token this one already spent.
             if not self._holds_news():
-                await quietly(self.store.release_lease(self._holder))
+                await self._release_lease()
+
+    def _refreshing(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
 
     def _lease_seconds(self) -> float:
         timeout = self._refresher.timeout_seconds if self._refresher else 15.0
@@ -335,12 +343,11 @@ class TokenManager(PairKeeper):
         """Do one round of the proactive loop."""
         if self._state.unsaved is not None:
             await self._write()
+            await self._let_go()  # the store has the pair now: the lease can go
         if await self._record_refusal():  # the store has the refusal now: the lease can go
-            await quietly(self.store.release_lease(self._holder))
+            await self._let_go()
         if self._holds_news():  # the store still lacks it: keep the lease while we wait
-            await quietly(
-                self.store.try_lease(self._holder, self._lease_seconds(), self._clock.time())
-            )
+            await self._keep_lease(self._lease_seconds())
         if await self.store.generation() > self._state.durable or self._state.reauth:
             await self._follow(await self.store.load(), announce=True)
         if rules.refresh_due(self._state, self._clock.monotonic()):

@@ -44,6 +44,9 @@ class RefreshStats:
     store_error: str | None = None  # why the newest pair is held in memory only
     # 401s that a fresh token did not cure: sent back to the caller, never a new rotation.
     unauthorized_after_refresh: int = 0
+    # Renewals of the lease kept for an unsaved pair or an owed refusal that found it gone
+    # (lapsed, taken): another process may then spend the refresh token this one spent.
+    leases_lost: int = 0
     # (reason, outcome) -> count, for /metrics: outcome is rotated, failed or rejected.
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
 

@@ -15,9 +15,10 @@ async def test_a_live_lease_reads_as_refreshing_whatever_the_wall_clock(
 ) -> None:
     """`refreshing` follows the store's lease clock, not the wall time of the reader."""
     await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
-    await any_store.try_lease("otherhost:1:abc", ttl=30, now=time.time())
+    taken = await any_store.try_lease("otherhost:1:abc", ttl=30, now=time.time())
     doc = await store_status(any_store, now=time.time() + 3600)
     assert doc["state"] == "refreshing"
-    await any_store.release_lease("otherhost:1:abc")
+    assert taken.token is not None
+    await any_store.release_lease(taken.token)
     doc = await store_status(any_store, now=time.time())
     assert doc["state"] == "ok"

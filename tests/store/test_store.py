@@ -17,6 +17,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -27,7 +28,13 @@ from broker.errors import StaleWriteError, StoreError, StoreLockedError
 from broker.pair import TokenPair
 from broker.sandbox.server import Sandbox
 from broker.store.api import Store
-from broker.store.lease import BOOT_ID_PATH, UNKNOWN_BOOT, SystemBootClock, read_boot_id
+from broker.store.lease import (
+    BOOT_ID_PATH,
+    UNKNOWN_BOOT,
+    LeaseToken,
+    SystemBootClock,
+    read_boot_id,
+)
 from broker.store.sealing import DecryptError, Sealer
 from broker.store.sqlite.backend import TokenStore
 from broker.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
@@ -506,11 +513,13 @@ async def test_a_lease_row_of_an_old_store_migrates_and_keeps_its_holder(
         lease = await store.lease()
         assert lease is not None
         assert (lease.holder, lease.acquired_at, lease.expires_at) == (OTHER_HOST_A, T0, T0 + 30)
+        assert lease.seq == 0  # an older release's row: no grant's token ever names seq 0
         assert not (await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 29)).acquired
         result = await store.try_lease(OTHER_HOST_B, ttl=30, now=T0 + 31)
         assert result.acquired
         assert result.taken_over is not None
         assert result.taken_over.holder == OTHER_HOST_A
+        assert result.token is not None and result.token.seq >= 1
     finally:
         await store.close()
     with raw(db_path) as conn:
@@ -540,26 +549,29 @@ async def test_a_live_local_holder_keeps_its_lease(any_store: Store) -> None:
     assert result.current.holder == alive
 
 
-async def test_store_pair_clears_lease_and_state(any_store: Store, sandbox: Sandbox) -> None:
-    """Storing a pair releases the lease and clears reauth_required."""
+async def test_store_pair_clears_state_and_leaves_the_lease(
+    any_store: Store, sandbox: Sandbox
+) -> None:
+    """Storing a pair clears reauth_required; the live lease stays, for its holder to release."""
     await any_store.store_pair(pair_from_sandbox(sandbox), reason="import")
-    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    taken = await any_store.try_lease(OTHER_HOST_A, ttl=30, now=time.time())
     await any_store.set_state("reauth_required", "amoCRM refused the grant", 1)
-    assert await any_store.lease() is not None
     assert await any_store.state() is not None
     assert await any_store.store_pair(pair_from_sandbox(sandbox), reason="expiry") == 2
-    assert await any_store.lease() is None
+    lease = await any_store.lease()
+    assert lease is not None and lease.live and lease.token == taken.token
     assert await any_store.state() is None
 
 
 async def test_release_lease_only_releases_our_own(any_store: Store) -> None:
     """release_lease by another holder leaves the lease; by its holder removes it."""
-    await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
-    await any_store.release_lease(OTHER_HOST_B)
+    taken = await any_store.try_lease(OTHER_HOST_A, ttl=30, now=T0)
+    assert taken.token is not None
+    await any_store.release_lease(LeaseToken(OTHER_HOST_B, taken.token.seq))
     lease = await any_store.lease()
     assert lease is not None
     assert lease.holder == OTHER_HOST_A
-    await any_store.release_lease(OTHER_HOST_A)
+    await any_store.release_lease(taken.token)
     assert await any_store.lease() is None
 
 

@@ -94,8 +94,8 @@ async def test_two_stores_racing_for_the_lease_one_wins(
             assert sorted(r.acquired for r in results) == [False, True]
             winner = next(r for r in results if r.acquired)
             assert {r.current for r in results} == {winner.current}
-            assert winner.current is not None
-            await a.release_lease(winner.current.holder)  # a live lease would refuse both
+            assert winner.token is not None
+            await a.release_lease(winner.token)  # a live lease would refuse both
     finally:
         await a.close()
         await b.close()
@@ -225,10 +225,11 @@ async def test_rekey_on_postgres(pg: PgTokenStore, pg_url: str, sandbox: Sandbox
     pair = pair_from_sandbox(sandbox)
     await pg.store_pair(pair, reason="import")
     new = Sealer(os.urandom(32))
-    await pg.try_lease("elsewhere:1:x", ttl=30, now=time.time())
+    taken = await pg.try_lease("elsewhere:1:x", ttl=30, now=time.time())
     with pytest.raises(StoreError, match="holds the refresh lease"):
         await reseal(pg, new)
-    await pg.release_lease("elsewhere:1:x")
+    assert taken.token is not None
+    await pg.release_lease(taken.token)
     assert await reseal(pg, new) == 1
     reopened = await PgTokenStore.open(pg_url, new)
     try:

@@ -209,7 +209,7 @@ class PgTokenStore(PgSideTables):
         now: float | None = None,
         expected_generation: int | None = None,
     ) -> int:
-        """Store `pair` as the next generation, release any lease, clear reauth; return it.
+        """Store `pair` as the next generation, clear reauth; return it (never the lease).
 
         As in SQLite: a compare-and-swap on `expected_generation` when given, and never over a
         row sealed under a key this process does not know (re-keyed).
@@ -237,7 +237,6 @@ class PgTokenStore(PgSideTables):
                 "updated_at = EXCLUDED.updated_at",
                 token_row(self.account, generation, self.sealer.current_key_id, sealed, pair, now),
             )
-            await db.execute("DELETE FROM leases WHERE account = %s", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = %s", (self.account,))
             await append_entry(
                 db,

@@ -157,6 +157,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             since DOUBLE PRECISION NOT NULL
         )""",
     ),
+    6: (
+        # Fenced leases, as SQLite's migration 9: the account's grant counter, and each
+        # lease's seq (0 in a row a replica of the older release writes during an upgrade).
+        "ALTER TABLE leases ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+        """CREATE TABLE lease_fences (
+            account TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -23,7 +23,7 @@ from broker.store.api import (
     claim_notice,
     reseal_rows,
 )
-from broker.store.lease import Lease, LeaseResult
+from broker.store.lease import Lease, LeaseResult, LeaseToken
 from broker.store.pace_grants import Grant, Member, PaceTerms
 from broker.store.postgres.connection import Conn
 from broker.store.sqlite.side import live_lease_message
@@ -34,7 +34,7 @@ DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 
 
 # The lease's columns, its liveness judged on the database's clock; and that clock as a row.
-LEASE_COLUMNS = f"holder, generation, acquired_at, expires_at, expires_at > {DB_NOW}"
+LEASE_COLUMNS = f"holder, generation, acquired_at, expires_at, expires_at > {DB_NOW}, seq"
 _DB_NOW = f"(SELECT {DB_NOW} AS t) AS db_clock"
 
 ROWS_PER_SECOND = 1000  # a floor for a copy over a slow link; pipelined inserts run far faster
@@ -52,7 +52,8 @@ class PgSideTables:
         """Take the refresh lease unless another holder's has not expired; report the generation.
 
         Acquisition, expiry and the comparison are on the database's clock; the caller's wall
-        time `now` is not used (the Store protocol passes it for SQLite's display times).
+        time `now` is not used (the Store protocol passes it for SQLite's display times). A
+        new grant takes the account's next seq from `lease_fences`, past the row's own.
         """
         async with self.transaction() as db:
             cursor = await db.execute(
@@ -68,25 +69,49 @@ class PgSideTables:
             held = Lease(*row) if row else None
             if held and held.holder != holder and held.live:
                 return LeaseResult(False, generation, held)
+            seq = held.seq if held and held.live else await self._next_seq(db, held)
             cursor = await db.execute(
-                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at) "  # noqa: S608 -- constant
-                f"SELECT %s, %s, %s, t, t + %s FROM {_DB_NOW} ON CONFLICT (account) DO UPDATE "
+                "INSERT INTO leases (account, holder, generation, acquired_at, expires_at, seq) "  # noqa: S608 -- constant
+                f"SELECT %s, %s, %s, t, t + %s, %s FROM {_DB_NOW} ON CONFLICT (account) DO UPDATE "
                 "SET holder = EXCLUDED.holder, generation = EXCLUDED.generation, "
-                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at "
-                "RETURNING acquired_at, expires_at",
-                (self.account, holder, generation, float(ttl)),
+                "acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at, "
+                "seq = EXCLUDED.seq RETURNING acquired_at, expires_at",
+                (self.account, holder, generation, float(ttl), seq),
             )
             times = await cursor.fetchone()
             assert times is not None  # noqa: S101 -- an upsert always returns its row
-            lease = Lease(holder, generation, times[0], times[1], live=True)
+            lease = Lease(holder, generation, times[0], times[1], True, seq)
         taken_over = held if held and held.holder != holder else None
         return LeaseResult(True, generation, lease, taken_over)
 
-    async def release_lease(self, holder: str) -> None:
-        """Give the lease back, if it is still ours."""
+    async def _next_seq(self, db: Conn, held: Lease | None) -> int:
+        """The account's next fence, past every earlier grant (and the row left in place)."""
+        cursor = await db.execute(
+            "INSERT INTO lease_fences AS f (account, seq) VALUES (%s, %s) "
+            "ON CONFLICT (account) DO UPDATE SET seq = GREATEST(f.seq + 1, EXCLUDED.seq) "
+            "RETURNING seq",
+            (self.account, held.seq + 1 if held else 1),
+        )
+        row = await cursor.fetchone()
+        assert row is not None  # noqa: S101 -- an upsert always returns its row
+        return int(row[0])
+
+    async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
+        """Extend exactly `token`'s lease while it is live on the database's clock; else False."""
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE leases SET expires_at = {DB_NOW} + %s "  # noqa: S608 -- constant
+                f"WHERE account = %s AND holder = %s AND seq = %s AND expires_at > {DB_NOW}",
+                (float(ttl), self.account, token.holder, token.seq),
+            )
+            return bool(cursor.rowcount == 1)
+
+    async def release_lease(self, token: LeaseToken) -> None:
+        """Give back exactly `token`'s lease; a later grant (another seq) is left alone."""
         async with self.transaction() as db:
             await db.execute(
-                "DELETE FROM leases WHERE account = %s AND holder = %s", (self.account, holder)
+                "DELETE FROM leases WHERE account = %s AND holder = %s AND seq = %s",
+                (self.account, token.holder, token.seq),
             )
 
     async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:

@@ -12,8 +12,9 @@ Why these choices:
 - The rotation history is append-only, enforced by triggers, for auditors; each account keeps
   its newest entries and counts all of them (broker/store/history.py).
 
-The smaller tables (pacing members, OAuth states) and re-keying are in
-broker/store/sqlite/side.py; the PostgreSQL backend is broker/store/postgres/backend.py.
+The locked reads, the fenced lease, the smaller tables (pacing members, OAuth states) and
+re-keying are in broker/store/sqlite/side.py; the PostgreSQL backend is
+broker/store/postgres/backend.py.
 """
 
 from __future__ import annotations
@@ -45,14 +46,7 @@ from broker.store.api import (
     token_row,
 )
 from broker.store.history import append as append_entry
-from broker.store.lease import (
-    BootClock,
-    BootStamp,
-    Lease,
-    LeaseResult,
-    SystemBootClock,
-    boot_lease_live,
-)
+from broker.store.lease import BootClock, SystemBootClock
 from broker.store.sealing import Sealer
 from broker.store.sqlite.schema import SCHEMA_VERSION, migrate, schema_version
 from broker.store.sqlite.side import SideTables
@@ -60,7 +54,6 @@ from broker.store.sqlite.side import SideTables
 # The pair's types are defined with the interface; callers have long imported them from here.
 __all__ = ["AccountState", "PairInfo", "StoredPair", "TokenStore", "one_row"]
 
-LEASE_COLUMNS = "holder, generation, acquired_at, expires_at, boot_id, boot_acquired, boot_expires"
 _SYSTEM_BOOT_CLOCK = SystemBootClock()
 
 
@@ -129,14 +122,12 @@ class TokenStore(SideTables):
     async def marks(self) -> dict[str, tuple[Any, ...]]:
         """Every account's generation and persisted state, in one read: what changes when
         any process stores a pair or a refusal (the scheduler's poll, O(1) queries)."""
-        cursor = await self._db.execute(
+        rows = await self._rows(
             "SELECT t.account, t.generation, s.state, s.since FROM tokens t "
             "LEFT JOIN account_state s ON s.account = t.account "
             "UNION ALL SELECT s.account, NULL, s.state, s.since FROM account_state s "
             "WHERE s.account NOT IN (SELECT account FROM tokens)"
         )
-        rows = await cursor.fetchall()
-        await cursor.close()
         return {row[0]: tuple(row[1:]) for row in rows}
 
     async def _setup(self) -> None:
@@ -185,8 +176,7 @@ class TokenStore(SideTables):
 
     async def info(self) -> PairInfo | None:
         """Describe the stored pair without decrypting it."""
-        row = await one_row(
-            self._db,
+        row = await self._row(
             "SELECT generation, key_id, expires_at, obtained_at, refresh_obtained_at, "
             "access_fp, refresh_fp, updated_at FROM tokens WHERE account = ?",
             (self.account,),
@@ -195,15 +185,12 @@ class TokenStore(SideTables):
 
     async def generation(self) -> int:
         """Return the stored generation, 0 when no pair was ever stored."""
-        row = await one_row(
-            self._db, "SELECT generation FROM tokens WHERE account = ?", (self.account,)
-        )
+        row = await self._row("SELECT generation FROM tokens WHERE account = ?", (self.account,))
         return int(row[0]) if row else 0
 
     async def load(self) -> StoredPair | None:
         """Return the decrypted pair; a ciphertext that does not open raises (fail closed)."""
-        row = await one_row(
-            self._db,
+        row = await self._row(
             "SELECT generation, access_ct, refresh_ct, expires_at, obtained_at, "
             "refresh_obtained_at, updated_at FROM tokens WHERE account = ?",
             (self.account,),
@@ -211,43 +198,27 @@ class TokenStore(SideTables):
         return open_pair(self.sealer, self.account, tuple(row)) if row is not None else None
 
     async def state(self) -> AccountState | None:
-        row = await one_row(
-            self._db,
+        row = await self._row(
             "SELECT state, reason, since, generation FROM account_state WHERE account = ?",
             (self.account,),
         )
         return AccountState(*row) if row else None
 
-    async def lease(self) -> Lease | None:
-        row = await one_row(
-            self._db,
-            f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = ?",  # noqa: S608 -- constant
-            (self.account,),
-        )
-        return self._lease(row, self.boot_clock.now(), time.time()) if row else None
-
-    def _lease(self, row: sqlite3.Row, boot_now: float, wall_now: float) -> Lease:
-        holder, generation, acquired_at, expires_at, *stamp = row
-        live = boot_lease_live(
-            holder, expires_at, BootStamp(*stamp), self.boot_clock.boot_id, boot_now, wall_now
-        )
-        return Lease(holder, generation, acquired_at, expires_at, live)
-
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
         """Return the newest rotation events first."""
-        cursor = await self._db.execute(
+        rows = await self._rows(
             "SELECT at, reason, generation, old_fingerprint, new_fingerprint, outcome, error "
             "FROM rotations WHERE account = ? ORDER BY id DESC LIMIT ?",
             (self.account, limit),
         )
-        return [history_entry(tuple(row)) for row in await cursor.fetchall()]
+        return [history_entry(tuple(row)) for row in rows]
 
     async def outcome_counts(self) -> dict[str, int]:
         """Count every history event ever appended, by outcome, from the counters (O(1))."""
-        cursor = await self._db.execute(
+        rows = await self._rows(
             "SELECT outcome, count FROM rotation_counts WHERE account = ?", (self.account,)
         )
-        return {outcome: count for outcome, count in await cursor.fetchall()}
+        return {outcome: count for outcome, count in rows}
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -260,7 +231,8 @@ class TokenStore(SideTables):
         now: float | None = None,
         expected_generation: int | None = None,
     ) -> int:
-        """Store `pair` as the next generation, release any lease, clear reauth; return it.
+        """Store `pair` as the next generation, clear reauth; return it. The lease stays: only
+        its holder releases it, which may still be refreshing from this very pair (defect R7).
 
         With `expected_generation` (every rotation) the write lands only over that generation,
         else StaleWriteError: the token manager then reads the row and either adopts it (a
@@ -293,7 +265,6 @@ class TokenStore(SideTables):
                 "refresh_fp, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 token_row(self.account, generation, self.sealer.current_key_id, sealed, pair, now),
             )
-            await db.execute("DELETE FROM leases WHERE account = ?", (self.account,))
             await db.execute("DELETE FROM account_state WHERE account = ?", (self.account,))
             await append_entry(
                 db,
@@ -331,43 +302,6 @@ class TokenStore(SideTables):
                 (self.account, state, reason, time.time(), generation),
             )
         return True
-
-    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
-        """Take the refresh lease unless a live holder has it; report the generation seen.
-
-        Liveness is judged on the boot clock (and the holder's pid); `now`, the caller's wall
-        time, only dates the lease for display (and judges a row of an older release).
-        """
-        async with self.transaction() as db:
-            boot_now = self.boot_clock.now()
-            generation = await _generation(db, self.account)
-            row = await one_row(
-                db,
-                f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = ?",  # noqa: S608 -- constant
-                (self.account,),
-            )
-            held = self._lease(row, boot_now, now) if row else None
-            if held and held.holder != holder and held.live:
-                return LeaseResult(False, generation, held)
-            lease = Lease(holder, generation, now, now + ttl, live=True)
-            await db.execute(
-                f"INSERT OR REPLACE INTO leases (account, {LEASE_COLUMNS}) "  # noqa: S608 -- constant
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    self.account,
-                    *(holder, generation, now, now + ttl),
-                    *(self.boot_clock.boot_id, boot_now, boot_now + ttl),
-                ),
-            )
-        taken_over = held if held and held.holder != holder else None
-        return LeaseResult(True, generation, lease, taken_over)
-
-    async def release_lease(self, holder: str) -> None:
-        """Give the lease back, if it is still ours."""
-        async with self.transaction() as db:
-            await db.execute(
-                "DELETE FROM leases WHERE account = ? AND holder = ?", (self.account, holder)
-            )
 
 
 async def _generation(db: aiosqlite.Connection, account: str) -> int:

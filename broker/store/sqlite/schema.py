@@ -154,6 +154,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             since REAL NOT NULL
         )""",
     ),
+    9: (
+        # Fenced leases (broker/store/lease.py): each grant gets the account's next seq, and
+        # renewing or releasing it must name that seq. The counter lives apart from the lease
+        # row, so a released (deleted) lease never lets a later grant reuse its seq. A row an
+        # older release writes during an upgrade gets seq 0, which no new grant ever has.
+        "ALTER TABLE leases ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE lease_fences (
+            account TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -1,13 +1,19 @@
-"""The SQLite store's side tables: pace grants, OAuth states, re-keying, the migration dump.
+"""The SQLite store's lease and side tables: reads, pace grants, OAuth states, re-keying, dump.
 
-Kept apart from broker/store/sqlite/backend.py, which holds the pair, its history and the lease:
-these are the store's smaller duties, each one short transaction on the same connection.
+Kept apart from broker/store/sqlite/backend.py, which holds the pair and its history: these
+are the store's smaller duties, each one short transaction (or one locked read) on the same
+connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import astuple
+from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -26,19 +32,146 @@ from broker.store.api import (
     reseal_rows,
 )
 from broker.store.history import COUNT_COLUMNS
-from broker.store.lease import UNKNOWN_BOOT, BootClock, BootStamp, boot_lease_live
+from broker.store.lease import (
+    UNKNOWN_BOOT,
+    BootClock,
+    BootStamp,
+    Lease,
+    LeaseResult,
+    LeaseToken,
+    boot_lease_live,
+)
 from broker.store.pace_grants import Grant, Member, PaceTerms
+
+LEASE_COLUMNS = (
+    "holder, generation, acquired_at, expires_at, boot_id, boot_acquired, boot_expires, seq"
+)
 
 
 class SideTables:
-    """Mixed into TokenStore: the methods of `Store` that are not about the pair itself."""
+    """Mixed into TokenStore: its reads, the lease, and the methods not about the pair itself."""
 
     account: str
+    path: Path
     boot_clock: BootClock
     _db: aiosqlite.Connection
+    _lock: asyncio.Lock
 
     def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
         raise NotImplementedError  # TokenStore's
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run one read under the connection's lock, its errors as StoreError.
+
+        Every account's view shares one connection: a read between another coroutine's BEGIN
+        and COMMIT would see that transaction's rows, which a rollback may yet undo.
+        """
+        async with self._lock:
+            try:
+                cursor = await self._db.execute(sql, params)
+                try:
+                    return list(await cursor.fetchall())
+                finally:
+                    await cursor.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: read failed: {exc}") from None
+
+    async def _row(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        rows = await self._rows(sql, params)
+        return rows[0] if rows else None
+
+    # -- the refresh lease --------------------------------------------------------------------
+
+    async def lease(self) -> Lease | None:
+        row = await self._row(
+            f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = ?",  # noqa: S608 -- constant
+            (self.account,),
+        )
+        return self._lease(row, self.boot_clock.now(), time.time()) if row else None
+
+    def _lease(self, row: sqlite3.Row, boot_now: float, wall_now: float) -> Lease:
+        holder, generation, acquired_at, expires_at, *stamp, seq = row
+        live = boot_lease_live(
+            holder, expires_at, BootStamp(*stamp), self.boot_clock.boot_id, boot_now, wall_now
+        )
+        return Lease(holder, generation, acquired_at, expires_at, live, seq)
+
+    async def _held(self, db: aiosqlite.Connection, boot_now: float, now: float) -> Lease | None:
+        cursor = await db.execute(
+            f"SELECT {LEASE_COLUMNS} FROM leases WHERE account = ?",  # noqa: S608 -- constant
+            (self.account,),
+        )
+        row = await cursor.fetchone()
+        await cursor.close()
+        return self._lease(row, boot_now, now) if row else None
+
+    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
+        """Take the refresh lease unless a live holder has it; report the generation seen.
+
+        Liveness is judged on the boot clock (and the holder's pid); `now`, the caller's wall
+        time, only dates the lease for display (and judges a row of an older release). A new
+        grant takes the account's next seq from `lease_fences`, past the row's own.
+        """
+        async with self.transaction() as db:
+            boot_now = self.boot_clock.now()
+            cursor = await db.execute(
+                "SELECT generation FROM tokens WHERE account = ?", (self.account,)
+            )
+            found = await cursor.fetchone()
+            generation = int(found[0]) if found else 0
+            held = await self._held(db, boot_now, now)
+            if held and held.holder != holder and held.live:
+                return LeaseResult(False, generation, held)
+            seq = held.seq if held and held.live else await self._next_seq(db, held)
+            await db.execute(
+                f"INSERT OR REPLACE INTO leases (account, {LEASE_COLUMNS}) "  # noqa: S608 -- constant
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.account,
+                    *(holder, generation, now, now + ttl),
+                    *(self.boot_clock.boot_id, boot_now, boot_now + ttl, seq),
+                ),
+            )
+        lease = Lease(holder, generation, now, now + ttl, True, seq)
+        taken_over = held if held and held.holder != holder else None
+        return LeaseResult(True, generation, lease, taken_over)
+
+    async def _next_seq(self, db: aiosqlite.Connection, held: Lease | None) -> int:
+        """The account's next fence, past every earlier grant (and the row left in place)."""
+        floor = held.seq + 1 if held else 1
+        cursor = await db.execute(
+            "INSERT INTO lease_fences (account, seq) VALUES (?, ?) ON CONFLICT (account) "
+            "DO UPDATE SET seq = MAX(seq + 1, excluded.seq) RETURNING seq",
+            (self.account, floor),
+        )
+        row = await cursor.fetchone()
+        await cursor.close()
+        assert row is not None  # noqa: S101 -- an upsert returns its row
+        return int(row[0])
+
+    async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
+        """Extend exactly `token`'s lease while it is live on the boot clock; else False."""
+        async with self.transaction() as db:
+            boot_now = self.boot_clock.now()
+            held = await self._held(db, boot_now, now)
+            if held is None or not held.live or held.token != token:
+                return False
+            await db.execute(
+                "UPDATE leases SET expires_at = ?, boot_expires = ? "
+                "WHERE account = ? AND holder = ? AND seq = ?",
+                (now + ttl, boot_now + ttl, self.account, token.holder, token.seq),
+            )
+        return True
+
+    async def release_lease(self, token: LeaseToken) -> None:
+        """Give back exactly `token`'s lease; a later grant (another seq) is left alone."""
+        async with self.transaction() as db:
+            await db.execute(
+                "DELETE FROM leases WHERE account = ? AND holder = ? AND seq = ?",
+                (self.account, token.holder, token.seq),
+            )
 
     # -- pace grants ([limits] shared) ---------------------------------------------------------
 
@@ -120,11 +253,9 @@ class SideTables:
 
     async def account_host(self) -> AccountHost | None:
         """The base URL the account moved to, if it ever moved."""
-        cursor = await self._db.execute(
+        row = await self._row(
             "SELECT base_url, since FROM account_hosts WHERE account = ?", (self.account,)
         )
-        row = await cursor.fetchone()
-        await cursor.close()
         return AccountHost(str(row[0]), float(row[1])) if row else None
 
     async def set_account_host(self, base_url: str, now: float) -> None:
