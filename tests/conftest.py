@@ -151,12 +151,17 @@ async def broker(
 
 @asynccontextmanager
 async def serving_broker(
-    config: Config, sandbox: Sandbox, aiohttp_client: Callable[..., object]
+    config: Config,
+    sandbox: Sandbox,
+    aiohttp_client: Callable[..., object],
+    *,
+    proactive: bool = False,
 ) -> AsyncIterator[Broker]:
-    """Serve `config` as the `broker` fixture does, with a live pair seeded from `sandbox`."""
+    """Serve `config` as the `broker` fixture does, with a live pair seeded from `sandbox`
+    (and, with `proactive`, the refresh scheduler running as under `serve`)."""
     await seed_store(config, sandbox)
     async with open_runtime(config) as runtime:
-        app = build_app(runtime, config, proactive=False)
+        app = build_app(runtime, config, proactive=proactive)
         client = await aiohttp_client(ServeLikeServer(app))  # type: ignore[operator]
         yield Broker(client, runtime.manager, runtime.store, sandbox, config)
 

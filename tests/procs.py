@@ -33,10 +33,15 @@ CLI_TIMEOUT = 20.0
 POLL = 0.05
 _INHERITED = ("PATH", "HOME", "PYTHONPATH")
 LEADS = "/api/v4/leads"
-# `amo-broker serve` through the real CLI, with DRAIN_SECONDS set from argv[1] first.
-_WITH_DRAIN = (
-    "import sys; import broker.lifecycle; from broker.cli.main import main; "
-    "broker.lifecycle.DRAIN_SECONDS = float(sys.argv[1]); raise SystemExit(main(['serve']))"
+# `amo-broker serve` through the real CLI, with module constants set from argv[1] first (a JSON
+# object of "package.module.NAME": value).
+_PATCHED = (
+    "import importlib, json, sys\n"
+    "from broker.cli.main import main\n"
+    "for name, value in json.loads(sys.argv[1]).items():\n"
+    "    module, _, attr = name.rpartition('.')\n"
+    "    setattr(importlib.import_module(module), attr, value)\n"
+    "raise SystemExit(main(['serve']))"
 )
 
 
@@ -150,19 +155,27 @@ class Processes:
         return self.tmp_path / f"{self._count:02d}-{name}.log"
 
     async def spawn(
-        self, env: dict[str, str] | None = None, *, drain_seconds: float | None = None
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        drain_seconds: float | None = None,
+        constants: dict[str, float] | None = None,
     ) -> Serve:
         """Start `serve` on a fresh free port without waiting for it to listen.
 
         `drain_seconds` replaces lifecycle.DRAIN_SECONDS in the child (a module constant, not a
-        setting), so a test can outlast the drain without waiting the production 10 s.
+        setting), so a test can outlast the drain without waiting the production 10 s;
+        `constants` replaces any such constants (e.g. the scheduler's POLL_SECONDS).
         """
         port = free_port()
         full = Env({**(env or self.env()), "BROKER_PORT": str(port)})
         log_path = self._log_path("serve")
         command = ["-m", "broker", "serve"]
+        patched = dict(constants or {})
         if drain_seconds is not None:
-            command = ["-c", _WITH_DRAIN, str(drain_seconds)]
+            patched["broker.lifecycle.DRAIN_SECONDS"] = float(drain_seconds)
+        if patched:
+            command = ["-c", _PATCHED, json.dumps(patched)]
         with log_path.open("wb") as log_file:  # the child keeps its own copy of the fd
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -178,10 +191,14 @@ class Processes:
         return serve
 
     async def start(
-        self, env: dict[str, str] | None = None, *, drain_seconds: float | None = None
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        drain_seconds: float | None = None,
+        constants: dict[str, float] | None = None,
     ) -> Serve:
         """Start `serve` and return once /healthz answers; fail with the log tail if it exits."""
-        serve = await self.spawn(env, drain_seconds=drain_seconds)
+        serve = await self.spawn(env, drain_seconds=drain_seconds, constants=constants)
         exited = asyncio.ensure_future(serve.proc.wait())
         ready = asyncio.ensure_future(_healthy(serve.url))
         try:

@@ -12,10 +12,14 @@ import asyncio
 import json
 import re
 import shutil
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Broker, unavailable
+import pytest
+
+from broker.sandbox.server import Sandbox
+from tests.conftest import Broker, ConfigFactory, serving_broker, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "amo-broker.json"
@@ -92,8 +96,18 @@ async def test_the_main_alerts_fire_on_synthetic_series() -> None:
     assert {"AmoBrokerNeedsReauth", "AmoBrokerBlocked", "AmoBrokerTokenExpiring"} <= tested
 
 
-async def test_every_metric_the_dashboard_and_alerts_query_is_exported(broker: Broker) -> None:
+@pytest.fixture
+async def serving(
+    make_config: ConfigFactory, sandbox: Sandbox, aiohttp_client: Callable[..., object]
+) -> AsyncIterator[Broker]:
+    """A broker with its refresh scheduler running, as `serve` runs it (its metrics too)."""
+    async with serving_broker(make_config(), sandbox, aiohttp_client, proactive=True) as broker:
+        yield broker
+
+
+async def test_every_metric_the_dashboard_and_alerts_query_is_exported(serving: Broker) -> None:
     """Each metric name in the dashboard's and the rules' queries is on the broker's /metrics."""
+    broker = serving
     for path in ("/api/v4/leads", "/api/v4/contacts", "/api/v4/leads"):
         await (await broker.client.get(path)).read()
     broker.sandbox.expire_access_tokens()

@@ -76,9 +76,15 @@ def summary(doc: dict[str, Any]) -> str:
 
 
 def _live_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    """The rows only a running broker knows: pace, queue, amoCRM's answers, a block."""
+    """The rows only a running broker knows: its scheduler's trouble, pace, queue, amoCRM's
+    answers, a block."""
     limits, upstream = doc.get("limits"), doc.get("upstream")
     rows: list[tuple[str, str]] = []
+    scheduler = doc.get("scheduler") or {}
+    if scheduler.get("enabled") and not scheduler.get("running"):
+        rows.append(("scheduler", f"STOPPED ({scheduler.get('stopped')}): restart the process"))
+    elif scheduler.get("store_failing"):
+        rows.append(("scheduler", f"store reads failing: {scheduler.get('last_error')}"))
     if limits:
         rows.append(
             (

@@ -6,9 +6,8 @@ proxy (broker/server/routing.py picks one per call); the HTTP session and the me
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -22,10 +21,9 @@ from broker.server.accounts import (
     PARTS,
     SHARES,
     UPSTREAM_CONNECTIONS,
-    Managers,
     SharedParts,
-    share_pace,
 )
+from broker.server.background import SCHEDULER, SchedulerWatch, background
 from broker.server.bodies import BodyBudget
 from broker.server.clients import ClientRegistry
 from broker.server.metrics import Metrics
@@ -36,7 +34,6 @@ from broker.server.revoke_hook import ROUTES as revoke_routes
 from broker.server.routing import ACCOUNTS, DEFAULT, Account, AccountSetup, queried, route_call
 from broker.server.status import memory_status, store_status
 from broker.tokens.manager import TokenManager
-from broker.tokens.scheduler import Scheduler
 from broker.traffic.limiter import AccountLimiter
 from broker.traffic.share import ShareKeeper
 
@@ -93,6 +90,8 @@ def create_app(
     app[METRICS] = app[PARTS].metrics
     app[STARTED] = time.time()
     app[SHARES] = ShareKeeper()
+    app[SCHEDULER] = SchedulerWatch(enabled=proactive)
+    app[METRICS].watch_scheduler(app[SCHEDULER])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
@@ -109,7 +108,7 @@ def create_app(
     app.router.add_post(token_shim.PATH, token_shim.token_shim)
     app.router.add_post(token_shim.ACCOUNT_PATH, token_shim.token_shim)
     app.router.add_route("*", "/{tail:.*}", route_call)
-    app.cleanup_ctx.append(_background(proactive))
+    app.cleanup_ctx.append(background(app[SCHEDULER]))
     app.on_response_prepare.append(_warn_when_degraded)
     return app
 
@@ -131,44 +130,23 @@ async def _warn_when_degraded(request: web.Request, response: web.StreamResponse
         )
 
 
-def _background(proactive: bool) -> Any:
-    """Run the accounts' proactive refreshes (one scheduler for all) and, in shared mode,
-    their pace check-ins."""
-
-    async def background(app: web.Application) -> AsyncIterator[None]:
-        accounts = app[ACCOUNTS]
-        tasks = []
-        if proactive:
-            any_store = next(iter(accounts.values())).manager.store  # all share one
-            scheduler = Scheduler(any_store, Managers(accounts))
-            tasks.append(asyncio.create_task(scheduler.run(), name="refresh-scheduler"))
-        keeper = app[SHARES]
-        for account in accounts.values():
-            share_pace(keeper, account)
-        tasks.append(asyncio.create_task(keeper.run(), name="pace-shares"))
-        yield
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    return background
-
-
 async def healthz(request: web.Request) -> web.Response:
     """Answer 200 while the process serves."""
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Answer 200 only while a usable token is held (the default account, or `?account=`)."""
+    """Answer 200 only while a usable token is held (the default account, or `?account=`)
+    and the refresh scheduler runs (without it, every token runs out unrefreshed)."""
     account = queried(request)
     left = account.manager.seconds_until_expiry
     # Degraded still serves (the pair in memory works); the state and the header say so.
     ready = account.state in ("ok", "refreshing", "store_degraded") and (left or 0) > 0
-    return web.json_response(
-        {"ready": ready, "state": account.state, "account": account.name},
-        status=200 if ready else 503,
-    )
+    doc: dict[str, Any] = {"ready": ready, "state": account.state, "account": account.name}
+    watch = request.app[SCHEDULER]
+    if not watch.ready:
+        doc.update(ready=False, reason="scheduler_stopped", scheduler=watch.status())
+    return web.json_response(doc, status=200 if doc["ready"] else 503)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -186,6 +164,7 @@ async def status(request: web.Request) -> web.Response:
         {key: d[key] for key in _SUMMARY if key in d}
         for d in (doc if a is chosen else _memory_status(request, a) for a in accounts)
     ]
+    doc["scheduler"] = request.app[SCHEDULER].status()  # the process's, not the account's
     return web.json_response(doc)
 
 
@@ -201,7 +180,8 @@ async def status_html(request: web.Request) -> web.Response:
         docs = [await _account_status(request, a) for a in accounts]
     else:
         docs = [_memory_status(request, a) for a in accounts]
-    page = status_page.render({"version": __version__, "accounts": docs})
+    scheduler = request.app[SCHEDULER].status()
+    page = status_page.render({"version": __version__, "accounts": docs, "scheduler": scheduler})
     return web.Response(text=page, headers=status_page.HEADERS)
 
 

@@ -50,6 +50,18 @@ class LiveAccount(Protocol):
     limiter: AccountLimiter
 
 
+class SchedulerView(Protocol):
+    """What the scrape-time collector reads of the refresh scheduler (server/background.py)."""
+
+    enabled: bool
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def errors(self) -> dict[str, int]: ...
+
+
 def resource_label(resource: str) -> str:
     return resource if resource in RESOURCES else "other"
 
@@ -140,9 +152,38 @@ class Metrics:
             self._response_children[account, status_class] = responses
         responses.inc()
 
+    def watch_scheduler(self, scheduler: SchedulerView) -> None:
+        """Export the scheduler's state and error counts (when it is meant to run at all)."""
+        self.registry.register(_SchedulerCollector(scheduler))
+
     def render(self) -> bytes:
         """Return the registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _SchedulerCollector(Collector):
+    """Read whether the refresh scheduler runs, and its errors by call, at scrape time."""
+
+    def __init__(self, scheduler: SchedulerView) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        scheduler = self._scheduler
+        if not scheduler.enabled:
+            return
+        yield GaugeMetricFamily(
+            "amo_broker_scheduler_running",
+            "1 while the task driving every account's proactive refresh runs; 0: it stopped.",
+            value=1.0 if scheduler.running else 0.0,
+        )
+        errors = CounterMetricFamily(
+            "amo_broker_scheduler_errors",
+            "Failed calls of the refresh scheduler (store reads, change waits, ticks), by call.",
+            labels=["call"],
+        )
+        for call, count in sorted(scheduler.errors.items()):
+            errors.add_metric([call], count)
+        yield errors
 
 
 class _LiveCollector(Collector):

@@ -78,10 +78,14 @@ def prefers_html(accept: str | None) -> bool:
 
 
 def render(doc: dict[str, Any], *, now: float | None = None) -> str:
-    """Render `{"version": …, "accounts": [full /status document, …]}` as a whole HTML page."""
+    """Render `{"version": …, "accounts": [full /status document, …], "scheduler": {…}}` as a
+    whole HTML page."""
     now = time.time() if now is None else now
     accounts = doc.get("accounts") or []
     states = ", ".join(f"{a.get('account')}: {a.get('state')}" for a in accounts)
+    scheduler = doc.get("scheduler") or {}
+    if scheduler.get("enabled") and not scheduler.get("running"):
+        states = f"scheduler stopped; {states}"
     body = "".join(_account(a, now) for a in accounts) or "<p>No account is configured.</p>"
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -91,7 +95,7 @@ def render(doc: dict[str, Any], *, now: float | None = None) -> str:
         f"<body><h1>amo-broker</h1><p class=muted>version {_e(doc.get('version'))} · "
         f"{_e(_clock(now))} · reloads every {REFRESH_SECONDS} s · "
         "the same data as <code>/status</code> (JSON)</p>"
-        f"{body}</body></html>\n"
+        f"{_scheduler(scheduler)}{body}</body></html>\n"
     )
 
 
@@ -161,6 +165,25 @@ def _account(a: dict[str, Any], now: float) -> str:
         f"<div><h3>amoCRM's answers</h3>{amocrm}</div></div>"
         f"<h3>Recent rotations</h3>{_rotations(a.get('recent_rotations') or [])}</section>"
     )
+
+
+def _scheduler(s: dict[str, Any]) -> str:
+    """The process's refresh scheduler: said only when it stopped or its store calls fail."""
+    if not s.get("enabled"):
+        return ""
+    if not s.get("running"):
+        return (
+            '<p class=error id=scheduler data-scheduler="stopped">The refresh scheduler '
+            f"stopped ({_e(s.get('stopped'))}): no token is refreshed before it expires. "
+            "Restart the process; see the log's <code>scheduler_stopped</code>.</p>"
+        )
+    if s.get("store_failing"):
+        return (
+            '<p class=warning id=scheduler data-scheduler="store_failing">The refresh '
+            f"scheduler cannot read the store ({_e(', '.join(s['store_failing']))}: "
+            f"{_e(s.get('last_error'))}); it retries with a back-off.</p>"
+        )
+    return ""
 
 
 def _problems(a: dict[str, Any]) -> str:

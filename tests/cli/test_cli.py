@@ -716,6 +716,20 @@ def test_the_summary_lists_warnings_and_every_account() -> None:
     )
 
 
+def test_the_summary_says_when_the_refresh_scheduler_stopped_or_cannot_read() -> None:
+    """`status --url` of a broker whose scheduler stopped says so, and what to do."""
+    from broker.cli.status_text import summary
+
+    base = {"account": "main", "state": "ok", "store": "s"}
+    stopped = {"enabled": True, "running": False, "stopped": "RuntimeError: a defect"}
+    line = next(r for r in summary({**base, "scheduler": stopped}).splitlines() if "STOPPED" in r)
+    assert "a defect" in line and "restart" in line
+    failing = {"enabled": True, "running": True, "store_failing": ["marks"], "last_error": "x"}
+    assert "store reads failing" in summary({**base, "scheduler": failing})
+    healthy = {"enabled": True, "running": True, "store_failing": []}
+    assert "scheduler" not in summary({**base, "scheduler": healthy})
+
+
 def test_the_status_summary_counts_a_thousand_accounts_and_names_the_troubled() -> None:
     """Past ten accounts the summary's accounts line counts them by state and names only
     those not ok, instead of a line a thousand entries long."""
