@@ -3,9 +3,13 @@
     BrokerError                   code                        HTTP  exit
     ├── ConfigError               config_error                500   2   a setting is wrong
     ├── StoreError                store_error                 503   2   the store is unusable
-    │   └── StoreLockedError      store_locked                503   2   a ciphertext won't open
+    │   ├── StoreLockedError      store_locked                503   2   a ciphertext won't open
+    │   └── PairRescuedError      pair_rescued                503   3   a granted pair is in a
+    │                                                                   rescue file, not stored
     ├── StaleWriteError           stale_write                 503   2   the row moved past us
     ├── NoTokensError             no_tokens                   503   2   nothing imported yet
+    ├── ImportRefusedError        import_refused              409   4   a spent token, or a live
+    │                                                                   pair it would replace
     ├── ReauthRequiredError       reauth_required             503   2   a person must re-authorise
     ├── TokenEndpointError        token_endpoint_unavailable  503   2   5xx, timeout, refused
     │   └── GrantRejectedError    grant_rejected              503   2   400/401 from the endpoint
@@ -58,6 +62,17 @@ class StoreLockedError(StoreError):
     code = "store_locked"
 
 
+class PairRescuedError(StoreError):
+    """The store never took a pair amoCRM granted: it is sealed in a rescue file instead.
+
+    The old refresh token is spent, so that file holds the only working pair; the message says
+    where, and the command that puts it into the store (`amo-broker import --rescued PATH`).
+    """
+
+    code = "pair_rescued"
+    exit_code = 3
+
+
 class StaleWriteError(BrokerError):
     """A compare-and-swap write found the pair's row at another generation than expected.
 
@@ -80,6 +95,15 @@ class NoTokensError(BrokerError):
 
     code = "no_tokens"
     http_status = 503
+
+
+class ImportRefusedError(BrokerError):
+    """An import that would kill the account: a refresh token the store knows as spent, or a
+    newer live pair it would replace without `--replace`, or a stale rescue file."""
+
+    code = "import_refused"
+    http_status = 409
+    exit_code = 4
 
 
 class ReauthRequiredError(BrokerError):

@@ -4,11 +4,14 @@ How `serve` ends (its signal handlers stay in place until it returns):
 - SIGTERM or SIGINT: new connections are refused and idle ones closed; requests in flight get
   DRAIN_SECONDS to finish, then are cut (`requests_cut`); a token refresh in flight is waited
   for (bounded by its lease and token-endpoint timeouts): amoCRM may have spent the old
-  refresh token, so its answer must reach the store. The store is closed; exit 0, cut or not.
+  refresh token, so its answer must reach the store. A pair the store still refuses is
+  written again for SETTLE_SECONDS (broker/tokens/landing.py), then sealed in a rescue file:
+  exit 3 (`pair_rescued`). The store is closed; otherwise exit 0, cut or not.
 - The same signal again while stopping: cut the requests now. A refresh still finishes.
 - SIGHUP: read the configuration again and add or remove the `[[accounts]]` it names
   (service.reload_accounts); every other setting is read at start only (the clients file is
-  re-read whenever it changes). Serving goes on undisturbed.
+  re-read whenever it changes). Serving goes on undisturbed. A removed account answers 404
+  at once and lands its refresh and unsaved pair in the background (or a rescue file).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ log = get_logger()
 # After SIGTERM, how long requests in flight may run before they are cut. A constant, not a
 # setting (config.py has no `[server] drain_seconds`). Give the service manager's stop timeout
 # (systemd TimeoutStopSec, docker's stop timeout, a pod's terminationGracePeriodSeconds) this
-# plus the refresh timeout and a margin, so its SIGKILL never lands on a refresh being stored.
+# plus 4 refresh timeouts plus SETTLE_SECONDS, so its SIGKILL never lands on a refresh being
+# stored or a refused pair being rescued.
 DRAIN_SECONDS = 10.0
 
 

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -39,6 +39,7 @@ from broker.store.api import Store
 from broker.store.opener import open_store
 from broker.tokens.endpoint import OAuthClient
 from broker.tokens.importing import bootstrap_from_env
+from broker.tokens.landing import SETTLE_SECONDS, Departures, Landing, rescue_error
 from broker.tokens.long_lived import account_manager
 from broker.tokens.manager import TokenManager
 from broker.tokens.probe import account_probe
@@ -77,6 +78,11 @@ class AccountRuntime:
     oauth: OAuthClient | None
     manager: TokenManager
 
+    @property
+    def landing(self) -> Landing:
+        """Its manager, and where a pair the store never takes is sealed."""
+        return Landing(self.manager, self.config.rescue_directory, self.store.location)
+
 
 @dataclass
 class Runtime:
@@ -87,6 +93,8 @@ class Runtime:
     oauth: OAuthClient | None
     manager: TokenManager
     accounts: dict[str, AccountRuntime]
+    # Accounts removed while serving, still landing what their store lacks (reload_accounts).
+    leaving: Departures = field(default_factory=lambda: Departures())
 
 
 @asynccontextmanager
@@ -98,6 +106,10 @@ async def open_runtime(
     `every_account` opens all of `[[accounts]]` (serve); commands act on one account. Every
     account shares the one store connection (SQLite) or pool (PostgreSQL) opened here, and
     they are opened side by side: start-up does not grow with a round trip per account.
+
+    Before the store closes, every refresh in flight lands, and so does every pair the store
+    still lacks (for SETTLE_SECONDS); one that does not is sealed in a rescue file, and
+    PairRescuedError (exit 3) says which and what to run, once the store is closed.
     """
     names = [a.name for a in config.accounts] if every_account else []
     names = names or [config.account]
@@ -113,10 +125,14 @@ async def open_runtime(
         )
         accounts = {account.config.account: account for account in opened}
         main = accounts[config.account]
+        runtime = Runtime(main.store, session, main.oauth, main.manager, accounts)
         try:
-            yield Runtime(main.store, session, main.oauth, main.manager, accounts)
+            yield runtime
         finally:
-            await asyncio.gather(*(account.manager.wait_idle() for account in accounts.values()))
+            landings = (account.landing for account in runtime.accounts.values())
+            unlanded = await runtime.leaving.land_all(landings, SETTLE_SECONDS)
+    if unlanded:
+        raise rescue_error(unlanded)
 
 
 async def open_account(
@@ -252,7 +268,8 @@ async def serve(
     """Run the broker until SIGTERM or SIGINT, then drain and stop; return the exit code.
 
     On SIGHUP, `reload` reads the configuration again, and the accounts it adds or removes
-    join or leave (reload_accounts); nothing else changes without a restart.
+    join or leave (reload_accounts); nothing else changes without a restart. A granted pair
+    the store never took by the stop raises PairRescuedError (exit 3) after its rescue.
     """
     require_c_parser()
     raise_open_files_limit()
@@ -343,7 +360,10 @@ async def reload_accounts(
     for name in removed:
         await remove_account(app, name)
         settings.pop(name, None)
-        await runtime.accounts.pop(name).manager.wait_idle()  # a refresh in flight lands
+        # New calls get 404 now; its refresh in flight and any pair the store lacks land in
+        # the background, for as long as its lease lasts, else go to a rescue file.
+        account = runtime.accounts.pop(name)
+        runtime.leaving.start(account.landing, account.manager.lease_seconds)
     log.info(
         "accounts_reloaded",
         added=added,

@@ -29,6 +29,7 @@ from broker.lifecycle import DRAIN_SECONDS
 from broker.service import build_app, caller_registry, open_runtime
 from broker.store.sealing import new_key
 from broker.tokens.endpoint import REQUEST_FACTOR
+from broker.tokens.landing import SETTLE_SECONDS
 from tests.conftest import Broker, ConfigFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +48,10 @@ KNOWN_ENV = {s.env for s in SETTINGS if s.env} | {
 DEFAULT_PORT = next(s.default for s in SETTINGS if s.env == "BROKER_PORT")
 IMAGE_UID = 10001
 # SIGTERM drains for DRAIN_SECONDS, then waits for a refresh in flight: up to REQUEST_FACTOR
-# refresh timeouts (README: "a stop timeout of at least 70 s").
+# refresh timeouts, then retries a pair the store refused for SETTLE_SECONDS before sealing it
+# in a rescue file (docs/operations.md: "a stop timeout of at least 80 s").
 REFRESH_TIMEOUT = next(s.default for s in SETTINGS if s.env == "BROKER_REFRESH_TIMEOUT")
-MIN_STOP_SECONDS = DRAIN_SECONDS + REQUEST_FACTOR * REFRESH_TIMEOUT
+MIN_STOP_SECONDS = DRAIN_SECONDS + REQUEST_FACTOR * REFRESH_TIMEOUT + SETTLE_SECONDS
 
 
 # -- reading the files ---------------------------------------------------------------------

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -19,22 +17,21 @@ from typing import Any, NoReturn
 
 from broker import __version__
 from broker.cli import authorize as cli_authorize
-from broker.cli import bulk_import
 from broker.cli import clients as cli_clients
+from broker.cli import imports as cli_imports
 from broker.cli import migrate as cli_migrate
 from broker.cli import notify as cli_notify
 from broker.cli import status as cli_status
 from broker.config.keyfile import write_key_file
 from broker.config.load import load_config
-from broker.config.model import BOOTSTRAP_ACCESS_ENV, BOOTSTRAP_REFRESH_ENV, Config
+from broker.config.model import Config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure_logging
 from broker.service import open_runtime, serve
-from broker.store.api import Store
-from broker.store.opener import open_store
 from broker.store.sealing import new_key
 from broker.timing import iso
-from broker.tokens.importing import import_pair, pair_from_import
+from broker.tokens.importing import import_pair
+from broker.tokens.landing import SETTLE_SECONDS, rescue_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,18 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write to this new file, mode 0600")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser(
-        "import",
-        parents=[common],
-        help="store an existing pair from AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN or stdin",
-    )
-    p.add_argument(
-        "--jsonl",
-        action="store_true",
-        help="many accounts at once: one JSON object a line on stdin "
-        '({"account": …, "refresh_token": …, "access_token": …})',
-    )
-    p.set_defaults(func=cmd_import)
+    cli_imports.register(sub, common, _config)
 
     p = sub.add_parser("exchange-code", parents=[common], help="trade an authorization code")
     p.add_argument("code", help="the authorization code, or - to read it from stdin")
@@ -207,96 +193,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    # AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN are this command's input, not account
-    # configuration: `--account` says whose they are, so they are taken out of the environment
-    # the configuration is read from (beside [[accounts]] it would refuse them as ambiguous).
-    environ = dict(os.environ)
-    if args.jsonl:
-        return _import_jsonl(args, environ)
-    refresh = environ.pop(BOOTSTRAP_REFRESH_ENV, "").strip()
-    access: str | None = environ.pop(BOOTSTRAP_ACCESS_ENV, "").strip() or None
-    config = _config(args, environ=environ)
-    if not refresh:
-        refresh, access = read_tokens_from_stdin()
-    return asyncio.run(_import(config, refresh, access))
-
-
-async def _import(config: Config, refresh: str, access: str | None) -> int:
-    async with open_store(config) as store:
-        await _check_key(store)  # a wrong key must fail before anything is overwritten
-        pair = pair_from_import(refresh, access, time.time())
-        generation = await import_pair(store, pair, reason="import", outcome="imported")
-        location = store.location  # the SQLite file, or PostgreSQL's URL without its password
-    _print_json(
-        {
-            "imported": True,
-            "generation": generation,
-            "refresh_token_fingerprint": pair.refresh_fingerprint,
-            "access_token_fingerprint": pair.access_fingerprint if access else None,
-            "store": location,
-        }
-    )
-    return 0
-
-
-def _import_jsonl(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    if args.account is not None:
-        raise ConfigError("import --jsonl: each line names its account; drop --account")
-    for name in (BOOTSTRAP_REFRESH_ENV, BOOTSTRAP_ACCESS_ENV):
-        environ.pop(name, None)  # the lines are this command's input
-    config = _config(args, environ=environ)
-    if sys.stdin is None or sys.stdin.isatty():
-        raise ConfigError(f"import --jsonl reads stdin: {bulk_import.FORMAT}")
-    entries = bulk_import.parse_lines(sys.stdin.read())
-    _print_json(asyncio.run(bulk_import.import_many(config, entries)))
-    return 0
-
-
-def read_tokens_from_stdin() -> tuple[str, str | None]:
-    """Read a refresh token (and optionally an access token) from stdin.
-
-    Accepts the token endpoint's JSON answer, `.env` lines (`AMOCRM_REFRESH_TOKEN=…`), or a
-    bare refresh token. On a terminal it asks without echo.
-    """
-    if sys.stdin is None:
-        raise ConfigError("no refresh token: set AMOCRM_REFRESH_TOKEN or pipe it on stdin")
-    if sys.stdin.isatty():
-        refresh = getpass.getpass("refresh token: ").strip()
-        access = getpass.getpass("access token (optional, Enter to skip): ").strip()
-        if not refresh:
-            raise ConfigError("no refresh token given")
-        return refresh, access or None
-    return parse_token_text(sys.stdin.read())
-
-
-def parse_token_text(text: str) -> tuple[str, str | None]:
-    """Parse the forms `import` takes on stdin; see read_tokens_from_stdin."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            raise ConfigError("stdin: looks like JSON but does not parse") from None
-        values = {k.lower(): v for k, v in doc.items() if isinstance(v, str)}
-    else:
-        values = {}
-        for line in text.splitlines():
-            name, sep, value = line.strip().removeprefix("export ").partition("=")
-            if sep:
-                key = name.strip().lower().removeprefix("amocrm_")
-                values[key] = value.strip().strip("'\"")
-        if not values and text and len(text.split()) == 1:
-            values["refresh_token"] = text
-    refresh = values.get("refresh_token", "").strip()
-    if not refresh:
-        raise ConfigError(
-            "no refresh token: set AMOCRM_REFRESH_TOKEN, or pipe JSON with refresh_token, "
-            ".env lines or the bare token on stdin"
-        )
-    return refresh, values.get("access_token", "").strip() or None
-
-
 def cmd_exchange_code(args: argparse.Namespace) -> int:
     config = _config(args)
     code = sys.stdin.read().strip() if args.code == "-" else args.code.strip()
@@ -330,6 +226,15 @@ async def _refresh(config: Config) -> int:
     async with open_runtime(config) as runtime:
         before = runtime.manager.generation
         stored = await runtime.manager.refresh("manual", bounded=False)
+        if runtime.manager.store_degraded:
+            # The refresh token is spent and the store refused the new pair: retry the write
+            # for a bound; if it never lands, the pair goes to a rescue file and this exits 3
+            # saying what to run. Never "refreshed" over a store that has not got it.
+            landing = runtime.accounts[config.account].landing
+            unlanded = await runtime.leaving.land_all([landing], SETTLE_SECONDS)
+            if unlanded:
+                raise rescue_error(unlanded)
+            stored = runtime.manager.pair_state.held or stored  # with the store's generation
         _print_json(
             {
                 # False when another process rotated first and this command adopted its pair:
@@ -360,7 +265,3 @@ def cmd_backup(args: argparse.Namespace) -> int:
     config = _config(args)
     print(backup_store(config.db_path, args.path).summary())
     return 0
-
-
-async def _check_key(store: Store) -> None:
-    await store.load()

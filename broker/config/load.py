@@ -77,6 +77,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "timeout_seconds", "BROKER_STORE_TIMEOUT", parse.seconds_in(1, 300), 10.0),
     # PostgreSQL: connections one process keeps for all its accounts (plus one to LISTEN).
     Setting("store", "pool_size", "BROKER_STORE_POOL_SIZE", parse.int_in(1, 50), 4),
+    # Where a pair the store refused is sealed for `import --rescued` (default: store.path's
+    # directory, for PostgreSQL too).
+    Setting("store", "rescue_dir", "BROKER_RESCUE_DIR", parse.path),
     Setting("refresh", "margin_seconds", "BROKER_REFRESH_MARGIN", parse.seconds, 600.0),
     Setting("refresh", "timeout_seconds", "BROKER_REFRESH_TIMEOUT", parse.seconds, 15.0),
     Setting("proxy", "timeout_seconds", "BROKER_UPSTREAM_TIMEOUT", parse.seconds, 60.0),
@@ -209,6 +212,11 @@ def load_config(
         store_url=values["store.url"],
         store_timeout=values["store.timeout_seconds"],
         store_pool_size=values["store.pool_size"],
+        rescue_dir=_beside(
+            source,
+            values["store.rescue_dir"],
+            from_file="store.rescue_dir" not in flags and "BROKER_RESCUE_DIR" not in env,
+        ),
         notify=_notify(values, source, from_file="BROKER_NOTIFY_SECRET_FILE" not in env),
     )
     token_file = _beside(source, values["amocrm.long_lived_token_file"], from_file=True)
@@ -257,7 +265,7 @@ def _with_accounts(
 
 # The single account's variables: with [[accounts]] they would be ambiguous. (`import` takes
 # AMOCRM_REFRESH_TOKEN / AMOCRM_ACCESS_TOKEN as its input, for the account `--account` names,
-# and reads the configuration without them: broker/cli/main.py cmd_import.)
+# and reads the configuration without them: broker/cli/imports.py cmd_import.)
 _SINGLE_ACCOUNT_ENV = (
     "AMOCRM_BASE_URL",
     "AMOCRM_CLIENT_ID",

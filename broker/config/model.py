@@ -141,6 +141,7 @@ class Config:
     store_url: str | None = field(default=None, repr=False)
     store_timeout: float = 10.0  # seconds one PostgreSQL store call may take
     store_pool_size: int = 4  # PostgreSQL connections per process, for all accounts
+    rescue_dir: Path | None = None  # where refused pairs are sealed; None: db_path's directory
     notify: NotifySettings = field(default_factory=lambda: NotifySettings())
 
     @property
@@ -148,6 +149,11 @@ class Config:
         """Where this account's state changes are posted: its own URLs, else [notify]'s."""
         own = next((a.notify_urls for a in self.accounts if a.name == self.account), None)
         return self.notify.urls if own is None else own
+
+    @property
+    def rescue_directory(self) -> Path:
+        """Where a pair the store refused is sealed for `import --rescued`."""
+        return self.rescue_dir or self.db_path.parent
 
     @property
     def loopback_only(self) -> bool:

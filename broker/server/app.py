@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker import __version__
 from broker.config.model import LimitSettings
+from broker.errors import StoreError
 from broker.server import status_page, token_shim
 from broker.server.accounts import (
     PARTS,
@@ -199,8 +200,18 @@ _SUMMARY = (
 
 
 async def _account_status(request: web.Request, account: Account) -> dict[str, Any]:
-    """One account's whole document: what the store says, under what this process knows."""
-    return _memory_status(request, account, await store_status(account.manager.store))
+    """One account's whole document: what the store says, under what this process knows.
+
+    A store that cannot be read leaves the document from memory, with the store's error: the
+    status is most wanted exactly when the store fails, and the process still knows its pair.
+    """
+    try:
+        store_doc = await store_status(account.manager.store)
+    except StoreError as exc:
+        doc = _memory_status(request, account)
+        doc["store_error"] = exc.message
+        return doc
+    return _memory_status(request, account, store_doc)
 
 
 def _memory_status(

@@ -192,6 +192,8 @@ def _problems(a: dict[str, Any]) -> str:
         parts.append(f"<p class=error>Last error: {_e(a['last_error'])}</p>")
     if a.get("store_degraded"):
         parts.append("<p class=warning>The pair in use is not persisted (store degraded).</p>")
+    if a.get("store_error"):
+        parts.append(f"<p class=error>The store cannot be read: {_e(a['store_error'])}</p>")
     parts += [f"<p class=warning>Warning: {_e(w)}</p>" for w in a.get("warnings") or []]
     return "".join(parts)
 

@@ -115,6 +115,8 @@ class StoreDump:
     hosts: list[tuple[Any, ...]] = field(default_factory=list)  # renamed subdomains
     # The outcome counters (history.COUNT_COLUMNS): all-time, so more than the rows copied.
     counts: list[tuple[Any, ...]] = field(default_factory=list)
+    # The spent refresh tokens (history.SPENT_COLUMNS), some older than the rows copied.
+    spent: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 # How long a claimed notification is remembered: a restart within it does not send it again.
@@ -153,6 +155,14 @@ class Store(Protocol):
         ...
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]: ...
+
+    async def was_spent(self, refresh_fingerprint: str) -> bool:
+        """Say whether the history records this account's refresh token as spent: rotated
+        away, refused, or the stored one under a persisted reauth_required (history.py).
+
+        Every import asks before writing: an old pair put over the live one kills the account.
+        """
+        ...
 
     async def outcome_counts(self) -> dict[str, int]: ...
 

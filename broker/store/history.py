@@ -18,6 +18,15 @@ Why this shape:
   so the newest entries of every account cannot be edited or removed.
 - Compaction deletes one entry per statement, oldest first: the trigger's "the oldest of its
   account" check then holds whatever order a backend would process a multi-row DELETE in.
+- Compaction must not forget which refresh tokens were spent (an import of one would put a
+  dead token over the live pair): `spent_tokens` (account, fingerprint, spent_at) is kept by
+  a trigger on `rotations`, apart from the history, so it outlives the entries compaction
+  deletes. An entry is a rotation's old refresh token (not when amoCRM kept it: old = new),
+  or a refused one (`rejected`). Imports, re-keys and transient failures spend nothing. It is
+  pruned after `SPENT_DAYS`: a token spent that long ago was issued earlier still, past the
+  three months amoCRM's refresh tokens live, so it is dead whatever the store says. `was_spent`
+  reads it by primary key, and also calls the stored token spent while a persisted
+  `reauth_required` is about it (a refusal or a revocation whose history row is missing).
 """
 
 from __future__ import annotations
@@ -27,6 +36,18 @@ from typing import Any
 KEEP_ENTRIES = 10_000  # per account; the schemas' delete triggers embed the same number
 COMPACT_BATCH = 100  # entries one append deletes at most
 COUNT_COLUMNS = ("account", "outcome", "count")  # what `migrate-store` copies of the counters
+# How long a spent refresh token is remembered (amoCRM's refresh tokens live three months);
+# the schemas' spent triggers embed it in seconds (7948800), as they embed KEEP_ENTRIES.
+SPENT_DAYS = 92
+SPENT_COLUMNS = ("account", "fingerprint", "spent_at")
+# Whether the account's refresh token with the given fingerprint is spent: params (account,
+# fingerprint, account, fingerprint); `?` is the backend's placeholder.
+WAS_SPENT = (
+    "SELECT 1 FROM spent_tokens WHERE account = ? AND fingerprint = ? "
+    "UNION ALL SELECT 1 FROM tokens t JOIN account_state s ON s.account = t.account "
+    "WHERE t.account = ? AND t.refresh_fp = ? AND s.state = 'reauth_required' "
+    "AND s.generation >= t.generation"
+)
 
 
 async def compact(db: Any, account: str, mark: str) -> int:

@@ -163,12 +163,15 @@ def holder_id() -> str:
 def lost_answer_note(taken_over: Lease | None, generation: int) -> str:
     """Explain a refused refresh when the lease we took over was for this same generation.
 
-    Its holder died mid-refresh, after taking the lease: if amoCRM had already answered it,
-    the refresh token we just sent was spent by that answer, which nobody stored.
+    Its holder stopped mid-refresh, after taking the lease: if amoCRM had already answered it,
+    the refresh token we just sent was spent by that answer, which nobody stored. Whether the
+    holder died is said only when known (a local pid that is gone); a lease may also lapse
+    under a live holder, or one whose death cannot be seen from here (another host).
     """
     if taken_over is None or taken_over.generation != generation:
         return ""
+    why = "the process died" if not is_alive(taken_over.holder) else "its lease lapsed first"
     return (
-        f"; a refresh of generation {generation} by {taken_over.holder} did not finish (the "
-        "process died), so amoCRM's answer to it was probably lost"
+        f"; a refresh of generation {generation} by {taken_over.holder} did not finish ({why}), "
+        "so amoCRM's answer to it was probably lost"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from broker.errors import StaleWriteError, StoreError
 from broker.logs import get_logger, redactor
@@ -49,6 +50,8 @@ class PairKeeper:
         # Told when this account's next own work may have moved (a refresh ended, a pair was
         # adopted, a refusal declared): the scheduler plans its next tick anew.
         self.on_due_change: Callable[[], None] | None = None
+        # Where broker/tokens/rescue.py sealed the unsaved pair, when the store never took it.
+        self.rescued: Path | None = None
 
     def _due_changed(self) -> None:
         if self.on_due_change is not None:
@@ -57,6 +60,11 @@ class PairKeeper:
     @property
     def generation(self) -> int:
         return self._state.generation
+
+    @property
+    def pair_state(self) -> PairState:
+        """Everything this process knows of the pair (frozen): what a rescue file keeps."""
+        return self._state
 
     @property
     def pair(self) -> TokenPair | None:
@@ -82,6 +90,11 @@ class PairKeeper:
     def reauth_reason(self) -> str | None:
         return self._state.reauth
 
+    @property
+    def holds_news(self) -> bool:
+        """Say whether the store lacks what this process knows (see _holds_news)."""
+        return self._holds_news()
+
     def _holds_news(self) -> bool:
         """Say whether this process knows what the store does not: an unsaved pair, or a
         refusal it could not record. Either way it keeps the lease until the store has it."""
@@ -96,6 +109,16 @@ class PairKeeper:
         token, self._lease = self._lease, None
         if token is not None:
             await quietly(self.store.release_lease(token))
+
+    async def hand_over(self, path: Path) -> None:
+        """The unsaved pair is sealed in a rescue file at `path`: give the lease back.
+
+        The file keeps the pair now. Holding the lease longer would only keep this account's
+        refreshes waiting for nothing (an account added back, another process): the stored
+        token is spent either way, and `import --rescued` writes over it whatever happened.
+        """
+        self.rescued = path
+        await self._release_lease()
 
     async def _let_go(self) -> None:
         """Release the lease once the store has all this process knows, unless a refresh of

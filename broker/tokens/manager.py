@@ -60,6 +60,9 @@ class TokenManager(PairKeeper):
         self._refresher = refresher
         self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
+        # Set when the account leaves or the process ends (broker/tokens/landing.py): what
+        # the store lacks is still written, but no proactive refresh starts.
+        self.leaving = False
 
     # -- what the proxy and /status read --------------------------------------------------
 
@@ -150,6 +153,12 @@ class TokenManager(PairKeeper):
         task = self._inflight
         if task is not None and not task.done():
             await asyncio.gather(task, return_exceptions=True)
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long the refresh lease this process takes lasts: an account leaving keeps
+        writing an unsaved pair for that long (broker/service.py reload_accounts)."""
+        return self._lease_seconds()
 
     # -- refreshing -------------------------------------------------------------------------
 
@@ -350,7 +359,7 @@ class TokenManager(PairKeeper):
             await self._keep_lease(self._lease_seconds())
         if await self.store.generation() > self._state.durable or self._state.reauth:
             await self._follow(await self.store.load(), announce=True)
-        if rules.refresh_due(self._state, self._clock.monotonic()):
+        if not self.leaving and rules.refresh_due(self._state, self._clock.monotonic()):
             await self.refresh("expiry")
 
     def seconds_until_due(self) -> float:

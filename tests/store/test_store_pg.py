@@ -312,7 +312,8 @@ async def test_every_account_shares_the_pool_and_a_wait_for_it_is_bounded(
     pg_url: str, key: str, sandbox: Sandbox
 ) -> None:
     """Fifty accounts' views of one store open at most pool_size connections; a call that
-    finds them all busy waits within the store's bound, then fails with a StoreError."""
+    finds them busy waits within the store's bound, then fails with a StoreError; a granted
+    pair's write takes the connection kept for it."""
     sealer = Sealer(decode_key(key, "key"))
     store = await PgTokenStore.open(pg_url, sealer, account="a0", bound=1.0, pool_size=2)
     try:
@@ -327,12 +328,17 @@ async def test_every_account_shares_the_pool_and_a_wait_for_it_is_bounded(
                 "AND application_name = 'amo-broker'"
             ).fetchone()
         assert found is not None and found[0] <= 2
-        async with views[1]._session(), views[2]._session():  # both held, as by hung calls
+        async with views[1]._session():  # held, as by a hung call: one is kept for writes
             started = time.monotonic()
-            with pytest.raises(StoreError, match="all 2 store connections stayed busy"):
+            with pytest.raises(StoreError, match="1 of its 2 store connections open to ordinary"):
                 await views[3].generation()
             assert time.monotonic() - started < 5  # the 1 s bound, not forever
-        assert await views[3].generation() == 1  # free again: served
+            pair = pair_from_sandbox(sandbox)
+            assert await views[3].store_pair(pair, reason="x", expected_generation=1) == 2
+            async with views[2]._pool.session(urgent=True):  # the kept one held too
+                with pytest.raises(StoreError, match="all 2 store connections stayed busy"):
+                    await views[4].set_state("reauth_required", "refused", 1)
+        assert await views[3].generation() == 2  # free again: served
     finally:
         await store.close()
 

@@ -329,3 +329,26 @@ async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], name: str) ->
     cursor = await conn.execute(f"SHOW {name}")
     row = await cursor.fetchone()
     return str(row[0]) if row else ""
+
+
+async def test_after_a_silent_path_every_pooled_connection_is_replaced(
+    relayed_config: Config, relay: Relay, sandbox: Sandbox
+) -> None:
+    """Once a call's cutoff fired, the idle connections of the same path are replaced too:
+    calls made side by side after the path came back all answer.
+
+    The old pool replaced only the connection whose call was cut; an idle one the relay had
+    forgotten as well hung the next call that took it until its own bound.
+    """
+    async with open_store(relayed_config) as store:
+        await store.store_pair(pair_from_sandbox(sandbox), reason="import", outcome="imported")
+        await asyncio.gather(*(store.generation() for _ in range(4)))  # all 4 connections open
+        relay.silence()
+        with pytest.raises(StoreError):
+            await guarded(store.generation(), "a call on the silent path")
+        relay.resume()
+        answers = await guarded(
+            asyncio.gather(*(store.generation() for _ in range(4)), return_exceptions=True),
+            "the calls after resume",
+        )
+        assert answers == [1] * 4

@@ -3,8 +3,9 @@
 The same rows, ciphertexts and rules as the SQLite store (broker/store/sqlite/backend.py); what
 changes is how writers take turns and how they hear of each other:
 - Every write is one short transaction that first takes a transaction-level advisory lock
-  for its account (released by COMMIT or by the death of the connection), then re-reads the
-  rows it decides on with SELECT … FOR UPDATE. No transaction is ever open across the call to
+  for its account (released by COMMIT or by the death of the connection; tried, never waited
+  for on a pooled connection: pool.py), then re-reads the rows it decides on with
+  SELECT … FOR UPDATE. No transaction is ever open across the call to
   amoCRM: the refresh lease (a row with holder and expiry) spans that call instead.
 - A lease is taken over only when it has expired. A pid tells nothing about a process on
   another host, and containers often share host names and pids, so SQLite's "dead local pid"
@@ -24,8 +25,7 @@ changes is how writers take turns and how they hear of each other:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import psycopg
@@ -45,11 +45,12 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
+from broker.store.history import WAS_SPENT
 from broker.store.history import append as append_entry
 from broker.store.lease import Lease
 from broker.store.postgres.connection import DEFAULT_TIMEOUT, Conn, Cutoff, connect
 from broker.store.postgres.pool import CHANNEL, DEFAULT_POOL_SIZE, PgConnections, reason
-from broker.store.postgres.schema import ACCOUNT_LOCK, migrate
+from broker.store.postgres.schema import migrate
 from broker.store.postgres.side import LEASE_COLUMNS, PgSideTables
 from broker.store.sealing import Sealer
 
@@ -121,17 +122,16 @@ class PgTokenStore(PgSideTables):
         """Lend a pooled connection for one call bounded by the store timeout (pool.py)."""
         return self._pool.session(extra)
 
-    @asynccontextmanager
-    async def transaction(self, extra: float = 0.0) -> AsyncIterator[Conn]:
+    def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
         """Run one write transaction for this account, holding its advisory lock until COMMIT.
 
         `extra`: seconds beyond the store's bound, for a bulk copy (`migrate-store`).
+        `urgent`: a write that must not be lost (a granted pair, a refusal), served before
+        other accounts' calls (pool.py, slots.py).
         """
-        async with self._session(extra) as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ACCOUNT_LOCK, self.account)
-            )
-            yield conn
+        return self._pool.transaction(self.account, extra, urgent=urgent)
 
     async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
         async with self._session() as conn:
@@ -191,6 +191,11 @@ class PgTokenStore(PgSideTables):
         )
         return [history_entry(row) for row in rows]
 
+    async def was_spent(self, refresh_fingerprint: str) -> bool:
+        """Say whether the history records this refresh token as spent (primary-key reads)."""
+        params = (self.account, refresh_fingerprint) * 2
+        return await self._one(WAS_SPENT.replace("?", "%s"), params) is not None
+
     async def outcome_counts(self) -> dict[str, int]:
         """Count every history event ever appended, by outcome, from the counters (O(1))."""
         rows = await self._all(
@@ -217,7 +222,7 @@ class PgTokenStore(PgSideTables):
         """
         now = time.time() if now is None else now
         sealed = seal_pair(self.sealer, self.account, pair)
-        async with self.transaction() as db:
+        async with self.transaction(urgent=True) as db:
             cursor = await db.execute(
                 "SELECT generation, refresh_fp, key_id FROM tokens WHERE account = %s FOR UPDATE",
                 (self.account,),
@@ -266,7 +271,7 @@ class PgTokenStore(PgSideTables):
     async def set_state(self, state: str, reason: str, generation: int) -> bool:
         """Persist a state all processes honour, about the pair at `generation`; it holds until
         a new pair is stored. Refused (False) once a newer pair is stored: it is not about it."""
-        async with self.transaction() as db:
+        async with self.transaction(urgent=True) as db:
             cursor = await db.execute(
                 "SELECT generation FROM tokens WHERE account = %s FOR UPDATE", (self.account,)
             )

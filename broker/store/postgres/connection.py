@@ -4,9 +4,10 @@ A NAT or a load balancer that forgets an idle flow says nothing: no reset, no FI
 sent into such a path is never seen by the server, so its statement_timeout cannot help; the
 call would wait forever, holding the store's connection, while a granted pair waits to be
 committed. Three layers, each a backstop for the one before:
-- the server's own timeouts end what it does see: statement_timeout, lock_timeout (which also
-  bounds the wait for an account's advisory lock) and idle_in_transaction_session_timeout,
-  which frees the locks of a client that vanished mid-transaction;
+- the server's own timeouts end what it does see: statement_timeout, lock_timeout (a row
+  lock's wait; an account's advisory lock is only ever tried, pool.py) and
+  idle_in_transaction_session_timeout, which frees the locks of a client that vanished
+  mid-transaction;
 - TCP keepalives and tcp_user_timeout let the kernel give up on a peer that stopped answering
   (the LISTEN connection, idle by design, only ever learns of a dead path this way);
 - `Cutoff`: the client's own bound on each store call. When it passes, the connection's socket
@@ -35,6 +36,8 @@ from broker.store.postgres.schema import SCHEMA
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 DEFAULT_TIMEOUT = 10.0  # seconds a store call may take, from its turn on the connection to its end
+# The part of the bound a call may wait for a lock: the rest is for its statements.
+LOCK_SHARE = 0.3
 # Probe an idle connection after 10 s, every 5 s, 3 times: a dead path is noticed in ~25 s.
 KEEPALIVES = {
     "keepalives": 1,
@@ -56,7 +59,7 @@ def conninfo(url: str, bound: float) -> str:
         "application_name": "amo-broker",
     }
     server = (
-        f"-c statement_timeout={_ms(bound / 2)} -c lock_timeout={_ms(bound * 0.3)} "
+        f"-c statement_timeout={_ms(bound / 2)} -c lock_timeout={_ms(bound * LOCK_SHARE)} "
         f"-c idle_in_transaction_session_timeout={_ms(bound * 2)}"
     )
     # A later -c wins: the URL's own options override the timeouts, never the schema.

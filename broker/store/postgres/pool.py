@@ -6,6 +6,16 @@ borrows from one small pool (`[store] pool_size`, default 4) and hears of other 
 commits through one LISTEN connection, which fans each notification out to its account:
 pool_size + 1 connections per process, whatever the number of accounts.
 
+Because the connections are shared, no account's call may hold one while it waits for
+something another account's call cannot speed up. An account's write transaction takes the
+account's advisory lock with pg_try_advisory_xact_lock and, when another session holds it,
+ends the attempt, lends the connection back and tries again shortly, until its share of the
+bound. A blocking pg_advisory_xact_lock (bounded by lock_timeout) held the connection for the
+whole wait: with a replica's transaction stuck on twenty accounts' locks, their lease
+attempts took turns on every connection, for seconds each, and a granted pair's commit
+queued behind them past the bound (R6: store_degraded, then a lapsed lease and a double
+spend). Which call gets the next free connection is slots.py's rule: urgent calls first.
+
 Why not psycopg_pool: every store call here is bounded from its start (waiting for a free
 connection included) and a call that outlives its bound has its socket shut down
 (connection.py's `Cutoff`), so that a silent network path fails the call at once instead of
@@ -25,13 +35,19 @@ import psycopg
 from broker.config.parsers import masked_url
 from broker.errors import StoreError
 from broker.logs import get_logger
-from broker.store.postgres.connection import Conn, Cutoff, connect
+from broker.store.postgres.connection import LOCK_SHARE, Conn, Cutoff, connect
+from broker.store.postgres.schema import ACCOUNT_LOCK
+from broker.store.postgres.slots import Lender
 
 log = get_logger()
 
 CHANNEL = "amo_broker_tokens"
 LISTEN_RETRY_MAX = 30.0
 DEFAULT_POOL_SIZE = 4
+# Seconds between tries for an account's lock held elsewhere: short first (the usual holder
+# is another replica's write of a few milliseconds), then 4 a second (a lock stuck elsewhere).
+LOCK_RETRY_FIRST = 0.005
+LOCK_RETRY_MAX = 0.25
 
 
 class _Slot:
@@ -49,10 +65,9 @@ class PgConnections:
         self.url = url
         self.bound = bound
         self.size = max(1, size)
-        self._free: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
-        # The open connection first (LIFO: the warm one is reused while traffic is light).
-        for slot in [_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)]:
-            self._free.put_nowait(slot)
+        # The open connection last: lent first (a stack), the warm one reused while it can be.
+        self._all = [_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)]
+        self._slots = Lender(list(self._all))
         self._listener: asyncio.Task[None] | None = None
         self._events: dict[str, asyncio.Event] = {}  # account -> "a pair was committed"
         self._changed: set[str] = set()
@@ -70,28 +85,33 @@ class PgConnections:
             self._listener.cancel()
             with suppress(asyncio.CancelledError):
                 await self._listener
-        while not self._free.empty():
-            slot = self._free.get_nowait()
+        self._slots.fail_waiters(StoreError(f"store {self.location}: closed"))
+        for slot in self._slots.idle():
             if slot.conn is not None:
                 with suppress(psycopg.Error, OSError):
                     await slot.conn.close()
 
     @asynccontextmanager
-    async def session(self, extra: float = 0.0) -> AsyncIterator[Conn]:
+    async def session(
+        self, extra: float = 0.0, *, urgent: bool = False, deadline: float | None = None
+    ) -> AsyncIterator[Conn]:
         """Lend a connection for one call of at most the store timeout; errors: StoreError.
 
-        The bound runs from the call's start, so calls queued behind busy connections fail
-        in time too. A connection the server dropped, or a Cutoff shut, is replaced first.
+        The bound runs from the call's start (`deadline`, when the call began earlier), so
+        calls queued behind busy connections fail in time too. `urgent`: a write that must
+        not be lost, served before the others (slots.py). A connection the server dropped,
+        or a Cutoff shut, is replaced first.
         """
         if self._closed:
             raise StoreError(f"store {self.location}: closed")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.bound + extra
+        if deadline is None:
+            deadline = loop.time() + self.bound + extra
         try:
             async with asyncio.timeout_at(deadline):
-                slot = await self._free.get()
+                slot = await self._slots.borrow(urgent)
         except TimeoutError:
-            raise self.no_answer(f"all {self.size} store connections stayed busy") from None
+            raise self.no_answer(self._busy(urgent)) from None
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -109,9 +129,54 @@ class PgConnections:
                 raise StoreError(f"store {self.location}: {reason(exc)}") from None
             finally:
                 cutoff.cancel()
-                slot.cut = slot.cut or cutoff.fired
+                if cutoff.fired:
+                    # A path that went silent for this connection went silent for its idle
+                    # siblings too (a NAT forgets every flow): replace each on its next use,
+                    # rather than let the next calls hang on them for a bound each.
+                    for each in self._all:
+                        each.cut = True
         finally:
-            self._free.put_nowait(slot)
+            self._slots.give_back(slot, urgent)
+
+    @asynccontextmanager
+    async def transaction(
+        self, account: str, extra: float = 0.0, *, urgent: bool = False
+    ) -> AsyncIterator[Conn]:
+        """Run one transaction holding `account`'s advisory lock until COMMIT (module doc).
+
+        While another session holds the lock, each try ends at once and gives its connection
+        back; after LOCK_SHARE of the bound the call fails, as lock_timeout would end it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bound + extra
+        give_up = loop.time() + self.bound * LOCK_SHARE + extra
+        delay = LOCK_RETRY_FIRST
+        while True:
+            async with self.session(urgent=urgent, deadline=deadline) as conn:
+                async with conn.transaction():
+                    cursor = await conn.execute(
+                        "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                        (ACCOUNT_LOCK, account),
+                    )
+                    locked = await cursor.fetchone()
+                    if locked is not None and locked[0]:
+                        yield conn
+                        return
+            if loop.time() + delay > give_up:
+                raise StoreError(
+                    f"store {self.location}: account {account}'s lock stayed held by another "
+                    f"session for {self.bound * LOCK_SHARE + extra:g}s (lock timeout)"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LOCK_RETRY_MAX)
+
+    def _busy(self, urgent: bool) -> str:
+        if urgent or not self._slots.reserved:
+            return f"all {self.size} store connections stayed busy"
+        return (
+            f"the {self.size - self._slots.reserved} of its {self.size} store connections "
+            "open to ordinary calls stayed busy"
+        )
 
     async def _connection(self, slot: _Slot) -> Conn:
         """The slot's connection: a new one if it has none, or it was dropped or cut off."""

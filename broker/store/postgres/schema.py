@@ -166,6 +166,38 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             seq BIGINT NOT NULL
         )""",
     ),
+    7: (
+        # As SQLite's migration 10: the refresh tokens the history spent, kept past compaction
+        # and pruned after 92 days (history.SPENT_DAYS, 7948800 s).
+        """CREATE TABLE spent_tokens (
+            account TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            spent_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (account, fingerprint)
+        )""",
+        "CREATE INDEX spent_tokens_age ON spent_tokens (account, spent_at)",
+        """INSERT INTO spent_tokens (account, fingerprint, spent_at)
+           SELECT account, old_fingerprint, max(at) FROM rotations
+           WHERE old_fingerprint IS NOT NULL AND (outcome = 'rejected'
+             OR (outcome = 'rotated' AND old_fingerprint IS DISTINCT FROM new_fingerprint))
+           GROUP BY account, old_fingerprint""",
+        f"""CREATE FUNCTION rotations_spent() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.old_fingerprint IS NOT NULL AND (NEW.outcome = 'rejected'
+                OR (NEW.outcome = 'rotated'
+                    AND NEW.old_fingerprint IS DISTINCT FROM NEW.new_fingerprint)) THEN
+               INSERT INTO {SCHEMA}.spent_tokens AS s (account, fingerprint, spent_at)
+               VALUES (NEW.account, NEW.old_fingerprint, NEW.at)
+               ON CONFLICT (account, fingerprint)
+               DO UPDATE SET spent_at = greatest(s.spent_at, EXCLUDED.spent_at);
+               DELETE FROM {SCHEMA}.spent_tokens
+               WHERE account = NEW.account AND spent_at < NEW.at - 7948800;
+             END IF;
+             RETURN NULL;
+           END $$""",  # noqa: S608 -- constant names
+        """CREATE TRIGGER rotations_spent AFTER INSERT ON rotations
+           FOR EACH ROW EXECUTE FUNCTION rotations_spent()""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

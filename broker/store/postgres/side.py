@@ -45,7 +45,9 @@ class PgSideTables:
 
     account: str
 
-    def transaction(self, extra: float = 0.0) -> AbstractAsyncContextManager[Conn]:
+    def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AbstractAsyncContextManager[Conn]:
         raise NotImplementedError  # PgTokenStore's
 
     async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
@@ -97,8 +99,12 @@ class PgSideTables:
         return int(row[0])
 
     async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
-        """Extend exactly `token`'s lease while it is live on the database's clock; else False."""
-        async with self.transaction() as db:
+        """Extend exactly `token`'s lease while it is live on the database's clock; else False.
+
+        Urgent (pool.py): the holder renews while it keeps a pair the store lacks, and a lease
+        that lapsed behind other accounts' calls would let a replica spend the same token.
+        """
+        async with self.transaction(urgent=True) as db:
             cursor = await db.execute(
                 f"UPDATE leases SET expires_at = {DB_NOW} + %s "  # noqa: S608 -- constant
                 f"WHERE account = %s AND holder = %s AND seq = %s AND expires_at > {DB_NOW}",
@@ -246,7 +252,8 @@ class PgSideTables:
         # The store's bound is for one pair's write; a long history takes longer to copy.
         async with self.transaction(extra=copied / ROWS_PER_SECOND) as db:
             await db.execute(
-                "LOCK TABLE tokens, rotations, account_state, rotation_counts, account_hosts "
+                "LOCK TABLE tokens, rotations, account_state, rotation_counts, account_hosts, "
+                "spent_tokens "
                 "IN EXCLUSIVE MODE"
             )
             for table in (
@@ -286,6 +293,16 @@ class PgSideTables:
                         "VALUES (%s, %s, %s, 0) ON CONFLICT (account, outcome) "
                         "DO UPDATE SET count = EXCLUDED.count",
                         row,
+                    )
+            # The rows' trigger recorded what the copied history spent; the source also knows
+            # what its compacted entries spent.
+            if dump.spent:
+                async with db.cursor() as spent:
+                    await spent.executemany(
+                        "INSERT INTO spent_tokens AS s (account, fingerprint, spent_at) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (account, fingerprint) "
+                        "DO UPDATE SET spent_at = greatest(s.spent_at, EXCLUDED.spent_at)",
+                        dump.spent,
                     )
             cursor = await db.execute("SELECT account, generation FROM tokens ORDER BY account")
             return {

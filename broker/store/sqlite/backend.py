@@ -45,6 +45,7 @@ from broker.store.api import (
     seal_pair,
     token_row,
 )
+from broker.store.history import WAS_SPENT
 from broker.store.history import append as append_entry
 from broker.store.lease import BootClock, SystemBootClock
 from broker.store.sealing import Sealer
@@ -212,6 +213,11 @@ class TokenStore(SideTables):
             (self.account, limit),
         )
         return [history_entry(tuple(row)) for row in rows]
+
+    async def was_spent(self, refresh_fingerprint: str) -> bool:
+        """Say whether the history records this refresh token as spent (primary-key reads)."""
+        params = (self.account, refresh_fingerprint) * 2
+        return await self._row(WAS_SPENT, params) is not None
 
     async def outcome_counts(self) -> dict[str, int]:
         """Count every history event ever appended, by outcome, from the counters (O(1))."""

@@ -165,6 +165,35 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             seq INTEGER NOT NULL
         )""",
     ),
+    10: (
+        # The refresh tokens the history spent, kept apart from it so that compaction never
+        # forgets one (broker/store/history.py): a rotation's old token unless amoCRM kept
+        # it, or a refused one. Filled by trigger, by whatever path appends; pruned after 92
+        # days (history.SPENT_DAYS, 7948800 s), past a refresh token's three-month life.
+        """CREATE TABLE spent_tokens (
+            account TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            spent_at REAL NOT NULL,
+            PRIMARY KEY (account, fingerprint)
+        )""",
+        "CREATE INDEX spent_tokens_age ON spent_tokens (account, spent_at)",
+        """INSERT INTO spent_tokens (account, fingerprint, spent_at)
+           SELECT account, old_fingerprint, MAX(at) FROM rotations
+           WHERE old_fingerprint IS NOT NULL AND (outcome = 'rejected'
+             OR (outcome = 'rotated' AND old_fingerprint IS NOT new_fingerprint))
+           GROUP BY account, old_fingerprint""",
+        """CREATE TRIGGER rotations_spent AFTER INSERT ON rotations
+           WHEN NEW.old_fingerprint IS NOT NULL AND (NEW.outcome = 'rejected'
+             OR (NEW.outcome = 'rotated' AND NEW.old_fingerprint IS NOT NEW.new_fingerprint))
+           BEGIN
+             INSERT INTO spent_tokens (account, fingerprint, spent_at)
+             VALUES (NEW.account, NEW.old_fingerprint, NEW.at)
+             ON CONFLICT (account, fingerprint)
+             DO UPDATE SET spent_at = MAX(spent_at, excluded.spent_at);
+             DELETE FROM spent_tokens
+             WHERE account = NEW.account AND spent_at < NEW.at - 7948800;
+           END""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -31,7 +31,7 @@ from broker.store.api import (
     claim_notice,
     reseal_rows,
 )
-from broker.store.history import COUNT_COLUMNS
+from broker.store.history import COUNT_COLUMNS, SPENT_COLUMNS
 from broker.store.lease import (
     UNKNOWN_BOOT,
     BootClock,
@@ -321,6 +321,7 @@ class SideTables:
                 ("account_state", STATE_COLUMNS, "account", dump.states),
                 ("account_hosts", HOST_COLUMNS, "account", dump.hosts),
                 ("rotation_counts", COUNT_COLUMNS, "account, outcome", dump.counts),
+                ("spent_tokens", SPENT_COLUMNS, "account, fingerprint", dump.spent),
             ):
                 cursor = await db.execute(
                     f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}"  # noqa: S608 -- constant names
