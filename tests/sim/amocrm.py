@@ -25,6 +25,7 @@ ANSWERING = "answering"  # issued; the answer is on its way back
 HELD = "held"  # the answer reached a live process, which has not written it yet
 LOST = "lost"  # the answer never reached a live process, or its holder died with it
 DELIVERED = "delivered"  # reached its process (or a person), which kept it or wrote it
+RESCUED = "rescued"  # sealed in a rescue file, for a person's `import --rescued`
 
 
 def _jwt(expires: float, n: int) -> str:

@@ -72,6 +72,11 @@ def check_send(world: World, send: Send, earlier: list[Send]) -> None:
         owner_dead = not world.alive(old.proc)
         if (grant is None and owner_dead) or (grant is not None and grant.status == "lost"):
             continue  # nobody could know the token was spent: an unavoidable re-send
+        if grant is not None and grant.status == "rescued":
+            # Its pair is sealed in a rescue file and the lease given back: the stored token
+            # is spent either way, amoCRM refuses it, and `import --rescued` cures it.
+            world.trace("resend_rescued", send.proc, send.account, _fp(send.token))
+            continue
         what = "still in flight" if grant is None else f"granted {grant.fp} ({grant.status})"
         raise Violation(
             "I1",
@@ -154,7 +159,7 @@ def check_write(world: World, rows: Rows, token: str, outcome: str, who: str) ->
     """I7 and I8, as a write takes effect: a process's pair never lands over a newer import;
     an import never brings back a token the history knows as spent."""
     if outcome == "imported":
-        if fingerprint(token) in rows.spent:
+        if rows.was_spent(fingerprint(token)):
             raise Violation(
                 "I8",
                 f"{who} imported {_fp(token)} over {rows.account}'s g{rows.generation}, a "

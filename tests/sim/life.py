@@ -5,26 +5,33 @@
   at start makes it exit; its supervisor starts it again 5 s later.
 - `sighup`: the configuration gains or loses an account and the process reloads
   (`reload_accounts`): a new account is opened and joins the scheduler's live view; a removed
-  one leaves it, and its refresh in flight lands first (`wait_idle`).
+  one leaves it and lands what its store lacks in the background (broker/tokens/landing.py:
+  its refresh in flight, its unsaved pair for up to its lease, else a rescue file).
 - `shutdown`: SIGTERM. Calls in flight get DRAIN_SECONDS, the scheduler is cancelled (the
-  app's cleanup), every account's refresh in flight lands (`open_runtime`), the store closes.
+  app's cleanup), every account lands what the store lacks (`open_runtime`'s `land_all`,
+  with the accounts still leaving), the store closes.
 - `kill`: kill -9, at any point of the above.
-- `cli_refresh`, `cli_import`: `amo-broker refresh` and `import`, each a process of its own
-  with its own connection, doing what broker/cli does for them.
+- `cli_refresh`, `cli_import`, `cli_import_rescued`: `amo-broker refresh`, `import` and
+  `import --rescued`, each a process of its own with its own connection, doing what
+  broker/cli does for them. A pair sealed in a rescue file is imported by a person later.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from broker.errors import BrokerError, StoreError
+from broker.errors import BrokerError, ImportRefusedError, StoreError
 from broker.lifecycle import DRAIN_SECONDS
-from broker.tokens.importing import import_pair, pair_from_import
+from broker.tokens.importing import import_checked, import_rescued, pair_from_import
+from broker.tokens.landing import SETTLE_SECONDS, Landing, Unlanded
 from broker.tokens.manager import TokenManager
+from broker.tokens.rescue import read_rescue
 from broker.tokens.scheduler import Scheduler
 from tests.sim import invariants
-from tests.sim.amocrm import DELIVERED, Grant
+from tests.sim.amocrm import DELIVERED, RESCUED, Grant
 from tests.sim.procs import Proc, new_proc, unsaved_grants
+from tests.sim.store import SEALER
 from tests.sim.world import World
 
 START_RETRY = 5.0  # a supervisor's restart delay after serve exits on a store error
@@ -61,8 +68,8 @@ async def _serve(world: World, proc: Proc, accounts: list[str]) -> None:
 
 async def sighup(world: World, proc: Proc) -> None:
     """Reload as `reload_accounts` does, one reload at a time: open the accounts the slot's
-    configuration added (side by side), then let each removed one leave once its refresh in
-    flight landed (`wait_idle`)."""
+    configuration added (side by side), then let each removed one leave, landing what its
+    store lacks in the background for as long as its lease lasts (`Departures.start`)."""
     async with proc.reloading:
         proc.check_alive()
         if proc.stopping:
@@ -78,10 +85,24 @@ async def sighup(world: World, proc: Proc) -> None:
         for name in removed:
             manager = proc.managers.pop(name)
             proc.leaving[name] = manager
-            await manager.wait_idle()  # reload_accounts: a refresh in flight lands
-            del proc.leaving[name]
-            proc.check_alive()
-            ended(world, proc, name, manager, "let the account leave")
+            proc.departures.start(landing(world, manager), manager.lease_seconds)
+            _, task = proc.departures._leaving[-1]
+            world.start(_left(world, proc, name, manager, task))
+
+
+async def _left(
+    world: World,
+    proc: Proc,
+    account: str,
+    manager: TokenManager,
+    leaving: asyncio.Task[Unlanded | None],
+) -> None:
+    """Once an account that left has landed (or sealed) what its store lacked: judge it."""
+    unlanded = await asyncio.gather(leaving, return_exceptions=True)
+    proc.leaving.pop(account, None)
+    if proc.alive and not proc.stopping:
+        outcome = unlanded[0]
+        ended(world, proc, account, manager, "let the account leave", outcome)
 
 
 async def _join(world: World, proc: Proc, account: str) -> TokenManager | None:
@@ -92,6 +113,11 @@ async def _join(world: World, proc: Proc, account: str) -> TokenManager | None:
         return None
 
 
+def landing(world: World, manager: TokenManager) -> Landing:
+    """The account's Landing, as AccountRuntime.landing makes it (the rescue directory)."""
+    return Landing(manager, world.rescue_directory(), "sim")
+
+
 def kill(world: World, proc: Proc) -> None:
     """kill -9: the process's tasks stop reaching anything; what only it held is lost."""
     proc.alive = False
@@ -100,6 +126,8 @@ def kill(world: World, proc: Proc) -> None:
         proc.scheduler.cancel()
     unsaved = {grant.token for _, grant in unsaved_grants(world, proc)}
     for grant in world.amo.grants.values():
+        if grant.status == RESCUED:
+            continue  # the file outlives the process
         if grant.owner is proc and grant.status != DELIVERED:
             world.amo.lose(grant, "its process died holding it")
         elif grant.token in unsaved:
@@ -107,7 +135,7 @@ def kill(world: World, proc: Proc) -> None:
 
 
 async def shutdown(world: World, proc: Proc) -> None:
-    """SIGTERM: drain, stop the scheduler, let refreshes in flight land, close, exit."""
+    """SIGTERM: drain, stop the scheduler, land what the store lacks (else rescue), exit."""
     proc.stopping = True
     world.trace("sigterm", proc.name)
     calls = list(proc.calls)
@@ -119,36 +147,57 @@ async def shutdown(world: World, proc: Proc) -> None:
     if scheduler is not None:
         scheduler.cancel()
         await asyncio.gather(scheduler, return_exceptions=True)
-    managers = [manager for _, manager in proc.every_manager()]
-    await asyncio.gather(*(manager.wait_idle() for manager in managers))
+    # open_runtime's finally: every account, and those still leaving, land or are rescued.
+    landings = [landing(world, manager) for manager in proc.managers.values()]
+    await proc.departures.land_all(landings, SETTLE_SECONDS)
     if proc.alive:
         exit_process(world, proc, "stopped on SIGTERM")
 
 
-def ended(world: World, proc: Proc, account: str, manager: TokenManager, how: str) -> None:
-    """An account's manager is dropped by a process still alive: what it held unsaved is lost."""
-    pair = manager.pair if manager.store_degraded else None
+def ended(
+    world: World,
+    proc: Proc,
+    account: str,
+    manager: TokenManager,
+    how: str,
+    outcome: object = None,
+) -> None:
+    """An account's manager is done (its process goes on): what it held unsaved is judged,
+    then kept by its rescue file, or lost."""
+    pair = manager.pair_state.unsaved
     grant = world.amo.grants.get(pair.refresh_token or "") if pair is not None else None
-    if grant is not None:
-        world.guard(invariants.check_exit, world, proc, account, grant, how)
-        world.amo.lose(grant, f"its process {how}")
+    if grant is None:
+        return
+    if manager.rescued is not None:
+        rescued(world, grant, account, manager.rescued)
+        return
+    world.guard(invariants.check_exit, world, proc, account, grant, how)
+    world.amo.lose(grant, f"its process {how}")
 
 
 def exit_process(world: World, proc: Proc, how: str) -> None:
-    """The process ends on its own: every pair it held unsaved goes with it."""
+    """The process ends on its own: what it held unsaved is in a rescue file, or lost."""
     proc.conn.closed = True
-    for account, grant in unsaved_grants(world, proc):
-        world.guard(invariants.check_exit, world, proc, account, grant, how)
-        world.amo.lose(grant, f"its process {how}")
+    for account, manager in proc.every_manager():
+        ended(world, proc, account, manager, how)
     proc.alive = False
     world.trace("exit", proc.name, how)
     if proc in world.clis:
         world.clis.remove(proc)
 
 
+def rescued(world: World, grant: Grant, account: str, path: Path) -> None:
+    """A pair sealed in a rescue file: a person runs `import --rescued` when they see it."""
+    if grant.status == RESCUED:
+        return
+    grant.status = RESCUED
+    world.trace("rescued", account, grant.fp)
+    world.start(cli_import_rescued(world, account, grant, path))
+
+
 async def cli_refresh(world: World, account: str, slot: int) -> None:
-    """`amo-broker refresh`: open the account (open_runtime), refresh("manual", bounded=False),
-    wait for it to land, close, exit."""
+    """`amo-broker refresh`: open the account (open_runtime), refresh("manual", bounded=False);
+    a pair the store refused lands for SETTLE_SECONDS or goes to a rescue file (exit 3)."""
     proc = new_proc(world, slot, "refresh")
     world.clis.append(proc)
     world.trace("start", proc.name, account)
@@ -158,32 +207,61 @@ async def cli_refresh(world: World, account: str, slot: int) -> None:
         await manager.refresh("manual", bounded=False)
     except BrokerError as exc:
         world.trace("error", proc.name, account, exc.code, "refresh")
-    for manager in proc.managers.values():
-        await manager.wait_idle()
+    landings = [landing(world, manager) for manager in proc.managers.values()]
+    await proc.departures.land_all(landings, SETTLE_SECONDS)  # _refresh, then open_runtime
     proc.check_alive()
     exit_process(world, proc, "ended its command")
 
 
 async def cli_import(world: World, account: str, slot: int, grant: Grant) -> None:
-    """`amo-broker import`: check the key (a load), store the person's pair; a person whose
-    import fails on the store runs it again a little later, up to three times."""
+    """`amo-broker import`: check the key (a load), then `import_checked`. Refused for holding
+    another live pair, the person (who re-authorised on purpose) runs it with --replace; for
+    a spent token, they give up. A store error: they run it again a little later, twice."""
     proc = new_proc(world, slot, "import")
     world.clis.append(proc)
     world.trace("import", proc.name, account, grant.fp)
-    view = proc.view(account)
-    pair = grant.pair
+    view, pair, replace = proc.view(account), grant.pair, False
     for _ in range(3):
         try:
             await view.load()
             imported = pair_from_import(
                 pair.refresh_token or "", pair.access_token, proc.clock.time()
             )
-            await import_pair(view, imported, reason="import", outcome="imported")
+            await import_checked(view, imported, replace=replace)
             break
+        except ImportRefusedError as exc:
+            world.trace("error", proc.name, account, exc.code, "import")
+            if replace or "--replace" not in exc.message:
+                break
+            replace = True
         except StoreError as exc:
             world.trace("error", proc.name, account, exc.code, "import")
             await asyncio.sleep(world.rng.uniform(5, 30))
     exit_process(world, proc, "ended its command")
+
+
+async def cli_import_rescued(world: World, account: str, grant: Grant, path: Path) -> None:
+    """A person reads the error line and, a while later, runs `import --rescued PATH`; a
+    store error: again later; a stale file (refused): they delete it."""
+    for _ in range(5):
+        await asyncio.sleep(world.rng.uniform(10, 120))
+        proc = new_proc(world, world.rng.randrange(len(world.offsets)), "import")
+        world.clis.append(proc)
+        world.trace("import_rescued", proc.name, account, grant.fp)
+        try:
+            await import_rescued(proc.view(account), read_rescue(path, SEALER))
+            done = True
+        except ImportRefusedError as exc:
+            world.trace("error", proc.name, account, exc.code, "import_rescued")
+            done = True
+        except StoreError as exc:
+            world.trace("error", proc.name, account, exc.code, "import_rescued")
+            done = False
+        exit_process(world, proc, "ended its command")
+        if done:
+            path.unlink()  # noqa: ASYNC240 -- the simulated loop runs no threads; a tiny file
+            world.amo.lose(grant, "its rescue file was refused as stale")  # unless it landed
+            return
 
 
 def new_consent(world: World, account: str) -> Grant:

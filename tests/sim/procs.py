@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from broker.errors import GrantRejectedError, TokenEndpointError
 from broker.pair import TokenPair, fingerprint
+from broker.tokens.landing import Departures
 from broker.tokens.long_lived import account_manager
 from broker.tokens.manager import TokenManager
 from tests.sim import invariants
@@ -136,6 +137,7 @@ class Proc:
     calls: dict[asyncio.Task[None], None] = field(default_factory=dict)
     scheduler: asyncio.Task[None] | None = None
     reloading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one SIGHUP at a time
+    departures: Departures = field(default_factory=Departures)  # accounts still leaving
 
     def check_alive(self) -> None:
         if not self.alive:

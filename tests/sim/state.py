@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from broker.pair import fingerprint
-from tests.sim.amocrm import ANSWERING, HELD, LOST, Grant
+from tests.sim.amocrm import ANSWERING, HELD, LOST, RESCUED, Grant
 
 if TYPE_CHECKING:
     from tests.sim.store import Rows
@@ -35,8 +35,8 @@ def carried(world: World, grant: Grant) -> bool:
     """Say whether a granted pair is on its way to the store, or held unsaved by a live process."""
     if grant.status == LOST:
         return False
-    if grant.status == ANSWERING or world.store.committing.get(grant.token):
-        return True
+    if grant.status in (ANSWERING, RESCUED) or world.store.committing.get(grant.token):
+        return True  # on its way, or sealed in a rescue file a person will import
     if (
         grant.status == HELD
         and not grant.write_tried

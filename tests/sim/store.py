@@ -36,7 +36,7 @@ CALLER = "caller"  # lease expiry compared with the caller's wall clock (the old
 STORE = "store"  # with the store's own clock, which never steps (the fix for defect 5)
 LEGACY = "legacy"  # store_pair deletes whoever's lease (defect R7)
 FENCED = "fenced"  # store_pair never touches the lease; only its holder's exact lease goes
-SPENDING = frozenset({"rotated", "rejected", "revoked"})  # history outcomes that spend a token
+
 _LEASE_SEQ = "seq" in {f.name for f in dataclasses.fields(Lease)}
 
 
@@ -113,9 +113,27 @@ class Rows:
         return self.row.generation if self.row else 0
 
     def entry(self, **values: Any) -> None:
+        """Append a history row; as the backends' trigger, note the refresh token it spent: a
+        rotation's old one (unless amoCRM kept it), a refused one."""
         self.history.append(values)
-        if values["outcome"] in SPENDING and values["old_fingerprint"]:
-            self.spent.add(values["old_fingerprint"])
+        old, outcome = values["old_fingerprint"], values["outcome"]
+        if old and (
+            outcome == "rejected" or (outcome == "rotated" and old != values["new_fingerprint"])
+        ):
+            self.spent.add(old)
+
+    def was_spent(self, refresh_fingerprint: str) -> bool:
+        """As history.WAS_SPENT: the spent tokens, and the stored one under reauth_required."""
+        if refresh_fingerprint in self.spent:
+            return True
+        row, state = self.row, self.state
+        return (
+            row is not None
+            and state is not None
+            and row.pair.refresh_fingerprint == refresh_fingerprint
+            and state.state == "reauth_required"
+            and state.generation >= row.generation
+        )
 
 
 class SharedStore:

@@ -153,7 +153,7 @@ class StoreView:
     async def was_spent(self, refresh_fingerprint: str) -> bool:
         rows = self._rows
         result: bool = await self._call(
-            False, "was_spent", lambda: refresh_fingerprint in rows.spent
+            False, "was_spent", lambda: rows.was_spent(refresh_fingerprint)
         )
         return result
 

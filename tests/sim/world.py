@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import random
+import shutil
+import tempfile
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker.tokens import leasing
@@ -84,6 +87,7 @@ class World:
         self.dirty = True  # something the state checks read may have changed
         self.judged: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._deadlines: list[float] = []
+        self._rescues: Path | None = None
 
     # -- time and trace ---------------------------------------------------------------------
 
@@ -158,6 +162,12 @@ class World:
     def live(self) -> list[Proc]:
         """Every process running now: serve processes and CLI commands."""
         return [p for p in self.procs if p.alive] + [p for p in self.clis if p.alive]
+
+    def rescue_directory(self) -> Path:
+        """Where this run's rescue files go (Config.rescue_directory): made at first use."""
+        if self._rescues is None:
+            self._rescues = Path(tempfile.mkdtemp(prefix=f"amo-sim-{self.seed}-"))
+        return self._rescues
 
     # -- weather ------------------------------------------------------------------------------
 
@@ -240,6 +250,8 @@ class World:
             random.setstate(saved)
             leasing.LEASE_POLL = lease_poll
             self.loop.close()
+            if self._rescues is not None:
+                shutil.rmtree(self._rescues, ignore_errors=True)
 
 
 async def _drain() -> None:
