@@ -28,11 +28,12 @@ from broker.lifecycle import (
 )
 from broker.logs import get_logger, redactor
 from broker.notify.watch import notifying
-from broker.server.accounts import add_account, remove_account
+from broker.server.accounts import UPSTREAM_CONNECTIONS, add_account, remove_account
 from broker.server.app import create_app
 from broker.server.call import WriteTellingRequest
 from broker.server.clients import ClientRegistry
 from broker.server.oauth_callback import make_callback_handler
+from broker.server.own_calls import paced_probe
 from broker.server.revoke_hook import make_revoke_handler
 from broker.server.routing import AccountSetup
 from broker.store.api import Store
@@ -42,8 +43,8 @@ from broker.tokens.importing import bootstrap_from_env
 from broker.tokens.landing import SETTLE_SECONDS, Departures, Landing, rescue_error
 from broker.tokens.long_lived import account_manager
 from broker.tokens.manager import TokenManager
-from broker.tokens.probe import account_probe
 from broker.tokens.upstream import Upstream
+from broker.traffic.limiter import AccountLimiter
 
 if TYPE_CHECKING:
     pass
@@ -71,12 +72,21 @@ def new_session() -> aiohttp.ClientSession:
 
 @dataclass
 class AccountRuntime:
-    """One account's open parts: its view of the config, store, OAuth client and manager."""
+    """One account's open parts: its view of the config, store, OAuth client and manager,
+    and its pace (the limiter every call to its /api/v4 waits in, the broker's own too)."""
 
     config: Config
     store: Store
     oauth: OAuthClient | None
     manager: TokenManager
+    limiter: AccountLimiter
+
+    def setup(self) -> AccountSetup:
+        """What create_app needs of this account to serve it."""
+        config = self.config
+        return AccountSetup(
+            config.account, self.manager, _base_url(config), config.limits, self.limiter
+        )
 
     @property
     def landing(self) -> Landing:
@@ -157,10 +167,11 @@ async def open_account(
         if oauth_config
         else None
     )
+    # Built here, before the app, so that the manager's own calls to /api/v4 (the probe) wait
+    # in the same pace as the proxied calls: amoCRM counts them alike (broker/server/own_calls.py).
+    limiter = AccountLimiter(config.limits, connections=UPSTREAM_CONNECTIONS)
     # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
-    probe = (
-        account_probe(session, upstream, config.upstream_timeout) if upstream is not None else None
-    )
+    probe = paced_probe(session, upstream, limiter, config.upstream_timeout) if upstream else None
     manager = await account_manager(
         store,
         oauth,
@@ -171,7 +182,7 @@ async def open_account(
     )
     manager.upstream = upstream
     await manager.load()
-    return AccountRuntime(config, store, oauth, manager)
+    return AccountRuntime(config, store, oauth, manager, limiter)
 
 
 def build_app(
@@ -183,9 +194,7 @@ def build_app(
 ) -> web.Application:
     """The broker's application over an opened runtime: every account it opened."""
     others = [
-        AccountSetup(name, account.manager, _base_url(account.config), account.config.limits)
-        for name, account in runtime.accounts.items()
-        if name != config.account
+        account.setup() for name, account in runtime.accounts.items() if name != config.account
     ]
     callback = None
     if config.oauth_callback:
@@ -211,6 +220,7 @@ def build_app(
         proactive=proactive,
         clients=clients,
         limits=config.limits,
+        limiter=runtime.accounts[config.account].limiter,
         account=config.account,
         others=others,
         callback=callback,
@@ -378,7 +388,7 @@ async def _join(runtime: Runtime, app: web.Application, config: Config) -> bool:
     try:
         store = runtime.store.for_account(config.account)
         account = await open_account(config, runtime.session, store)
-        setup = AccountSetup(config.account, account.manager, _base_url(config), config.limits)
+        setup = account.setup()
     except BrokerError as exc:
         log.error("account_add_failed", account=config.account, error=exc.message)
         return False

@@ -312,6 +312,7 @@ class Sandbox:
         stats = {name: getattr(self, name) for name in _COUNTERS}
         stats.update(requests=len(self.requests), live_refresh_tokens=len(self.live_refresh_tokens))
         stats.update(api_script=list(self.api_script), renames=self.hosts.renames)
+        stats.update(arrivals=self.arrivals)  # monotonic: only their differences mean anything
         return web.json_response(stats)
 
     def app(self) -> web.Application:

@@ -40,7 +40,7 @@ class SharedParts:
     connections: int  # each account's own, counted by its queue (UPSTREAM_CONNECTIONS)
 
     def build(self, setup: AccountSetup) -> Account:
-        limiter = AccountLimiter(setup.limits, connections=self.connections)
+        limiter = setup.limiter or AccountLimiter(setup.limits, connections=self.connections)
         proxy = Proxy(
             setup.manager,
             self.session,

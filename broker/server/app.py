@@ -56,6 +56,7 @@ def create_app(
     proactive: bool = True,
     clients: ClientRegistry | None = None,
     limits: LimitSettings | None = None,
+    limiter: AccountLimiter | None = None,
     account: str = "default",
     others: Sequence[AccountSetup] = (),
     callback: Handler | None = None,
@@ -67,12 +68,14 @@ def create_app(
     `manager` is the default account's (plain /api/v4 calls), `others` any further accounts.
     With `clients`, every call but the probes must present a caller secret. `public_url` is
     where amoCRM's links in answers lead (default: the scheme and Host each caller used).
+    `limiter` is the default account's pace, when its manager's own calls use it already.
     """
     middlewares = [json_errors] if clients is None else [json_errors, caller_auth]
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     if clients is not None:
         app[CLIENTS] = clients
-    setups = [AccountSetup(account, manager, base_url, limits or LimitSettings()), *others]
+    settings = limits or (limiter.settings if limiter else LimitSettings())
+    setups = [AccountSetup(account, manager, base_url, settings, limiter), *others]
     accounts: dict[str, Account] = {}
     app[PARTS] = SharedParts(
         session,

@@ -22,12 +22,17 @@ HEADER = "X-Amo-Account"
 
 @dataclass(frozen=True)
 class AccountSetup:
-    """What an extra account brings to create_app: its manager, amoCRM origin and limits."""
+    """What an extra account brings to create_app: its manager, amoCRM origin and limits.
+
+    `limiter`, when given, is the account's pace as its manager's own calls already use it
+    (the composition root builds it first: broker/service.py); otherwise one is made here.
+    """
 
     name: str
     manager: TokenManager
     base_url: str
     limits: LimitSettings
+    limiter: AccountLimiter | None = None
 
 
 @dataclass

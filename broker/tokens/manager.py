@@ -56,7 +56,8 @@ class TokenManager(PairKeeper):
     ) -> None:
         super().__init__(store, margin=margin, clock=clock)
         self._token_probe = probe
-        self._token_probing: asyncio.Task[Verdict] | None = None
+        # The probe in flight and the generation whose token it carries.
+        self._token_probing: tuple[int, asyncio.Task[Verdict]] | None = None
         self._refresher = refresher
         self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
@@ -104,10 +105,16 @@ class TokenManager(PairKeeper):
 
         Return whether sending the call again may help: True after a rotation (here or by
         another process), False when the token was fresh and the 401 goes back to the caller.
+        Within the cool-down only a probe that found the token working sends the 401 back;
+        any other outcome rotates (see `_token_works`).
         """
         decision = self._on_401(generation)
-        if decision is On401.PROBE and await self._token_works(generation):
-            decision = On401.RETURN
+        if decision is On401.PROBE:
+            works = await self._token_works(generation)
+            if generation < self.generation:  # rotated while the probe was out: try the new one
+                decision = On401.REPLAY
+            else:
+                decision = On401.RETURN if works else On401.ROTATE
         if decision is On401.RETURN:
             self.note_unauthorized_after_refresh()
             return False
@@ -125,20 +132,40 @@ class TokenManager(PairKeeper):
         return rules.on_401(self._state, generation, now, can_probe=self._token_probe is not None)
 
     async def _token_works(self, generation: int) -> bool:
-        """Probe the held token once for all who ask now; remember a working one."""
+        """Probe the held token once for all who ask now; True only if amoCRM served it.
+
+        The probe waits its turn in the account's pace and asks again, within the caller's
+        wait bound, while its answers prove nothing (broker/tokens/probe.py). If it still
+        knows nothing (a 429, a 5xx, no answer, no turn in the queue), the 401 is taken as
+        the token's and the pair rotates, rather than the caller getting a 503: a refresh
+        costs amoCRM's token endpoint one call (not counted against the /api/v4 pace), runs
+        once for everyone under the lease, and cures the 401 if the token was dropped; if it
+        was not, the replay's 401 goes back as amoCRM's answer and the next 401 probes again.
+        A 503 would fail a call a refresh cures, and most client libraries do not retry one.
+        Taking "unknown" as "works" (as before) sent the dead token again and the 401 back.
+        """
         pair, probe = self.pair, self._token_probe
         if pair is None or probe is None:
             return True
-        if self._token_probing is None or self._token_probing.done():
+        running = self._token_probing
+        # A probe of an older token says nothing of this one: the pair rotated meanwhile.
+        if running is None or running[1].done() or running[0] != self.generation:
 
             async def run() -> Verdict:
-                return verdict(await probe(pair.access_token))
+                found = verdict(await probe(pair.access_token))
+                if found == "unknown":  # once per probe, however many callers wait for it
+                    log.warning(
+                        "probe_inconclusive",
+                        generation=generation,
+                        message="amoCRM's answers to the token probe proved nothing: refreshing",
+                    )
+                return found
 
-            self._token_probing = asyncio.create_task(run())
-        found = await asyncio.shield(self._token_probing)
+            running = self._token_probing = (self.generation, asyncio.create_task(run()))
+        found = await asyncio.shield(running[1])
         if found == "alive" and generation == self.generation:
             self._state = replace(self._state, probed_alive=generation)
-        return found != "refused"
+        return found == "alive"
 
     def note_unauthorized_after_refresh(self) -> None:
         """Count a 401 that a fresh token did not cure (shown in /status and /metrics)."""
@@ -156,8 +183,7 @@ class TokenManager(PairKeeper):
 
     @property
     def lease_seconds(self) -> float:
-        """How long the refresh lease this process takes lasts: an account leaving keeps
-        writing an unsaved pair for that long (broker/service.py reload_accounts)."""
+        """How long the refresh lease lasts (an account leaving writes for that long)."""
         return self._lease_seconds()
 
     # -- refreshing -------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Everything is a process of its own, as in production: the sandbox amoCRM
 (`python -m broker.sandbox`), the broker (`amo-broker serve`, its store filled by the real
 `exchange-code` command from a code the sandbox issued) and the driver, run by the
 library's own interpreter. The broker keeps its production defaults, 7 calls a second
-included. Each library gets a fresh stack, so one library's blocks and tokens never meet
-another's.
+included, and the sandbox holds the account to amoCRM's own 7 a second (an HTML 429 past
+them), so a call the broker sends past its pace shows. Each library gets a fresh stack, so
+one library's blocks and tokens never meet another's.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any
 
 import aiohttp
 
+from broker.config.model import LimitSettings
 from broker.store.sealing import new_key
 from tests.clients.installs import Library, command
 from tests.procs import Processes, Serve
 
 SANDBOX_TIMEOUT = 10.0
+AMOCRM_RPS = LimitSettings().rps  # the account's real limit, the broker's default pace
 DRIVER_TIMEOUT = 120.0
 
 
@@ -75,6 +78,8 @@ async def _sandbox(workdir: Path) -> AsyncIterator[tuple[str, dict[str, str]]]:
             "broker.sandbox",
             "--port",
             "0",
+            "--rate-limit-rps",
+            f"{AMOCRM_RPS:g}",
             cwd=workdir,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

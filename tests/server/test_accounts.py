@@ -287,16 +287,16 @@ async def test_a_401_on_one_path_goes_back_as_is_and_stops_nothing(
 async def test_a_probe_that_fails_otherwise_declares_nothing(
     make_config: Callable[..., Config], sandbox: Sandbox, aiohttp_client: AiohttpClient
 ) -> None:
-    """A 401 whose probe meets a 5xx leaves the state ok; the next 401 probes again."""
+    """A 401 whose probe meets a 5xx leaves the state ok: the probe asks again, 200 decides."""
     config = make_config(AMOCRM_LONG_LIVED_TOKEN=sandbox.issue_pair()["access_token"])
     async with serving(config, aiohttp_client) as broker:
-        sandbox.api_script.extend([401, 502])  # the call, then the probe
+        sandbox.api_script.extend([401, 502])  # the call, then the probe's first ask
         first = await broker.client.get("/api/v4/leads")
         sandbox.api_script.append(401)
         second = await broker.client.get("/api/v4/leads")
         state = (await (await broker.client.get("/status")).json())["state"]
     assert (first.status, second.status, state) == (200, 200, "ok")
-    assert probes(sandbox) == 2
+    assert probes(sandbox) == 2  # the 502 and the 200; the second 401 trusts that 200
 
 
 async def test_a_revoked_long_lived_token_is_declared_after_exactly_one_probe(

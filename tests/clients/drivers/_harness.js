@@ -4,6 +4,9 @@
 
 const LIMIT = 2;
 const SEEDED_LEADS = 3;
+// The rotation scenario, as in _harness.py: steps at full pace, the token dropped twice.
+const ROTATION_STEPS = 24;
+const ROTATION_DROPS = [8, 20];
 const UNKNOWN = 'nope';
 const UNKNOWN_MESSAGE = 'no account named';
 const DUMMY = 'dummy-not-a-token';
@@ -56,6 +59,15 @@ function sameLeads(leads) {
   return `${leads.length} leads over 2 pages`;
 }
 
+/** Run `steps` in turn ROTATION_STEPS times, amoCRM dropping the token at ROTATION_DROPS. */
+async function rotations(sandbox, ...steps) {
+  for (let number = 0; number < ROTATION_STEPS; number += 1) {
+    if (ROTATION_DROPS.includes(number)) await admin(sandbox, 'expire');
+    await steps[number % steps.length]();
+  }
+  return `${ROTATION_STEPS} steps at full pace, the token dropped ${ROTATION_DROPS.length} times`;
+}
+
 /** Run each scenario in order and report it; one failing does not stop the others. */
 async function run(scenarios) {
   for (const [scenario, call] of scenarios) {
@@ -74,5 +86,5 @@ async function run(scenarios) {
 
 module.exports = {
   CLIENT, DUMMY, LIMIT, UNKNOWN, UNKNOWN_MESSAGE,
-  Unsupported, admin, check, failure, run, sameLeads, shown, urls,
+  Unsupported, admin, check, failure, rotations, run, sameLeads, shown, urls,
 };

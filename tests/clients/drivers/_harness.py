@@ -24,7 +24,7 @@ SCENARIOS = (
     "get_lead",
     "create_lead",
     "update_lead",
-    "rotation",  # amoCRM drops the broker's access token mid-run: nothing shows
+    "rotation",  # amoCRM drops the broker's token twice, calls at full pace: nothing shows
     "throttled",  # amoCRM answers one 429: the broker waits and retries, nothing shows
     "blocked",  # amoCRM's HTML 403 for a blocked account reaches the library as an error
     "unknown_account",  # /a/nope/: the broker's 404, its message readable by the user
@@ -32,6 +32,11 @@ SCENARIOS = (
 )
 LIMIT = 2
 SEEDED_LEADS = 3
+# The rotation scenario: this many steps back to back, as fast as the broker's pace lets
+# them go (7 a second), amoCRM dropping the broker's access token before these steps. The
+# second drop falls within the broker's 5-minute cool-down after the first: it probes.
+ROTATION_STEPS = 24
+ROTATION_DROPS = (8, 20)
 UNKNOWN = "nope"
 # The broker's message for an unknown account; every error shown to the user should carry it.
 UNKNOWN_MESSAGE = "no account named"
@@ -84,6 +89,28 @@ def same_leads(leads: list[int]) -> str:
     check(len(leads) == len(set(leads)), f"a lead came twice: {leads}")
     check(len(leads) >= SEEDED_LEADS, f"only {len(leads)} leads: {leads}")
     return f"{len(leads)} leads over 2 pages"
+
+
+def rotations(sandbox: str, *steps: Callable[[], Any]) -> str:
+    """Run `steps` in turn ROTATION_STEPS times, amoCRM dropping the token at ROTATION_DROPS."""
+    for number in range(ROTATION_STEPS):
+        if number in ROTATION_DROPS:
+            admin(sandbox, "expire")
+        steps[number % len(steps)]()
+    return _rotated()
+
+
+async def arotations(sandbox: str, *steps: Callable[[], Any]) -> str:
+    """`rotations` for a library whose calls are coroutines."""
+    for number in range(ROTATION_STEPS):
+        if number in ROTATION_DROPS:
+            admin(sandbox, "expire")
+        await steps[number % len(steps)]()
+    return _rotated()
+
+
+def _rotated() -> str:
+    return f"{ROTATION_STEPS} steps at full pace, the token dropped {len(ROTATION_DROPS)} times"
 
 
 def _report(name: str, ok: bool, detail: Any) -> None:

@@ -15,6 +15,7 @@ from _harness import (
     UNKNOWN,
     UNKNOWN_MESSAGE,
     admin,
+    arotations,
     arun,
     check,
     failure,
@@ -81,8 +82,7 @@ async def main() -> int:
         return f"updated {lead.id}"
 
     async def rotation() -> str:
-        admin(SANDBOX, "expire")
-        return await account()
+        return await arotations(SANDBOX, account, update_lead)
 
     async def throttled() -> str:
         admin(SANDBOX, "script", [429])

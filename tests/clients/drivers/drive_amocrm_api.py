@@ -22,6 +22,7 @@ from _harness import (
     admin,
     check,
     failure,
+    rotations,
     run,
     same_leads,
     urls,
@@ -89,8 +90,7 @@ def main() -> int:
         return f"updated {lead.id}"
 
     def rotation() -> str:
-        admin(SANDBOX, "expire")
-        return account()
+        return rotations(SANDBOX, account, update_lead)
 
     def throttled() -> str:
         admin(SANDBOX, "script", [429])

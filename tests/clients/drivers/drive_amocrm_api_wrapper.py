@@ -25,6 +25,7 @@ from _harness import (
     admin,
     check,
     failure,
+    rotations,
     run,
     same_leads,
     urls,
@@ -92,8 +93,7 @@ def main() -> int:
         return f"updated {made[0]}"
 
     def rotation() -> str:
-        admin(SANDBOX, "expire")
-        return account()
+        return rotations(SANDBOX, account, update_lead)
 
     def throttled() -> str:
         admin(SANDBOX, "script", [429])

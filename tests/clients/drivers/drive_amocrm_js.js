@@ -13,7 +13,7 @@ const http = require('http');
 const https = require('https');
 const {
   CLIENT, DUMMY, LIMIT, UNKNOWN, UNKNOWN_MESSAGE,
-  admin, check, failure, run, sameLeads, shown, urls,
+  admin, check, failure, rotations, run, sameLeads, shown, urls,
 } = require('./_harness');
 
 const { broker, sandbox } = urls();
@@ -44,6 +44,12 @@ async function main() {
     const { data } = await on.request.get('/api/v4/account', { with: 'users_groups,task_types' });
     check(data.id, `no account in ${JSON.stringify(data).slice(0, 200)}`);
     return `account ${data.id} ${data.name}`;
+  };
+  const update = async () => {
+    await amo.leads.update([{ id: made[0], price: 250 }]);
+    const lead = await amo.leads.getById(made[0]);
+    check(lead.price === 250, `price is ${lead.price}`);
+    return `updated ${lead.id}`;
   };
   const ids = (pagination) => pagination.getData().map((lead) => lead.id);
   const follow = async (on) => {
@@ -82,16 +88,8 @@ async function main() {
       made.push(lead.id);
       return `created ${lead.id}`;
     }],
-    ['update_lead', async () => {
-      await amo.leads.update([{ id: made[0], price: 250 }]);
-      const lead = await amo.leads.getById(made[0]);
-      check(lead.price === 250, `price is ${lead.price}`);
-      return `updated ${lead.id}`;
-    }],
-    ['rotation', async () => {
-      await admin(sandbox, 'expire');
-      return account();
-    }],
+    ['update_lead', update],
+    ['rotation', () => rotations(sandbox, account, update)],
     ['throttled', async () => {
       await admin(sandbox, 'script', [429]);
       const detail = await account();

@@ -22,6 +22,7 @@ from _harness import (
     admin,
     check,
     failure,
+    rotations,
     run,
     same_leads,
     urls,
@@ -81,8 +82,7 @@ def main() -> int:
         return f"updated {made[0]}"
 
     def rotation() -> str:
-        admin(SANDBOX, "expire")
-        return probe()
+        return rotations(SANDBOX, probe, update_lead)
 
     def throttled() -> str:
         admin(SANDBOX, "script", [429])

@@ -10,7 +10,7 @@
 
 const {
   CLIENT, DUMMY, LIMIT, UNKNOWN, UNKNOWN_MESSAGE, Unsupported,
-  admin, check, failure, run, sameLeads, shown, urls,
+  admin, check, failure, rotations, run, sameLeads, shown, urls,
 } = require('./_harness');
 const { Amo } = require('@shevernitskiy/amo');
 
@@ -33,6 +33,12 @@ async function main() {
   const account = async (on = amo) => {
     const got = await on.account.getAccount({ with: ['users_groups', 'task_types'] });
     return `account ${got.id} ${got.name}`;
+  };
+  const update = async () => {
+    await amo.lead.updateLeadById(made[0], { price: 250 });
+    const lead = await amo.lead.getLeadById(made[0]);
+    check(lead.price === 250, `price is ${lead.price}`);
+    return `updated ${lead.id}`;
   };
   const page = async (number) => {
     const answer = await amo.lead.getLeads({ page: number, limit: LIMIT });
@@ -66,16 +72,8 @@ async function main() {
       made.push(answer._embedded.leads[0].id);
       return `created ${made[0]}`;
     }],
-    ['update_lead', async () => {
-      await amo.lead.updateLeadById(made[0], { price: 250 });
-      const lead = await amo.lead.getLeadById(made[0]);
-      check(lead.price === 250, `price is ${lead.price}`);
-      return `updated ${lead.id}`;
-    }],
-    ['rotation', async () => {
-      await admin(sandbox, 'expire');
-      return account();
-    }],
+    ['update_lead', update],
+    ['rotation', () => rotations(sandbox, account, update)],
     ['throttled', async () => {
       await admin(sandbox, 'script', [429]);
       const detail = await account();
