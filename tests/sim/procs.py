@@ -17,6 +17,7 @@ from broker.pair import TokenPair, fingerprint
 from broker.tokens.landing import Departures
 from broker.tokens.long_lived import account_manager
 from broker.tokens.manager import TokenManager
+from broker.tokens.probe import Answer, Send, ask_until_verdict
 from tests.sim import invariants
 from tests.sim.amocrm import HELD, Grant
 from tests.sim.state import HELD_GRACE
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 MARGIN = 120.0
 TIMEOUT = 15.0  # the refresher's timeout_seconds: the lease lasts 4x this + 10 s
 PROBE_TIMEOUT = 10.0  # the probe's upstream timeout
+MAX_WAIT = 30.0  # [limits] max_wait: how long a caller waits, the probe's retries with it
 
 
 class SimClock:
@@ -91,16 +93,24 @@ class SimRefresher:
 
 
 class SimProbe:
-    """One account's probe (broker.tokens.probe.Probe): GET /api/v4/account with a token."""
+    """One account's probe (broker.tokens.probe.Probe) as `serve` wires it: the production
+    retry (`ask_until_verdict`) within a caller's wait bound, each request of GET
+    /api/v4/account answered by the simulated amoCRM. The sim keeps no pace: a turn is given
+    at once, and a 429 stands for the busy second amoCRM saw."""
 
     def __init__(self, world: World, proc: Proc) -> None:
         self._world, self._proc = world, proc
 
     async def __call__(self, token: str) -> int | None:
+        return await ask_until_verdict(
+            self._send, token, _no_queue, MAX_WAIT, request_seconds=PROBE_TIMEOUT
+        )
+
+    async def _send(self, token: str, seconds: float) -> Answer | None:
         world, proc = self._world, self._proc
         proc.check_alive()
         fate = world.api_answer()
-        await asyncio.sleep(PROBE_TIMEOUT if fate == "timeout" else world.rng.uniform(0.01, 0.3))
+        await asyncio.sleep(seconds if fate == "timeout" else world.rng.uniform(0.01, 0.3))
         proc.check_alive()
         if fate == "ok":
             status: int | None = world.amo.probe(token)
@@ -108,7 +118,11 @@ class SimProbe:
             status = {"timeout": None, "429": 429, "5xx": 503}[fate]
             world.amo.probed_unsure.add(token)
         world.trace("probe", proc.name, fingerprint(token), status)
-        return status
+        return Answer(status) if status is not None else None
+
+
+async def _no_queue(send: Send, patience: float) -> Answer | None:
+    return await send()
 
 
 async def answer_delay(world: World, proc: Proc) -> None:

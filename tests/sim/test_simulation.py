@@ -115,7 +115,6 @@ LIMITS: dict[str, Defect] = {}
 # The defects today's code still has: delete a name here when its fix lands.
 KNOWN_DEFECTS: frozenset[str] = frozenset(
     {
-        "R8 a probe without a verdict is taken as the token working",
         "a 401 for a just granted pair joins the refresh that granted it",
         "a refresh's answer lands over an import adopted meanwhile",
     }
