@@ -10,6 +10,7 @@ to `reauth_required` until someone issues a new one and configures it. /status w
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import replace
 
 from broker.errors import ReauthRequiredError, StoreError
@@ -46,9 +47,8 @@ class LongLivedManager(TokenManager):
         margin: float,
         probe: Probe | None = None,
         clock: Clock | None = None,
-        poll_interval: float = 5.0,
     ) -> None:
-        super().__init__(store, None, margin=margin, clock=clock, poll_interval=poll_interval)
+        super().__init__(store, None, margin=margin, clock=clock)
         self._probe = probe
         self._probing: asyncio.Task[None] | None = None
         self._alive_at: tuple[int, float] | None = None  # (generation, monotonic) of a probe
@@ -121,10 +121,10 @@ class LongLivedManager(TokenManager):
         log.error("reauth_required", reason=message, generation=self.generation)
         return message
 
-    def _next_wakeup(self, poll: float | None = None) -> float:
-        # Nothing is ever due: only follow the store (a new token configured by a restart of
-        # another process) at the poll interval.
-        return self._poll_interval if poll is None else poll
+    def seconds_until_due(self) -> float:
+        # Nothing is ever due: the scheduler only follows the store (a new token configured
+        # by a restart of another process).
+        return math.inf
 
 
 async def account_manager(

@@ -16,7 +16,6 @@ import math
 from dataclasses import replace
 
 from broker.errors import (
-    BrokerError,
     GrantRejectedError,
     NoTokensError,
     ReauthRequiredError,
@@ -51,7 +50,6 @@ class TokenManager(PairKeeper):
         *,
         margin: float,
         clock: Clock | None = None,
-        poll_interval: float = 5.0,
         probe: Probe | None = None,
     ) -> None:
         super().__init__(store, margin=margin, clock=clock)
@@ -59,7 +57,6 @@ class TokenManager(PairKeeper):
         # The probe in flight and the generation whose token it carries.
         self._token_probing: tuple[int, asyncio.Task[Verdict]] | None = None
         self._refresher = refresher
-        self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
         # Set when the account leaves or the process ends (broker/tokens/landing.py): what
         # the store lacks is still written, but no proactive refresh starts.
@@ -361,21 +358,10 @@ class TokenManager(PairKeeper):
             )
         )
 
-    # -- proactive loop ---------------------------------------------------------------------
-    async def run(self) -> None:
-        """Refresh before expiry with no traffic, and follow other processes' rotations: at once
-        on PostgreSQL (a commit wakes the store's wait), by polling on SQLite."""
-        while True:
-            await self.store.wait_for_change(self._next_wakeup())
-            try:
-                await self.tick()
-            except BrokerError:
-                pass  # logged where it happened; the loop retries after its backoff
-            except Exception:
-                log.exception("refresh_loop_error")
-
+    # -- proactive refresh (one Scheduler drives every account's ticks) ---------------------
     async def tick(self) -> None:
-        """Do one round of the proactive loop."""
+        """Do one round of the proactive refresh: write what the store lacks, follow its news,
+        refresh when due (broker/tokens/scheduler.py calls it when due or the store changed)."""
         if self._state.unsaved is not None:
             await self._write()
             await self._let_go()  # the store has the pair now: the lease can go
@@ -391,9 +377,5 @@ class TokenManager(PairKeeper):
     def seconds_until_due(self) -> float:
         """Seconds until this account has work of its own (a refresh due, a retry, a write
         held back), inf when none: the scheduler watches the store for the rest."""
-        return self._next_wakeup(math.inf)
-
-    def _next_wakeup(self, poll: float | None = None) -> float:
         now = self._clock.monotonic()
-        poll = self._poll_interval if poll is None else poll
-        return rules.next_wakeup(self._state, now, poll, holds_news=self._holds_news())
+        return rules.next_wakeup(self._state, now, math.inf, holds_news=self._holds_news())
