@@ -191,6 +191,7 @@ def rescued(world: World, grant: Grant, account: str, path: Path) -> None:
     if grant.status == RESCUED:
         return
     grant.status = RESCUED
+    world.rescue_files.append(path)
     world.trace("rescued", account, grant.fp)
     world.start(cli_import_rescued(world, account, grant, path))
 

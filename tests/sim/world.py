@@ -10,6 +10,7 @@ time pass, and the invariants are checked between every two iterations of the ev
 from __future__ import annotations
 
 import asyncio
+import atexit
 import heapq
 import random
 import shutil
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from tests.sim.procs import Proc
 
 WALL_BASE = 1_800_000_000.0  # the simulation's epoch: virtual time 0 is this wall time
+_RESCUES: Path | None = None
 # How often a process waiting for another's refresh lease looks again: serve's 0.05 s would
 # make a 40 s slow answer cost 800 looks per waiter; the order of events is the same.
 LEASE_POLL = 0.5
@@ -87,7 +89,7 @@ class World:
         self.dirty = True  # something the state checks read may have changed
         self.judged: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._deadlines: list[float] = []
-        self._rescues: Path | None = None
+        self.rescue_files: list[Path] = []  # made by this run, deleted when it ends
 
     # -- time and trace ---------------------------------------------------------------------
 
@@ -164,10 +166,13 @@ class World:
         return [p for p in self.procs if p.alive] + [p for p in self.clis if p.alive]
 
     def rescue_directory(self) -> Path:
-        """Where this run's rescue files go (Config.rescue_directory): made at first use."""
-        if self._rescues is None:
-            self._rescues = Path(tempfile.mkdtemp(prefix=f"amo-sim-{self.seed}-"))
-        return self._rescues
+        """Where rescue files go (Config.rescue_directory): one folder for the runs of this
+        interpreter, made at first use; each run deletes the files it made when it ends."""
+        global _RESCUES
+        if _RESCUES is None:
+            _RESCUES = Path(tempfile.mkdtemp(prefix="amo-sim-rescues-"))
+            atexit.register(shutil.rmtree, _RESCUES, True)
+        return _RESCUES
 
     # -- weather ------------------------------------------------------------------------------
 
@@ -250,8 +255,8 @@ class World:
             random.setstate(saved)
             leasing.LEASE_POLL = lease_poll
             self.loop.close()
-            if self._rescues is not None:
-                shutil.rmtree(self._rescues, ignore_errors=True)
+            for path in self.rescue_files:
+                path.unlink(missing_ok=True)
 
 
 async def _drain() -> None:
