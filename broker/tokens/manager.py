@@ -116,7 +116,11 @@ class TokenManager(PairKeeper):
             self.note_unauthorized_after_refresh()
             return False
         if decision is not On401.REPLAY:
-            await self.refresh("unauthorized", stale_generation=generation)
+            stored = await self.refresh("unauthorized", stale_generation=generation)
+            if stored.generation <= generation:
+                # It joined a refresh in flight that ends at the very pair amoCRM refused
+                # (dropped as soon as it was issued): one more, for everyone who asks now.
+                await self.refresh("unauthorized", stale_generation=generation)
             self._state = rules.cured_401(self._state, self._clock.monotonic())
         return True
 
@@ -193,8 +197,16 @@ class TokenManager(PairKeeper):
         A caller waits at most the refresh timeout, then gets a 503 to retry; the task itself
         goes on to amoCRM's answer and commits it. Abandoning the request instead would throw
         away a pair amoCRM has already granted, and with it the spent refresh token.
+
+        An account leaving (broker/tokens/landing.py) starts none: its landing may be over,
+        and a pair granted now that the store refused would go with the last call's memory.
         """
         if self._inflight is None or self._inflight.done():
+            if self.leaving:
+                raise TokenEndpointError(
+                    f"account {self.store.account} is leaving this process: not refreshing",
+                    retry_after=1,
+                )
             stale = self.generation if stale_generation is None else stale_generation
             task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
             task.add_done_callback(consume_exception)
@@ -295,6 +307,18 @@ class TokenManager(PairKeeper):
             await self._failed(exc, reason, current)
             raise
         fault_point("after_answer")
+        held = self._state.held
+        if held is None or held.pair.refresh_token != old.refresh_token:
+            # While amoCRM answered, this process adopted a newer pair: a person's import (or
+            # code exchange), which wins. The pair just granted continues the lineage it
+            # replaced; written by compare-and-swap on the adopted generation, it would undo it.
+            log.warning(
+                "token_superseded",
+                generation=self.generation,
+                new_fingerprint=fresh.refresh_fingerprint,
+                message="a pair granted after an import was adopted is dropped: the import wins",
+            )
+            return await self._held()
         if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
             fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)
         redactor.register(fresh.access_token, fresh.refresh_token)

@@ -226,3 +226,20 @@ async def test_new_pair_lifts_reauth(open_manager: Callable[..., object], sandbo
     assert manager.generation == 2
     token, generation = await manager.token()
     assert generation == 2 and token
+
+
+async def test_a_call_in_flight_starts_no_refresh_once_its_account_is_leaving(
+    open_manager: Callable[..., object], sandbox: Sandbox
+) -> None:
+    """A call still in flight when its account left (SIGHUP) cannot start a refresh: a 503.
+
+    The old code refreshed: the landing had ended already, so a pair the store refused was
+    dropped with the call (found by the simulator: seed 443 of `degraded_shared`).
+    """
+    manager: TokenManager = await open_manager()  # type: ignore[operator]
+    manager.leaving = True  # broker/tokens/landing.py settle(): the account leaves
+    sandbox.expire_access_tokens()
+    with pytest.raises(TokenEndpointError) as refused:
+        await manager.unauthorized(manager.generation)
+    assert refused.value.retry_after is not None
+    assert sandbox.refresh_calls == 0

@@ -320,3 +320,33 @@ async def test_a_refusal_is_never_written_over_a_pair_imported_meanwhile(
     token, _ = await manager.token()
     assert token == imported.access_token
     await store.inner.close()
+
+
+async def test_an_import_adopted_while_amocrm_answers_a_refresh_stays(
+    parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
+) -> None:
+    """A refresh answered after this process adopted a person's import never replaces it.
+
+    The old code wrote the refreshed pair (of the lineage the import replaced) by compare-and-
+    swap on the generation it had just adopted, the import's own: the import was gone from the
+    store (found by the simulator: invariant I7, seed 180 of `degraded`).
+    """
+    manager, store = await open_gated(parts)
+    sandbox.token_gate = asyncio.Event()
+    refreshing = asyncio.create_task(manager.refresh("expiry", bounded=False))
+    for _ in range(200):  # bounded: until amoCRM holds the refresh request
+        if sandbox.token_calls:
+            break
+        await asyncio.sleep(0.01)
+    imported = pair_from_sandbox(sandbox)
+    await store.inner.store_pair(imported, reason="import", outcome="imported")  # a person
+    await manager.tick()  # the scheduler's look at the store: the import is adopted
+    assert manager.generation == 2
+    sandbox.token_gate.set()
+    await refreshing
+    stored = await store.inner.load()
+    assert stored is not None
+    assert stored.generation == 2
+    assert stored.pair.refresh_token == imported.refresh_token
+    assert manager.pair is not None and manager.pair.refresh_token == imported.refresh_token
+    await store.inner.close()
