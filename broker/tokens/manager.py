@@ -105,23 +105,26 @@ class TokenManager(PairKeeper):
         Within the cool-down only a probe that found the token working sends the 401 back;
         any other outcome rotates (see `_token_works`).
         """
-        decision = self._on_401(generation)
-        if decision is On401.PROBE:
-            works = await self._token_works(generation)
-            if generation < self.generation:  # rotated while the probe was out: try the new one
-                decision = On401.REPLAY
-            else:
-                decision = On401.RETURN if works else On401.ROTATE
-        if decision is On401.RETURN:
-            self.note_unauthorized_after_refresh()
-            return False
-        if decision is not On401.REPLAY:
+        for _ in range(2):
+            decision = self._on_401(generation)
+            if decision is On401.PROBE:
+                works = await self._token_works(generation)
+                if generation < self.generation:  # rotated while the probe was out: replay
+                    decision = On401.REPLAY
+                else:
+                    decision = On401.RETURN if works else On401.ROTATE
+            if decision is On401.RETURN:
+                self.note_unauthorized_after_refresh()
+                return False
+            if decision is On401.REPLAY:
+                return True
             stored = await self.refresh("unauthorized", stale_generation=generation)
-            if stored.generation <= generation:
-                # It joined a refresh in flight that ends at the very pair amoCRM refused
-                # (dropped as soon as it was issued): one more, for everyone who asks now.
-                await self.refresh("unauthorized", stale_generation=generation)
             self._state = rules.cured_401(self._state, self._clock.monotonic())
+            if stored.generation > generation:
+                return True
+            # It joined a refresh in flight that ended at the very pair amoCRM refused (the
+            # pair was granted just before the 401): judge the 401 again, as one for that
+            # fresh pair, within the cool-down (probed, not rotated blindly).
         return True
 
     def may_cure_401(self, generation: int) -> bool:

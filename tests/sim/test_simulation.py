@@ -107,6 +107,12 @@ DEFECTS: dict[str, Defect] = {
     "a 401 for a just granted pair joins the refresh that granted it": Defect(
         frozenset({"I10"}), "degraded", range(195, 200), "no probe"
     ),
+    # The first cure of the one above refreshed again at once whenever the joined refresh
+    # ended at the refused pair: incurable 401s then rotated again and again. The 401 is
+    # judged again instead, as one for a fresh pair (probed within the cool-down).
+    "a 401 joining the refresh of its own pair rotates again blindly": Defect(
+        frozenset({"I4"}), "mixed", range(6651, 6652)
+    ),
     # A refresh whose answer comes after the process adopted a person's import (its tick read
     # it meanwhile) writes the older lineage over the import, by compare-and-swap on the
     # import's own generation.
