@@ -122,9 +122,8 @@ class TokenManager(PairKeeper):
             self._state = rules.cured_401(self._state, self._clock.monotonic())
             if stored.generation > generation:
                 return True
-            # It joined a refresh in flight that ended at the very pair amoCRM refused (the
-            # pair was granted just before the 401): judge the 401 again, as one for that
-            # fresh pair, within the cool-down (probed, not rotated blindly).
+            # It joined a refresh in flight that ended at the very pair amoCRM refused: judge
+            # the 401 again, as one for that fresh pair (probed, not rotated blindly).
         return True
 
     def may_cure_401(self, generation: int) -> bool:
@@ -206,10 +205,7 @@ class TokenManager(PairKeeper):
         """
         if self._inflight is None or self._inflight.done():
             if self.leaving:
-                raise TokenEndpointError(
-                    f"account {self.store.account} is leaving this process: not refreshing",
-                    retry_after=1,
-                )
+                raise TokenEndpointError("the account is leaving: not refreshing", retry_after=1)
             stale = self.generation if stale_generation is None else stale_generation
             task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
             task.add_done_callback(consume_exception)
@@ -312,15 +308,10 @@ class TokenManager(PairKeeper):
         fault_point("after_answer")
         held = self._state.held
         if held is None or held.pair.refresh_token != old.refresh_token:
-            # While amoCRM answered, this process adopted a newer pair: a person's import (or
-            # code exchange), which wins. The pair just granted continues the lineage it
-            # replaced; written by compare-and-swap on the adopted generation, it would undo it.
-            log.warning(
-                "token_superseded",
-                generation=self.generation,
-                new_fingerprint=fresh.refresh_fingerprint,
-                message="a pair granted after an import was adopted is dropped: the import wins",
-            )
+            # While amoCRM answered, this process adopted a person's import (or code exchange),
+            # which wins: written by compare-and-swap on the import's own generation, the pair
+            # just granted (of the lineage the import replaced) would undo it.
+            log.warning("token_superseded", generation=self.generation)
             return await self._held()
         if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
             fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)

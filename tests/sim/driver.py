@@ -134,11 +134,18 @@ def _act(world: World, action: str) -> None:
         grant = new_consent(world, account)
         world.start(cli_import(world, account, rng.randrange(len(world.offsets)), grant))
     elif action == "import_stale":  # R5: the person's old import file, run again
-        grants = world.amo.grants.values()
-        stale = [g for g in grants if g.owner is None and g.parent is None and g.spent_by]
+        # A pair of the person's whose refresh token the store's history records as spent
+        # (rotated away since): R5's old file, not the pair the store holds now.
+        grants, store = world.amo.grants.values(), world.store
+        stale = [
+            g
+            for g in grants
+            if g.owner is None and g.parent is None and store.rows(g.account).was_spent(g.fp)
+        ]
         if stale:
             grant = rng.choice(stale)
-            world.start(cli_import(world, grant.account, rng.randrange(len(world.offsets)), grant))
+            slot = rng.randrange(len(world.offsets))
+            world.start(cli_import(world, grant.account, slot, grant, insist=False))
     elif action == "crash":
         live = [p for p in world.live() if p.kind != "import"]
         if live:
@@ -150,8 +157,8 @@ def _act(world: World, action: str) -> None:
         procs = [p for p in world.procs if p.alive and not p.stopping]
         if procs:
             world.start(_deploy(world, rng.choice(procs), rng.uniform(1, 30)))
-    elif action == "sighup":
-        procs = [p for p in world.procs if p.alive and not p.stopping]
+    elif action == "sighup":  # serve reloads only once it serves (its signal loop)
+        procs = [p for p in world.procs if p.alive and not p.stopping and p.scheduler]
         if procs and len(world.accounts) > 1:
             proc = rng.choice(procs)
             account = rng.choice(world.accounts[1:])

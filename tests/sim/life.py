@@ -214,10 +214,13 @@ async def cli_refresh(world: World, account: str, slot: int) -> None:
     exit_process(world, proc, "ended its command")
 
 
-async def cli_import(world: World, account: str, slot: int, grant: Grant) -> None:
+async def cli_import(
+    world: World, account: str, slot: int, grant: Grant, *, insist: bool = True
+) -> None:
     """`amo-broker import`: check the key (a load), then `import_checked`. Refused for holding
-    another live pair, the person (who re-authorised on purpose) runs it with --replace; for
-    a spent token, they give up. A store error: they run it again a little later, twice."""
+    another live pair, a person who re-authorised on purpose (`insist`) runs it again with
+    --replace; one who ran an old file again does not; for a spent token, both give up. A
+    store error: they run it again a little later, twice."""
     proc = new_proc(world, slot, "import")
     world.clis.append(proc)
     world.trace("import", proc.name, account, grant.fp)
@@ -232,7 +235,7 @@ async def cli_import(world: World, account: str, slot: int, grant: Grant) -> Non
             break
         except ImportRefusedError as exc:
             world.trace("error", proc.name, account, exc.code, "import")
-            if replace or "--replace" not in exc.message:
+            if replace or not insist or "--replace" not in exc.message:
                 break
             replace = True
         except StoreError as exc:

@@ -61,7 +61,7 @@ class Profile:
     max_outage: float | None = 60.0
     # The scheduler's poll of the store for other processes' writes: serve's is 5 s; a longer
     # one costs fewer wake-ups an hour (each refresh re-reads the store under its lease).
-    poll: float = 120.0
+    poll: float = 60.0
 
 
 PROFILES = {
@@ -70,7 +70,6 @@ PROFILES = {
         ACTIONS,
         {"calm": 3, "contended": 2, "failing": 1, "flaky": 1},
         {"calm": 3, "slow": 1, "down": 1, "outage": 0.5, "lossy": 0.3},
-        steps=20,
         api_modes=API_WEATHER,
     ),
     # Defect 1: a degraded store, a retried unsaved pair and 401s or expiry meeting it.
@@ -101,7 +100,7 @@ PROFILES = {
             "incurable": 0.0,
             "import_stale": 0.0,
         },
-        {"calm": 1, "failing": 3},
+        {"calm": 1, "failing": 2, "read_only": 2},
         {"calm": 3, "slow": 1},
         incurable_share=0.0,
         max_outage=300.0,  # four leases and more: the limit shows, and the run still ends
@@ -112,7 +111,7 @@ PROFILES = {
         {"request": 2.0, "incurable": 4.0, "expire_access": 2.0, "api_weather": 1.5, "idle": 1.0},
         CALM,
         CALM,
-        steps=12,
+        steps=10,
         api_modes=(("calm", 1.0), ("throttled", 2.0), ("flaky", 1.0)),
     ),
     # Defect 4: token endpoint trouble while a newer pair lands in the store.

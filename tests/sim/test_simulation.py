@@ -14,7 +14,8 @@ Run more seeds (the long sweep), or replay one (the failure message says which):
     SIM_SEEDS=20000 .venv/bin/pytest -m sim tests/sim
     SIM_SEED=1234 SIM_PROFILE=mixed .venv/bin/pytest -m sim tests/sim -k replay -s
 `SIM_LEASE_CLOCK=caller|store` and `SIM_FENCE=legacy|fenced` override what the simulated store
-reads off the real SQLite backend (its lease clock; whether `store_pair` drops the lease).
+reads off the real SQLite backend (its lease clock; whether `store_pair` drops the lease);
+`SIM_POLL=5` runs the scheduler at serve's poll instead of the profile's.
 """
 
 from __future__ import annotations

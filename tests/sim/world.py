@@ -183,7 +183,7 @@ class World:
             return 0.0, ""
         r = self.rng.random()
         limit = self.profile.max_outage
-        if mode in ("failing", "flaky") and limit is not None:
+        if mode in ("failing", "flaky", "read_only") and limit is not None:
             if self.now() - self.store_mode_since > limit:
                 mode = self.store_mode = "calm"  # the outage ends, as any bounded one does
                 self.trace("store", "calm")
@@ -194,8 +194,10 @@ class World:
             return (self.rng.uniform(0.01, 0.5), "") if r < 0.6 else (0.0, "")
         if proc is None:  # a person's import meets the contention, not the broken disk
             return 0.0, ""
-        if mode == "failing":  # disk full / read-only: writes fail, reads work
+        if mode == "failing":  # disk full: most writes fail, reads work
             return (self.rng.uniform(0.0, 0.5), "disk full") if write and r < 0.7 else (0.0, "")
+        if mode == "read_only":  # a read-only file system: every write fails, reads work
+            return (self.rng.uniform(0.0, 0.5), "read-only") if write else (0.0, "")
         # flaky: lock waits, failures, a commit whose acknowledgement is lost, and now and
         # then a hung connection
         if r < 0.03:
