@@ -306,17 +306,12 @@ class TokenManager(PairKeeper):
             await self._failed(exc, reason, current)
             raise
         fault_point("after_answer")
-        held = self._state.held
-        if held is None or held.pair.refresh_token != old.refresh_token:
-            # While amoCRM answered, this process adopted a person's import (or code exchange),
-            # which wins: written by compare-and-swap on the import's own generation, the pair
-            # just granted (of the lineage the import replaced) would undo it.
-            log.warning("token_superseded", generation=self.generation)
-            return await self._held()
         if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
             fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)
         redactor.register(fresh.access_token, fresh.refresh_token)
-        await self._commit_grant(fresh, reason)
+        if not await self._commit_grant(fresh, reason, spent=old.refresh_token):
+            log.warning("token_superseded", generation=self.generation)  # an import wins
+            return await self._held()
         self.stats.count_rotation(reason, self._clock.time())
         log.info(
             "token_refreshed",
