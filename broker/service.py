@@ -39,9 +39,9 @@ from broker.server.routing import AccountSetup
 from broker.store.api import Store
 from broker.store.opener import open_store
 from broker.tokens.endpoint import OAuthClient
-from broker.tokens.importing import bootstrap_from_env, install_long_lived
+from broker.tokens.importing import bootstrap_from_env
 from broker.tokens.landing import SETTLE_SECONDS, Departures, Landing, rescue_error
-from broker.tokens.long_lived import LongLivedManager
+from broker.tokens.long_lived import account_manager
 from broker.tokens.manager import TokenManager
 from broker.tokens.upstream import Upstream
 from broker.traffic.limiter import AccountLimiter
@@ -167,17 +167,19 @@ async def open_account(
         if oauth_config
         else None
     )
-    manager: TokenManager
     # Built here, before the app, so that the manager's own calls to /api/v4 (the probe) wait
     # in the same pace as the proxied calls: amoCRM counts them alike (broker/server/own_calls.py).
     limiter = AccountLimiter(config.limits, connections=UPSTREAM_CONNECTIONS)
     # The proxy's own session: the probe reaches amoCRM as the calls it checks do.
     probe = paced_probe(session, upstream, limiter, config.upstream_timeout) if upstream else None
-    if long_lived is not None:
-        await install_long_lived(store, long_lived.reveal(), time.time(), probe)
-        manager = LongLivedManager(store, margin=config.margin_seconds, probe=probe)
-    else:
-        manager = TokenManager(store, oauth, margin=config.margin_seconds, probe=probe)
+    manager = await account_manager(
+        store,
+        oauth,
+        margin=config.margin_seconds,
+        probe=probe,
+        long_lived=long_lived.reveal() if long_lived is not None else None,
+        now=time.time(),
+    )
     manager.upstream = upstream
     await manager.load()
     return AccountRuntime(config, store, oauth, manager, limiter)

@@ -223,10 +223,6 @@ class Store(Protocol):
         """Re-seal every account's row in one transaction; refuse while a lease is live."""
         ...
 
-    async def wait_for_change(self, seconds: float) -> None:
-        """Return when another process may have stored a pair, or after `seconds`."""
-        ...
-
     async def wait_for_changes(self, seconds: float) -> set[str] | None:
         """For all accounts at once: the accounts that may have a new pair, once one may, or
         after `seconds`; None when any may (SQLite: always, by poll)."""

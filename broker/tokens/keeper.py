@@ -197,17 +197,25 @@ class PairKeeper:
         async with self._writing:
             await self._write_held()
 
-    async def _commit_grant(self, fresh: TokenPair, reason: str) -> None:
-        """Write a pair amoCRM just granted, then make it the pair in use.
+    async def _commit_grant(self, fresh: TokenPair, reason: str, spent: str) -> bool:
+        """Write a pair amoCRM just granted for the refresh token `spent`, then make it the
+        pair in use; False (nothing written) when it was superseded meanwhile.
 
         Until its first write ends, callers keep the pair they had: nothing uses a new pair
         before the store took it, or refused it (then it is served from memory, degraded).
+        Superseded: while amoCRM answered (or this write waited), the process adopted a pair
+        not of the spent one's lineage, a person's import, which wins; written by compare-
+        and-swap on the import's generation, the grant would undo it.
         """
         async with self._writing:
+            if self._adopted_since(spent):
+                return False
             try:
                 generation = await self._store(fresh, reason, self._state.durable)
                 conflict = False
             except StaleWriteError:
+                if self._adopted_since(spent):
+                    return False
                 generation, conflict = None, True
             now_wall, now_mono = self._clock.time(), self._clock.monotonic()
             self._state = rules.granted(
@@ -217,6 +225,11 @@ class PairKeeper:
                 self._committed(fresh, generation)
             elif conflict:
                 await self._write_held()  # meets the conflict again, and settles it
+        return True
+
+    def _adopted_since(self, spent: str) -> bool:
+        held = self._state.held
+        return held is None or held.pair.refresh_token != spent
 
     async def _write_held(self) -> None:
         """Write the unsaved pair until it lands, the store refuses, or a newer pair wins."""

@@ -10,13 +10,16 @@ to `reauth_required` until someone issues a new one and configures it. /status w
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import replace
 
 from broker.errors import ReauthRequiredError, StoreError
 from broker.logs import get_logger
 from broker.store.api import Store
 from broker.timing import Clock, iso
+from broker.tokens.importing import install_long_lived
 from broker.tokens.manager import TokenManager
+from broker.tokens.parts import Refresher
 from broker.tokens.probe import Probe, verdict
 
 log = get_logger()
@@ -44,9 +47,8 @@ class LongLivedManager(TokenManager):
         margin: float,
         probe: Probe | None = None,
         clock: Clock | None = None,
-        poll_interval: float = 5.0,
     ) -> None:
-        super().__init__(store, None, margin=margin, clock=clock, poll_interval=poll_interval)
+        super().__init__(store, None, margin=margin, clock=clock)
         self._probe = probe
         self._probing: asyncio.Task[None] | None = None
         self._alive_at: tuple[int, float] | None = None  # (generation, monotonic) of a probe
@@ -119,10 +121,31 @@ class LongLivedManager(TokenManager):
         log.error("reauth_required", reason=message, generation=self.generation)
         return message
 
-    def _next_wakeup(self, poll: float | None = None) -> float:
-        # Nothing is ever due: only follow the store (a new token configured by a restart of
-        # another process) at the poll interval.
-        return self._poll_interval if poll is None else poll
+    def seconds_until_due(self) -> float:
+        # Nothing is ever due: the scheduler only follows the store (a new token configured
+        # by a restart of another process).
+        return math.inf
+
+
+async def account_manager(
+    store: Store,
+    refresher: Refresher | None,
+    *,
+    margin: float,
+    probe: Probe | None,
+    long_lived: str | None,
+    now: float,
+    clock: Clock | None = None,
+) -> TokenManager:
+    """Make the token manager an account's settings call for, over its view of the store.
+
+    A configured long-lived token is stored first (a new one replaces the old). `serve`, the
+    CLI and the simulator (tests/sim) all build an account's manager here; it is not loaded.
+    """
+    if long_lived is not None:
+        await install_long_lived(store, long_lived, now, probe)
+        return LongLivedManager(store, margin=margin, probe=probe, clock=clock)
+    return TokenManager(store, refresher, margin=margin, probe=probe, clock=clock)
 
 
 def expiry_warning(seconds_left: float | None) -> str | None:

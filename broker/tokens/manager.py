@@ -16,7 +16,6 @@ import math
 from dataclasses import replace
 
 from broker.errors import (
-    BrokerError,
     GrantRejectedError,
     NoTokensError,
     ReauthRequiredError,
@@ -51,7 +50,6 @@ class TokenManager(PairKeeper):
         *,
         margin: float,
         clock: Clock | None = None,
-        poll_interval: float = 5.0,
         probe: Probe | None = None,
     ) -> None:
         super().__init__(store, margin=margin, clock=clock)
@@ -59,7 +57,6 @@ class TokenManager(PairKeeper):
         # The probe in flight and the generation whose token it carries.
         self._token_probing: tuple[int, asyncio.Task[Verdict]] | None = None
         self._refresher = refresher
-        self._poll_interval = poll_interval
         self._inflight: asyncio.Task[StoredPair] | None = None
         # Set when the account leaves or the process ends (broker/tokens/landing.py): what
         # the store lacks is still written, but no proactive refresh starts.
@@ -108,19 +105,25 @@ class TokenManager(PairKeeper):
         Within the cool-down only a probe that found the token working sends the 401 back;
         any other outcome rotates (see `_token_works`).
         """
-        decision = self._on_401(generation)
-        if decision is On401.PROBE:
-            works = await self._token_works(generation)
-            if generation < self.generation:  # rotated while the probe was out: try the new one
-                decision = On401.REPLAY
-            else:
-                decision = On401.RETURN if works else On401.ROTATE
-        if decision is On401.RETURN:
-            self.note_unauthorized_after_refresh()
-            return False
-        if decision is not On401.REPLAY:
-            await self.refresh("unauthorized", stale_generation=generation)
+        for _ in range(2):
+            decision = self._on_401(generation)
+            if decision is On401.PROBE:
+                works = await self._token_works(generation)
+                if generation < self.generation:  # rotated while the probe was out: replay
+                    decision = On401.REPLAY
+                else:
+                    decision = On401.RETURN if works else On401.ROTATE
+            if decision is On401.RETURN:
+                self.note_unauthorized_after_refresh()
+                return False
+            if decision is On401.REPLAY:
+                return True
+            stored = await self.refresh("unauthorized", stale_generation=generation)
             self._state = rules.cured_401(self._state, self._clock.monotonic())
+            if stored.generation > generation:
+                return True
+            # It joined a refresh in flight that ended at the very pair amoCRM refused: judge
+            # the 401 again, as one for that fresh pair (probed, not rotated blindly).
         return True
 
     def may_cure_401(self, generation: int) -> bool:
@@ -196,8 +199,13 @@ class TokenManager(PairKeeper):
         A caller waits at most the refresh timeout, then gets a 503 to retry; the task itself
         goes on to amoCRM's answer and commits it. Abandoning the request instead would throw
         away a pair amoCRM has already granted, and with it the spent refresh token.
+
+        An account leaving (broker/tokens/landing.py) starts none: its landing may be over,
+        and a pair granted now that the store refused would go with the last call's memory.
         """
         if self._inflight is None or self._inflight.done():
+            if self.leaving:
+                raise TokenEndpointError("the account is leaving: not refreshing", retry_after=1)
             stale = self.generation if stale_generation is None else stale_generation
             task = asyncio.create_task(self._refresh(reason, stale, manual=reason == "manual"))
             task.add_done_callback(consume_exception)
@@ -301,7 +309,9 @@ class TokenManager(PairKeeper):
         if fresh.refresh_token == old.refresh_token:  # amoCRM kept it: so does its date
             fresh = replace(fresh, refresh_obtained_at=old.refresh_obtained_at)
         redactor.register(fresh.access_token, fresh.refresh_token)
-        await self._commit_grant(fresh, reason)
+        if not await self._commit_grant(fresh, reason, spent=old.refresh_token):
+            log.warning("token_superseded", generation=self.generation)  # an import wins
+            return await self._held()
         self.stats.count_rotation(reason, self._clock.time())
         log.info(
             "token_refreshed",
@@ -361,21 +371,10 @@ class TokenManager(PairKeeper):
             )
         )
 
-    # -- proactive loop ---------------------------------------------------------------------
-    async def run(self) -> None:
-        """Refresh before expiry with no traffic, and follow other processes' rotations: at once
-        on PostgreSQL (a commit wakes the store's wait), by polling on SQLite."""
-        while True:
-            await self.store.wait_for_change(self._next_wakeup())
-            try:
-                await self.tick()
-            except BrokerError:
-                pass  # logged where it happened; the loop retries after its backoff
-            except Exception:
-                log.exception("refresh_loop_error")
-
+    # -- proactive refresh (one Scheduler drives every account's ticks) ---------------------
     async def tick(self) -> None:
-        """Do one round of the proactive loop."""
+        """Do one round of the proactive refresh: write what the store lacks, follow its news,
+        refresh when due (broker/tokens/scheduler.py calls it when due or the store changed)."""
         if self._state.unsaved is not None:
             await self._write()
             await self._let_go()  # the store has the pair now: the lease can go
@@ -391,9 +390,5 @@ class TokenManager(PairKeeper):
     def seconds_until_due(self) -> float:
         """Seconds until this account has work of its own (a refresh due, a retry, a write
         held back), inf when none: the scheduler watches the store for the rest."""
-        return self._next_wakeup(math.inf)
-
-    def _next_wakeup(self, poll: float | None = None) -> float:
         now = self._clock.monotonic()
-        poll = self._poll_interval if poll is None else poll
-        return rules.next_wakeup(self._state, now, poll, holds_news=self._holds_news())
+        return rules.next_wakeup(self._state, now, math.inf, holds_news=self._holds_news())

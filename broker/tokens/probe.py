@@ -110,21 +110,38 @@ def account_probe(
         if pace is None:
             answer = await send(token, timeout)
             return answer.status if answer else None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + patience
-        pause = RETRY_FIRST
-
-        def in_turn() -> Awaitable[Answer | None]:
-            # Timed from the turn, not from the ask: the wait in the queue is the pace's.
-            left = max(SEND_MIN, deadline - loop.time())
-            return send(token, min(timeout, left))
-
-        while True:
-            answer = await pace(in_turn, max(0.0, deadline - loop.time()))
-            status = answer.status if answer else None
-            if verdict(status) != "unknown" or loop.time() + pause >= deadline:
-                return status
-            await asyncio.sleep(pause)
-            pause *= 2
+        return await ask_until_verdict(send, token, pace, patience, request_seconds=timeout)
 
     return probe
+
+
+async def ask_until_verdict(
+    send: Callable[[str, float], Awaitable[Answer | None]],
+    token: str,
+    pace: Pace,
+    patience: float,
+    *,
+    request_seconds: float,
+) -> int | None:
+    """Probe `token` in its turns of `pace`, asking again after a growing pause while the
+    answers prove nothing, until `patience` seconds have gone; the last answer's status.
+
+    `send(token, seconds)` is one request of at most `request_seconds` (account_probe's over
+    aiohttp; the simulator's).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    pause = RETRY_FIRST
+
+    def in_turn() -> Awaitable[Answer | None]:
+        # Timed from the turn, not from the ask: the wait in the queue is the pace's.
+        left = max(SEND_MIN, deadline - loop.time())
+        return send(token, min(request_seconds, left))
+
+    while True:
+        answer = await pace(in_turn, max(0.0, deadline - loop.time()))
+        status = answer.status if answer else None
+        if verdict(status) != "unknown" or loop.time() + pause >= deadline:
+            return status
+        await asyncio.sleep(pause)
+        pause *= 2

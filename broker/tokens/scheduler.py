@@ -165,7 +165,7 @@ class Scheduler:
 
     def _wake(self, changed: set[str], now: float) -> None:
         managers = self.managers
-        for name in changed:
+        for name in sorted(changed):  # in one order, whatever the hash seed: replayable
             if name in managers:
                 self._start(name, managers[name])
         while self._due and self._due[0][0] <= now:

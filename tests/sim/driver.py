@@ -1,106 +1,48 @@
 """The driver: one action per step, drawn from the seed, then virtual time passes.
 
 `run_seed(seed)` is the whole simulation of one seed; the same seed gives the same trace.
+The profiles (which actions, what weather) are in tests/sim/profiles.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 from broker.errors import BrokerError
 from tests.sim import invariants
-from tests.sim.amocrm import DELIVERED
-from tests.sim.store import ProcessDied, real_lease_clock
-from tests.sim.world import Proc, Profile, RunResult, World, request_error
+from tests.sim.life import (
+    cli_import,
+    cli_refresh,
+    kill,
+    new_consent,
+    shutdown,
+    sighup,
+    spawn,
+)
+from tests.sim.procs import Proc
+from tests.sim.profiles import PROFILES
+from tests.sim.store import ProcessDied, lease_semantics, real_lease_clock
+from tests.sim.world import RunResult, World
 
-ACTIONS = {
-    "request": 6.0,
-    "requests": 3.0,  # several at once, over all processes
-    "incurable": 1.5,  # a burst of calls amoCRM answers 401 whatever the token
-    "expire_access": 2.0,  # amoCRM stops accepting the access tokens it issued
-    "manual": 0.7,
-    "import": 0.7,
-    "crash": 1.0,
-    "clock_step": 0.7,
-    "store_weather": 1.5,
-    "endpoint_weather": 1.5,
-    "cancel": 1.0,  # a caller goes away mid-request
-    "idle": 2.0,
-}
-CALM = {"calm": 1.0}
-
-PROFILES = {
-    "mixed": Profile(
-        "mixed",
-        ACTIONS,
-        {"calm": 3, "contended": 2, "failing": 1, "flaky": 1},
-        {"calm": 3, "slow": 1, "down": 1, "outage": 0.5, "lossy": 0.3},
-    ),
-    # Defect 1: a degraded store, a retried unsaved pair and 401s or expiry meeting it.
-    "degraded": Profile(
-        "degraded",
-        {**ACTIONS, "store_weather": 4.0, "crash": 0.2, "clock_step": 0.0, "incurable": 0.0},
-        {"calm": 1, "contended": 2, "failing": 2, "flaky": 1},
-        {"calm": 3, "slow": 1},
-        procs=(1,),  # one process: other processes' double spends would hide this one
-        incurable_share=0.0,
-    ),
-    # The same weather over several processes: one of them degraded, the others going on.
-    "degraded_shared": Profile(
-        "degraded_shared",
-        {**ACTIONS, "store_weather": 4.0, "crash": 0.2, "clock_step": 0.0, "incurable": 0.0},
-        {"calm": 1, "contended": 2, "failing": 2, "flaky": 1},
-        {"calm": 3, "slow": 1},
-        incurable_share=0.0,
-    ),
-    # A limit, not a defect: store outages longer than the refresh lease (see max_outage).
-    "long_outage": Profile(
-        "long_outage",
-        {**ACTIONS, "store_weather": 1.0, "crash": 0.0, "clock_step": 0.0, "incurable": 0.0},
-        {"calm": 1, "failing": 3},
-        {"calm": 3, "slow": 1},
-        incurable_share=0.0,
-        max_outage=None,
-    ),
-    # Defect 2: calls amoCRM answers 401 whatever the token.
-    "incurable": Profile(
-        "incurable",
-        {"request": 2.0, "incurable": 4.0, "idle": 1.0},
-        CALM,
-        CALM,
-        steps=15,
-    ),
-    # Defect 4: token endpoint trouble while a newer pair lands in the store.
-    "backoff": Profile(
-        "backoff",
-        {
-            "request": 4.0,
-            "requests": 2.0,
-            "expire_access": 2.0,
-            "import": 1.5,
-            "endpoint_weather": 0.5,
-            "idle": 1.0,
-        },
-        CALM,
-        {"outage": 3, "down": 1, "calm": 1},
-        incurable_share=0.0,
-    ),
-    # Defect 5: wall-clock steps while a refresh is under way.
-    "clock": Profile(
-        "clock",
-        {"requests": 4.0, "expire_access": 2.0, "clock_step": 2.0, "endpoint_weather": 1.0},
-        CALM,
-        {"slow": 3, "calm": 1},
-        incurable_share=0.0,
-    ),
-}
+DEFAULT = "a0"  # every serve process's default account: it cannot leave on SIGHUP
 
 
-def run_seed(seed: int, profile: str = "mixed", lease_clock: str | None = None) -> RunResult:
-    """Simulate one seed; the result names the first invariant that broke, if any."""
+def run_seed(
+    seed: int, profile: str = "mixed", lease_clock: str | None = None, poll: float | None = None
+) -> RunResult:
+    """Simulate one seed; the result names the first invariant that broke, if any.
+
+    `poll` (or SIM_POLL) replaces the profile's scheduler poll: serve's 5 s finds more of the
+    interleavings where a process reads another's write, at a cost the sweep cannot pay.
+    """
     clock = lease_clock or os.environ.get("SIM_LEASE_CLOCK") or real_lease_clock()
-    world = World(seed, PROFILES[profile], clock)
+    chosen = PROFILES[profile]
+    poll = poll or float(os.environ.get("SIM_POLL", "0"))
+    if poll:
+        chosen = dataclasses.replace(chosen, poll=poll)
+    world = World(seed, chosen, clock, lease_semantics())
     world.run(_main)
     violation = world.violation
     if violation is None and world.loop_errors:
@@ -111,71 +53,121 @@ def run_seed(seed: int, profile: str = "mixed", lease_clock: str | None = None) 
 
 
 async def _main(world: World) -> None:
-    rng = world.rng
-    slots = rng.choice(world.profile.procs)
+    rng, profile, store = world.rng, world.profile, world.store
+    world.accounts = [f"a{i}" for i in range(profile.accounts)]
+    if profile.accounts > 1 and rng.random() < profile.long_lived:
+        last = world.accounts[-1]
+        grant = world.amo.issue_long_lived(last)
+        world.long_lived[last] = grant.token
+        store.put(last, grant.pair, "long_lived", "imported", None, None, "person")
+    for account in world.accounts:
+        if account not in world.long_lived:
+            pair = new_consent(world, account).pair
+            store.put(account, pair, "import", "imported", None, None, "person")
+    slots = rng.choice(profile.procs)
     world.offsets = [0.0] * slots
-    grant = world.amo.issue(None, world.true_time(), None)
-    grant.status = DELIVERED
-    await world.person.store_pair(grant.pair, reason="import", outcome="imported")
+    others = world.accounts[1:]
+    world.configured = [[DEFAULT, *(a for a in others if rng.random() < 0.8)] for _ in range(slots)]
     for slot in range(slots):
-        world.spawn(slot)
-    _act(world, "store_weather")
-    _act(world, "endpoint_weather")
-    names = list(world.profile.actions)
-    weights = list(world.profile.actions.values())
-    for _ in range(world.profile.steps):
-        action = rng.choices(names, weights)[0]
-        _act(world, action)
+        spawn(world, slot)
+    for weather in ("store_weather", "endpoint_weather", "api_weather"):
+        _act(world, weather)
+    names = list(profile.actions)
+    weights = list(profile.actions.values())
+    for _ in range(profile.steps):
+        _act(world, rng.choices(names, weights)[0])
         r = rng.random()
         await asyncio.sleep(
             rng.uniform(0, 3)
             if r < 0.7
             else rng.uniform(3, 60)
             if r < 0.9
-            else rng.uniform(60, 600)
+            else rng.uniform(60, 300)
         )
     await asyncio.sleep(120)  # let what is in flight land, under the invariants
 
 
-def _pick(world: World) -> Proc | None:
-    live = world.live()
-    return world.rng.choice(live) if live else None
+def _serving(world: World) -> list[Proc]:
+    return [p for p in world.procs if p.alive and not p.stopping and p.managers]
+
+
+def _pick(world: World) -> tuple[Proc, str] | None:
+    """A serve process taking calls, and one of the accounts it serves."""
+    procs = _serving(world)
+    if not procs:
+        return None
+    proc = world.rng.choice(procs)
+    return proc, world.rng.choice(list(proc.managers))
+
+
+def _call(world: World, proc: Proc, account: str, *, incurable: bool) -> asyncio.Task[None]:
+    task = world.start(_request(world, proc, account, incurable=incurable))
+    proc.calls[task] = None
+    task.add_done_callback(lambda done: proc.calls.pop(done, None))
+    return task
 
 
 def _act(world: World, action: str) -> None:
     rng = world.rng
     world.trace("step", action)
     if action in ("request", "cancel"):
-        proc = _pick(world)
-        if proc is not None:
-            task = world.loop.create_task(_request(world, proc, incurable=False))
+        if picked := _pick(world):
+            task = _call(world, *picked, incurable=False)
             if action == "cancel":
                 world.loop.call_later(rng.uniform(0, 20), task.cancel)
     elif action == "requests":
         for _ in range(rng.randint(2, 6)):
-            proc = _pick(world)
-            if proc is not None:
-                world.start(
-                    _request(world, proc, incurable=rng.random() < world.profile.incurable_share)
-                )
+            if picked := _pick(world):
+                _call(world, *picked, incurable=rng.random() < world.profile.incurable_share)
     elif action == "incurable":
-        proc = _pick(world)
-        if proc is not None:
-            world.start(_burst(world, proc, rng.randint(3, 10)))
+        if picked := _pick(world):
+            world.start(_burst(world, *picked, rng.randint(3, 10)))
     elif action == "expire_access":
-        world.amo.invalid_before = world.true_time()
-        world.trace("access_revoked")
+        account = rng.choice(world.accounts)
+        world.amo.invalid_before[account] = world.true_time()
+        world.trace("access_revoked", account)
     elif action == "manual":
-        proc = _pick(world)
-        if proc is not None:
-            world.start(_manual(world, proc))
+        account = rng.choice(world.accounts)
+        world.start(cli_refresh(world, account, rng.randrange(len(world.offsets))))
     elif action == "import":
-        world.start(_import(world))
+        account = rng.choice([a for a in world.accounts if a not in world.long_lived])
+        grant = new_consent(world, account)
+        world.start(cli_import(world, account, rng.randrange(len(world.offsets)), grant))
+    elif action == "import_stale":  # R5: the person's old import file, run again
+        # A pair of the person's whose refresh token the store's history records as spent
+        # (rotated away since): R5's old file, not the pair the store holds now.
+        grants, store = world.amo.grants.values(), world.store
+        stale = [
+            g
+            for g in grants
+            if g.owner is None and g.parent is None and store.rows(g.account).was_spent(g.fp)
+        ]
+        if stale:
+            grant = rng.choice(stale)
+            slot = rng.randrange(len(world.offsets))
+            world.start(cli_import(world, grant.account, slot, grant, insist=False))
     elif action == "crash":
-        proc = _pick(world)
-        if proc is not None:
-            world.kill(proc)
-            world.start(_restart(world, proc.slot, rng.uniform(0, 20)))
+        live = [p for p in world.live() if p.kind != "import"]
+        if live:
+            proc = rng.choice(live)
+            kill(world, proc)
+            if proc.kind == "serve":
+                world.start(_restart(world, proc.slot, rng.uniform(0, 20)))
+    elif action == "shutdown":
+        procs = [p for p in world.procs if p.alive and not p.stopping]
+        if procs:
+            world.start(_deploy(world, rng.choice(procs), rng.uniform(1, 30)))
+    elif action == "sighup":  # serve reloads only once it serves (its signal loop)
+        procs = [p for p in world.procs if p.alive and not p.stopping and p.scheduler]
+        if procs and len(world.accounts) > 1:
+            proc = rng.choice(procs)
+            account = rng.choice(world.accounts[1:])
+            configured = world.configured[proc.slot]
+            if account in configured:
+                configured.remove(account)
+            else:
+                configured.append(account)
+            world.start(sighup(world, proc))
     elif action == "clock_step":
         step = rng.choice([-1, 1]) * rng.uniform(80, 900)
         slots = (
@@ -194,58 +186,75 @@ def _act(world: World, action: str) -> None:
         modes = world.profile.endpoint_modes
         world.endpoint_mode_now = rng.choices(list(modes), list(modes.values()))[0]
         world.trace("endpoint", world.endpoint_mode_now)
+    elif action == "api_weather":
+        names, weights = zip(*world.profile.api_modes, strict=True)
+        world.api_mode = rng.choices(names, weights)[0]
+        world.trace("api", world.api_mode)
+    elif action in ("revoke_long_lived", "new_long_lived"):
+        _long_lived(world, action)
 
 
-async def _request(world: World, proc: Proc, *, incurable: bool) -> None:
-    """Do what the proxy does: send with the token; on a 401, refresh and replay once."""
-    manager, rng = proc.manager, world.rng
-    generation, faults = manager.generation, proc.view.faults
+def _long_lived(world: World, action: str) -> None:
+    """amoCRM stops accepting the long-lived token, or a person issues and configures a new
+    one (then restarts the processes: a new token needs a restart)."""
+    for account, token in world.long_lived.items():
+        if action == "revoke_long_lived":
+            world.amo.revoked.add(token)
+            world.trace("long_lived_revoked", account)
+            continue
+        grant = world.amo.issue_long_lived(account)
+        world.long_lived[account] = grant.token
+        world.trace("long_lived_configured", account, grant.fp)
+        for proc in world.procs:
+            if proc.alive and not proc.stopping:
+                world.start(_deploy(world, proc, world.rng.uniform(0, 60)))
+
+
+async def _request(world: World, proc: Proc, account: str, *, incurable: bool) -> None:
+    """Do what the proxy does: send with the token; on a 401 that a refresh may cure, refresh
+    (or probe) and replay once; a 401 it may not cure goes back to the caller."""
+    manager, rng = proc.managers[account], world.rng
+    generation, faults = manager.generation, proc.conn.faults
     try:
         token, used = await manager.token()
+        first = token
         await asyncio.sleep(rng.uniform(0.01, 0.5))
         proc.check_alive()
         status = world.amo.api(token, incurable=incurable)
-        if status == 401:
+        if status == 401 and manager.may_cure_401(used):
             await manager.unauthorized(used)
             token, used = await manager.token()
             await asyncio.sleep(rng.uniform(0.01, 0.5))
             proc.check_alive()
             status = world.amo.api(token, incurable=incurable)
-        world.trace("answer", proc.name, status, "incurable" * incurable)
+        world.trace("answer", proc.name, account, status, "incurable" * incurable)
+        if status == 401:
+            world.guard(invariants.check_401, world, proc, account, first, token, incurable)
     except BrokerError as exc:
-        request_error(world, proc, exc, generation, faults)
+        world.trace("error", proc.name, account, exc.code)
+        world.guard(invariants.check_request_error, world, proc, account, exc, generation, faults)
 
 
-async def _burst(world: World, proc: Proc, calls: int) -> None:
+async def _burst(world: World, proc: Proc, account: str, calls: int) -> None:
     for _ in range(calls):
-        await _request(world, proc, incurable=True)
+        if proc.stopping or account not in proc.managers:
+            return
+        await _call(world, proc, account, incurable=True)
         await asyncio.sleep(world.rng.uniform(0.01, 0.2))
-
-
-async def _manual(world: World, proc: Proc) -> None:
-    proc.refresher.manual = True
-    try:
-        await proc.manager.refresh("manual")
-    except BrokerError as exc:
-        world.trace("error", proc.name, exc.code, "manual")
-    finally:
-        # The person's refresh goes on after its caller's wait ends (a slow endpoint, a lease
-        # held elsewhere): its send is still the person's, until the refresh itself ends.
-        await proc.manager.wait_idle()
-        proc.refresher.manual = False
-
-
-async def _import(world: World) -> None:
-    """A person re-authorises: consent gives a new pair, `amo-broker import` stores it."""
-    grant = world.amo.issue(None, world.true_time(), None)
-    grant.status = DELIVERED
-    world.trace("import", grant.fp)
-    await world.person.store_pair(grant.pair, reason="import", outcome="imported")
 
 
 async def _restart(world: World, slot: int, delay: float) -> None:
     await asyncio.sleep(delay)
-    world.spawn(slot)
+    if not world.procs[slot].alive:
+        spawn(world, slot)
+
+
+async def _deploy(world: World, proc: Proc, delay: float) -> None:
+    """SIGTERM (a deploy, a restart for a new setting), then the new incarnation starts."""
+    await asyncio.sleep(delay)
+    if proc.alive and not proc.stopping:
+        await shutdown(world, proc)
+        await _restart(world, proc.slot, world.rng.uniform(0, 5))
 
 
 __all__ = ["PROFILES", "ProcessDied", "run_seed"]

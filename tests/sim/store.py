@@ -1,58 +1,47 @@
-"""The token store, in memory, with the SQLite backend's semantics and injected faults.
+"""The token store, in memory: every account's rows, as all simulated processes share them.
 
-One `SharedStore` holds the rows every simulated process sees; each process talks to it
-through its own `StoreView` (its connection): one call at a time, in FIFO order, as both real
-backends serialise a connection's statements behind an asyncio.Lock. A call waits (another
-connection holds the write lock), then takes effect atomically, or fails without effect (disk
-full, a statement timeout after a hung connection). A dead process's view raises
-`ProcessDied` on every call, before any effect: nothing a killed process runs afterwards
-(a `finally`, a retry) reaches shared state.
+`SharedStore` holds one `Rows` per account (pair, lease, persisted state, host, history) with
+the real backends' semantics: `store_pair` is a compare-and-swap on the generation that clears
+`reauth_required`; the refresh lease is fenced (a grant's `seq` never repeats; renewing and
+releasing need the exact lease); `marks()` reads every account's generation and state at once.
+Two things follow the real SQLite backend rather than a fixed choice, read off it at the first
+run (`real_semantics`): whether `store_pair` deletes the lease row (defect R7: today's code,
+`LEGACY`) or leaves it alone (`FENCED`), and which clock judges a lease's expiry. Each process
+reaches the rows through its own connection (tests/sim/view.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+import dataclasses
+import functools
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import broker.errors
-from broker.errors import StoreError
+from broker.errors import StaleWriteError
 from broker.pair import TokenPair, fingerprint
-from broker.store.api import AccountHost, AccountState, PairInfo, StoredPair
-from broker.store.lease import Lease, LeaseResult, LeaseToken
-from broker.store.pace_grants import Grant, PaceTerms
+from broker.store.api import AccountHost, AccountState, StoredPair
+from broker.store.lease import Lease, LeaseResult
 from broker.store.sealing import Sealer
 
 if TYPE_CHECKING:
-    from tests.sim.world import Proc, World
-
-T = TypeVar("T")
+    from tests.sim.world import World
 
 SEALER = Sealer(bytes(32))  # the protocol names one; nothing is sealed in memory
+
+CALLER = "caller"  # lease expiry compared with the caller's wall clock (the old backends)
+STORE = "store"  # with the store's own clock, which never steps (the fix for defect 5)
+LEGACY = "legacy"  # store_pair deletes whoever's lease (defect R7)
+FENCED = "fenced"  # store_pair never touches the lease; only its holder's exact lease goes
+
+_LEASE_SEQ = "seq" in {f.name for f in dataclasses.fields(Lease)}
 
 
 class ProcessDied(BaseException):
     """Raised into every task of a killed process; BaseException so no `except` swallows it."""
-
-
-class _StaleWriteError(broker.errors.BrokerError):
-    """Stand-in for broker.errors.StaleWriteError until the compare-and-swap lands there."""
-
-    code = "stale_write"
-
-    def __init__(self, expected: int, current: int) -> None:
-        super().__init__(f"the pair's row is at generation {current}, not {expected}")
-        self.expected = expected
-        self.current = current
-
-
-StaleWriteError: type[broker.errors.BrokerError] = getattr(
-    broker.errors, "StaleWriteError", _StaleWriteError
-)
-
-CALLER = "caller"  # lease expiry compared with the caller's wall clock (today's backends)
-STORE = "store"  # with the store's own clock, which never steps (the fix for defect 5)
 
 
 def real_lease_clock() -> str:
@@ -63,30 +52,111 @@ def real_lease_clock() -> str:
     return STORE if hasattr(lease, "SystemBootClock") else CALLER
 
 
-class SharedStore:
-    """The rows of one account, as every process's connection sees them."""
+@functools.cache
+def real_lease_semantics() -> str:
+    """Ask a real SQLite store whether `store_pair` keeps a holder's lease (FENCED) or drops it
+    (LEGACY): the model follows the code it stands for, not a belief about it."""
+    return asyncio.run(_probe_sqlite())
 
-    def __init__(self, world: World, lease_clock: str) -> None:
-        self.world = world
-        self.lease_clock = lease_clock
-        self.row: StoredPair | None = None
-        self.row_written_at = 0.0  # true time of the last commit
-        self.row_imported = False
-        self.lease_row: Lease | None = None
-        self.lease_seq = 0  # the fence: each new grant gets the next
-        self.state_row: AccountState | None = None
-        self.host_row: AccountHost | None = None
-        self.rows: list[dict[str, Any]] = []  # the history, oldest first
-        self.written: dict[int, str] = {}  # generation -> the refresh token written with it
-        self.committing: dict[str, int] = {}  # refresh token -> writes of it in progress
-        self.notices: dict[tuple[str, str], str] = {}  # (account, key) -> the first claimer
+
+async def _probe_sqlite() -> str:
+    from broker.store.sqlite.backend import TokenStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = await TokenStore.open(Path(tmp, "probe.db"), SEALER)
+        try:
+            pair = TokenPair("probe-access", "probe-refresh", 2e9, 1e9, 1e9)
+            await store.store_pair(pair, reason="import", outcome="imported")
+            await store.try_lease("probe-holder", 60.0, 1e9)
+            await store.store_pair(pair, reason="expiry", expected_generation=1)
+            return FENCED if await store.lease() is not None else LEGACY
+        finally:
+            await store.close()
+
+
+def lease_semantics() -> str:
+    """LEGACY or FENCED: SIM_FENCE overrides what the real backend does."""
+    return os.environ.get("SIM_FENCE") or real_lease_semantics()
+
+
+@dataclass
+class LeaseRow:
+    holder: str
+    generation: int
+    acquired_at: float  # on the lease clock
+    expires_at: float
+    seq: int
+
+    def lease(self, live: bool) -> Lease:
+        extra: dict[str, Any] = {"seq": self.seq} if _LEASE_SEQ else {}
+        return Lease(self.holder, self.generation, self.acquired_at, self.expires_at, live, **extra)
+
+
+@dataclass(eq=False)
+class Rows:
+    """One account's rows."""
+
+    account: str
+    row: StoredPair | None = None
+    written_at: float = 0.0  # true time of the last commit
+    lease: LeaseRow | None = None
+    seq: int = 0  # the last lease grant's fence: only ever grows
+    state: AccountState | None = None
+    host: AccountHost | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # oldest first
+    written: dict[int, str] = field(default_factory=dict)  # generation -> its token
+    spent: set[str] = field(default_factory=set)  # fingerprints the history names as spent
+    import_root: int = 0  # the lineage of the last import that landed (amocrm.Grant.root)
 
     @property
     def generation(self) -> int:
         return self.row.generation if self.row else 0
 
+    def entry(self, **values: Any) -> None:
+        """Append a history row; as the backends' trigger, note the refresh token it spent: a
+        rotation's old one (unless amoCRM kept it), a refused one."""
+        self.history.append(values)
+        old, outcome = values["old_fingerprint"], values["outcome"]
+        if old and (
+            outcome == "rejected" or (outcome == "rotated" and old != values["new_fingerprint"])
+        ):
+            self.spent.add(old)
+
+    def was_spent(self, refresh_fingerprint: str) -> bool:
+        """As history.WAS_SPENT: the spent tokens, and the stored one under reauth_required."""
+        if refresh_fingerprint in self.spent:
+            return True
+        row, state = self.row, self.state
+        return (
+            row is not None
+            and state is not None
+            and row.pair.refresh_fingerprint == refresh_fingerprint
+            and state.state == "reauth_required"
+            and state.generation >= row.generation
+        )
+
+
+class SharedStore:
+    """The rows of every account, as every process's connection sees them."""
+
+    def __init__(self, world: World, lease_clock: str, semantics: str) -> None:
+        self.world = world
+        self.lease_clock = lease_clock
+        self.semantics = semantics
+        self.accounts: dict[str, Rows] = {}
+        self.committing: dict[str, int] = {}  # token -> writes of it in progress
+        self.notices: dict[tuple[str, str], str] = {}  # (account, key) -> the first claimer
+        self.changes = 0  # commits and states so far: the invariants look again after one
+
+    def rows(self, account: str) -> Rows:
+        rows = self.accounts.get(account)
+        if rows is None:
+            rows = self.accounts[account] = Rows(account)
+        return rows
+
     def put(
         self,
+        account: str,
         pair: TokenPair,
         reason: str,
         outcome: str,
@@ -94,251 +164,110 @@ class SharedStore:
         expected: int | None,
         who: str,
     ) -> int:
-        if expected is not None and expected != self.generation:
-            raise StaleWriteError(expected, self.generation)
-        generation = self.generation + 1
-        old = self.row.pair.refresh_token if self.row else None
-        at = self.world.true_time() if now is None else now
-        self.row = StoredPair(pair, generation, at)
-        self.row_written_at = self.world.true_time()
-        self.row_imported = outcome == "imported"
-        self.lease_row, self.state_row = None, None
+        rows = self.rows(account)
+        if expected is not None and expected != rows.generation:
+            raise StaleWriteError(expected, rows.generation)
+        world = self.world
         token = pair.refresh_token or pair.access_token
-        self.written[generation] = token
-        self.rows.append(
-            {
-                "at": at,
-                "reason": reason,
-                "generation": generation,
-                "old_fingerprint": fingerprint(old) if old else None,
-                "new_fingerprint": fingerprint(token),
-                "outcome": outcome,
-                "error": None,
-            }
+        world.check_write(rows, token, outcome, who)
+        generation = rows.generation + 1
+        old = rows.row.pair.refresh_token if rows.row else None
+        at = world.true_time() if now is None else now
+        rows.row = StoredPair(pair, generation, at)
+        rows.written_at = world.true_time()
+        rows.state = None
+        if self.semantics == LEGACY:
+            rows.lease = None
+        rows.written[generation] = token
+        rows.entry(
+            at=at,
+            reason=reason,
+            generation=generation,
+            old_fingerprint=fingerprint(old) if old else None,
+            new_fingerprint=fingerprint(token),
+            outcome=outcome,
+            error=None,
         )
-        grant = self.world.amo.grants.get(token)
+        grant = world.amo.grants.get(token)
         if grant is not None:
             grant.committed = True
-        if self.row_imported:
-            for other in self.world.amo.grants.values():
-                other.superseded = other.superseded or not other.committed
-        self.world.trace("commit", who, f"g{generation}", fingerprint(token), reason)
+            if outcome == "imported":
+                rows.import_root = max(rows.import_root, grant.root)
+        self.changes += 1
+        world.trace("commit", who, account, f"g{generation}", fingerprint(token), reason)
         return generation
 
-    def current_lease(self) -> Lease | None:
-        """The lease row, `live` as the store's own clock judges it."""
-        row = self.lease_row
-        return row and replace(row, live=row.expires_at > self.world.now())
+    def set_state(self, account: str, state: str, reason: str, generation: int, who: str) -> bool:
+        rows = self.rows(account)
+        if rows.generation > generation:
+            return False  # as the backends: never over a newer pair
+        rows.state = AccountState(state, reason, self.world.true_time(), generation)
+        self.changes += 1
+        self.world.trace("state", who, account, state, f"g{generation}")
+        return True
+
+    def marks(self) -> dict[str, tuple[Any, ...]]:
+        """As SQLite's: generation and persisted state of every account that has either."""
+        marks: dict[str, tuple[Any, ...]] = {}
+        for name, rows in self.accounts.items():
+            state = rows.state
+            if rows.row is not None or state is not None:
+                marks[name] = (
+                    rows.row.generation if rows.row else None,
+                    state.state if state else None,
+                    state.since if state else None,
+                )
+        return marks
+
+    # -- the fenced lease --------------------------------------------------------------------
 
     def lease_now(self, caller_now: float) -> float:
         return caller_now if self.lease_clock == CALLER else self.world.now()
 
-    def try_lease(self, holder: str, ttl: float, caller_now: float) -> LeaseResult:
-        now = self.lease_now(caller_now)
-        held = self.lease_row
-        if (
+    def current_lease(self, account: str) -> Lease | None:
+        """The lease row, `live` as the store's own clock judges it."""
+        held = self.rows(account).lease
+        return held and held.lease(held.expires_at > self.world.now())
+
+    def binds(self, held: LeaseRow | None, holder: str, now: float) -> bool:
+        """Say whether another holder's lease stands in `holder`'s way now."""
+        return (
             held is not None
             and held.holder != holder
             and held.expires_at > now
             and self.world.holder_alive(held.holder)
-        ):
-            return LeaseResult(False, self.generation, held)
-        live_own = held is not None and held.holder == holder and held.expires_at > now
-        self.lease_seq += 0 if live_own else 1
-        lease = Lease(holder, self.generation, now, now + ttl, True, self.lease_seq)
-        self.lease_row = lease
-        self.world.trace("lease", holder, f"g{self.generation}")
-        taken_over = held if held is not None and held.holder != holder else None
-        return LeaseResult(True, self.generation, lease, taken_over)
-
-
-class StoreView:
-    """One process's connection to the shared store: the `Store` protocol, in memory."""
-
-    location = "sim"
-
-    def __init__(self, shared: SharedStore, proc: Proc | None, account: str = "default") -> None:
-        self._shared = shared
-        self._world = shared.world
-        self._proc = proc  # None: a person's CLI, which never dies
-        self._lock = asyncio.Lock()  # one statement at a time on this connection
-        self.account = account
-        self.sealer = SEALER
-        self.faults = 0  # faults injected into this connection's calls so far
-
-    @property
-    def _who(self) -> str:
-        return self._proc.name if self._proc else "person"
-
-    def _check_alive(self) -> None:
-        if self._proc is not None and not self._proc.alive:
-            raise ProcessDied(self._proc.name)
-
-    async def _call(self, write: bool, what: str, effect: Callable[[], T]) -> T:
-        self._check_alive()
-        async with self._lock:
-            self._check_alive()
-            delay, fault = self._world.store_fault(self._proc, write)
-            if fault or delay > 1.0:
-                self.faults += 1
-            if delay:
-                await asyncio.sleep(delay)
-                self._check_alive()
-            if fault:
-                self._world.trace("store_fault", self._who, what, fault)
-                raise StoreError(f"store sim: {what} failed: {fault}")
-            return effect()
-
-    # -- reading -----------------------------------------------------------------------------
-
-    async def close(self) -> None:
-        pass
-
-    async def info(self) -> PairInfo | None:
-        row = self._shared.row
-        if row is None:
-            return None
-        pair = row.pair
-        return PairInfo(
-            row.generation,
-            SEALER.current_key_id,
-            pair.expires_at,
-            pair.obtained_at,
-            pair.refresh_obtained_at,
-            pair.access_fingerprint,
-            pair.refresh_fingerprint,
-            row.updated_at,
         )
 
-    async def generation(self) -> int:
-        return await self._call(False, "generation", lambda: self._shared.generation)
+    def try_lease(self, account: str, holder: str, ttl: float, caller_now: float) -> LeaseResult:
+        rows, now = self.rows(account), self.lease_now(caller_now)
+        held = rows.lease
+        if self.binds(held, holder, now):
+            assert held is not None
+            return LeaseResult(False, rows.generation, held.lease(True))
+        if held is not None and held.holder == holder and held.expires_at > now:
+            seq = held.seq  # the live lease of the same holder is extended, fence and all
+        else:
+            rows.seq += 1
+            seq = rows.seq
+        lease = LeaseRow(holder, rows.generation, now, now + ttl, seq)
+        rows.lease = lease
+        self.world.trace("lease", holder, account, f"g{rows.generation}", f"s{seq}")
+        taken_over = held.lease(False) if held is not None and held.holder != holder else None
+        return LeaseResult(True, rows.generation, lease.lease(True), taken_over)
 
-    async def load(self) -> StoredPair | None:
-        return await self._call(False, "load", lambda: self._shared.row)
+    def renew_lease(self, account: str, holder: str, seq: int, ttl: float, now: float) -> bool:
+        rows, now = self.rows(account), self.lease_now(now)
+        held = rows.lease
+        if held is None or (held.holder, held.seq) != (holder, seq) or held.expires_at <= now:
+            return False
+        held.expires_at = now + ttl
+        return True
 
-    async def state(self) -> AccountState | None:
-        return await self._call(False, "state", lambda: self._shared.state_row)
-
-    async def lease(self) -> Lease | None:
-        return await self._call(False, "lease", self._shared.current_lease)
-
-    async def history(self, limit: int = 20) -> list[dict[str, Any]]:
-        return list(reversed(self._shared.rows))[:limit]
-
-    async def outcome_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for row in self._shared.rows:
-            counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
-        return counts
-
-    # -- writing -----------------------------------------------------------------------------
-
-    async def store_pair(
-        self,
-        pair: TokenPair,
-        *,
-        reason: str,
-        outcome: str = "rotated",
-        now: float | None = None,
-        expected_generation: int | None = None,
-    ) -> int:
-        token = pair.refresh_token or pair.access_token
-        grant = self._world.amo.grants.get(token)
-        if grant is not None:
-            grant.write_tried = True
-        committing = self._shared.committing
-        committing[token] = committing.get(token, 0) + 1
-        try:
-            return await self._call(
-                True,
-                "store_pair",
-                lambda: self._shared.put(
-                    pair, reason, outcome, now, expected_generation, self._who
-                ),
-            )
-        finally:
-            committing[token] -= 1
-
-    async def record_failure(
-        self, *, reason: str, generation: int, old_refresh: str | None, error: str, outcome: str
-    ) -> None:
-        row = {
-            "at": self._world.true_time(),
-            "reason": reason,
-            "generation": generation,
-            "old_fingerprint": fingerprint(old_refresh) if old_refresh else None,
-            "new_fingerprint": None,
-            "outcome": outcome,
-            "error": error,
-        }
-        await self._call(True, "record_failure", lambda: self._shared.rows.append(row))
-
-    async def set_state(self, state: str, reason: str, generation: int) -> bool:
-        def effect() -> bool:
-            if self._shared.generation > generation:
-                return False  # as the backends: never over a newer pair
-            self._shared.state_row = AccountState(
-                state, reason, self._world.true_time(), generation
-            )
-            self._world.trace("state", self._who, state, f"g{generation}")
-            return True
-
-        return await self._call(True, "set_state", effect)
-
-    async def try_lease(self, holder: str, ttl: float, now: float) -> LeaseResult:
-        return await self._call(True, "try_lease", lambda: self._shared.try_lease(holder, ttl, now))
-
-    async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
-        def effect() -> bool:
-            held, at = self._shared.lease_row, self._shared.lease_now(now)
-            if held is None or held.token != token or held.expires_at <= at:
-                return False
-            self._shared.lease_row = replace(held, expires_at=at + ttl)
-            return True
-
-        return await self._call(True, "renew_lease", effect)
-
-    async def release_lease(self, token: LeaseToken) -> None:
-        def effect() -> None:
-            held = self._shared.lease_row
-            if held is not None and held.token == token:
-                self._shared.lease_row = None
-
-        await self._call(True, "release_lease", effect)
-
-    async def wait_for_change(self, seconds: float) -> None:
-        """Sleep `seconds`, as SQLite's store does: the manager polls."""
-        self._check_alive()
-        await asyncio.sleep(seconds)
-        self._check_alive()
-
-    # -- side tables the refresh protocol never touches ---------------------------------------
-
-    async def claim_pace(self, holder: str, terms: PaceTerms) -> Grant:
-        n = terms.calls_per_window
-        return Grant(n, terms.lease, n, 0, 1, 0.0)
-
-    async def check_out(self, holder: str, window: float) -> None:
-        pass
-
-    async def reseal(self, resealer: Any, new_key_id: str, now: float) -> int:
-        return 0
-
-    async def put_oauth_state(self, state_hash: str, account: str, now: float) -> None:
-        pass
-
-    async def take_oauth_state(self, state_hash: str, now: float, ttl: float) -> str | None:
-        return None
-
-    async def claim_notification(self, key: str, holder: str, now: float) -> bool:
-        claimed = self._shared.notices.setdefault((self.account, key), holder) == holder
-        return claimed
-
-    async def account_host(self) -> AccountHost | None:
-        return await self._call(False, "account_host", lambda: self._shared.host_row)
-
-    async def set_account_host(self, base_url: str, now: float) -> None:
-        def effect() -> None:
-            self._shared.host_row = AccountHost(base_url, now)
-
-        await self._call(True, "set_account_host", effect)
+    def release_lease(self, account: str, holder: str, seq: int | None) -> None:
+        """Delete the lease if it is the caller's: the exact lease (fenced) or any of the
+        holder's (the old, holder-only release)."""
+        rows = self.rows(account)
+        held = rows.lease
+        if held is not None and held.holder == holder and seq in (None, held.seq):
+            rows.lease = None
+            self.world.trace("release", holder, account, f"s{held.seq}")

@@ -150,20 +150,24 @@ async def test_lease_times_are_the_database_clock(pg_url: str, pg: PgTokenStore)
 async def test_a_commit_wakes_the_other_replica_at_once(
     pg_url: str, sealer: Sealer, sandbox: Sandbox
 ) -> None:
-    """NOTIFY: a store waiting for a change wakes within a second of another's commit."""
+    """NOTIFY: a store waiting for changes wakes within a second of another's commit, naming
+    the account."""
     a = await PgTokenStore.open(pg_url, sealer)
     b = await PgTokenStore.open(pg_url, sealer)
     other = await PgTokenStore.open(pg_url, sealer, account="other")
     try:
-        await b.wait_for_change(5)  # the listener's first wake: "re-read, you may have missed"
-        waiting = asyncio.create_task(b.wait_for_change(10))
-        await other.store_pair(pair_from_sandbox(sandbox), reason="import")  # not b's account
+        # The listener's first wake: "look at every account, you may have missed some".
+        assert await b.wait_for_changes(5) is None
+        waiting = asyncio.create_task(b.wait_for_changes(10))
         await asyncio.sleep(0.3)
         assert not waiting.done()
         started = time.monotonic()
+        await other.store_pair(pair_from_sandbox(sandbox), reason="import")
+        assert await waiting == {"other"}
+        waiting = asyncio.create_task(b.wait_for_changes(10))
         await a.store_pair(pair_from_sandbox(sandbox), reason="import")
-        await waiting
-        assert time.monotonic() - started < 1.0
+        assert await waiting == {"default"}
+        assert time.monotonic() - started < 2.0
         assert await b.generation() == 1
     finally:
         for store in (a, b, other):
@@ -177,19 +181,20 @@ async def test_a_dropped_listen_connection_reconnects(
     a = await PgTokenStore.open(pg_url, sealer)
     b = await PgTokenStore.open(pg_url, sealer)
     try:
-        await b.wait_for_change(5)
+        assert await b.wait_for_changes(5) is None
         with raw(pg_url) as conn:
             cut = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
             ).fetchall()
         assert cut == [(True,)]
-        await b.wait_for_change(5)  # reconnected (after its 1 s backoff): told to re-read
-        waiting = asyncio.create_task(b.wait_for_change(10))
+        # Reconnected (after its 1 s backoff): told to look at every account.
+        assert await b.wait_for_changes(5) is None
+        waiting = asyncio.create_task(b.wait_for_changes(10))
         await asyncio.sleep(0.1)
         started = time.monotonic()
         await a.store_pair(pair_from_sandbox(sandbox), reason="import")
-        await waiting
+        assert await waiting == {"default"}
         assert time.monotonic() - started < 1.0
     finally:
         await a.close()

@@ -16,6 +16,7 @@ from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import TokenStore
 from broker.tokens.endpoint import OAuthClient
 from broker.tokens.manager import TokenManager
+from broker.tokens.scheduler import Scheduler
 from tests.conftest import ConfigFactory, pair_from_sandbox, seed_store
 
 
@@ -63,7 +64,7 @@ async def open_manager(
 async def test_idle_integration_is_refreshed_proactively(
     make_config: ConfigFactory, session: aiohttp.ClientSession
 ) -> None:
-    """With no traffic at all, the loop refreshes before expiry, again and again."""
+    """With no traffic at all, the scheduler refreshes before expiry, again and again."""
     sandbox = Sandbox(access_ttl=2)
     runner, url = await start_sandbox(sandbox)
     try:
@@ -72,9 +73,9 @@ async def test_idle_integration_is_refreshed_proactively(
         store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
         try:
             oauth = OAuthClient(session, config.require_oauth(), timeout=5)
-            manager = TokenManager(store, oauth, margin=600, poll_interval=0.2)
+            manager = TokenManager(store, oauth, margin=600)
             await manager.load()
-            loop = asyncio.create_task(manager.run())
+            loop = asyncio.create_task(Scheduler(store, {"default": manager}, poll=0.2).run())
             for _ in range(100):  # bounded: at most 5 s
                 if manager.generation >= 3:
                     break
@@ -225,3 +226,20 @@ async def test_new_pair_lifts_reauth(open_manager: Callable[..., object], sandbo
     assert manager.generation == 2
     token, generation = await manager.token()
     assert generation == 2 and token
+
+
+async def test_a_call_in_flight_starts_no_refresh_once_its_account_is_leaving(
+    open_manager: Callable[..., object], sandbox: Sandbox
+) -> None:
+    """A call still in flight when its account left (SIGHUP) cannot start a refresh: a 503.
+
+    The old code refreshed: the landing had ended already, so a pair the store refused was
+    dropped with the call (found by the simulator: seed 443 of `degraded_shared`).
+    """
+    manager: TokenManager = await open_manager()  # type: ignore[operator]
+    manager.leaving = True  # broker/tokens/landing.py settle(): the account leaves
+    sandbox.expire_access_tokens()
+    with pytest.raises(TokenEndpointError) as refused:
+        await manager.unauthorized(manager.generation)
+    assert refused.value.retry_after is not None
+    assert sandbox.refresh_calls == 0

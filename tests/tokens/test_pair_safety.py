@@ -26,6 +26,7 @@ from broker.store.sqlite.backend import TokenStore
 from broker.tokens.endpoint import OAuthClient
 from broker.tokens.manager import TokenManager
 from broker.tokens.probe import PROBE_PATH, account_probe
+from broker.tokens.scheduler import Scheduler
 from tests.conftest import ConfigFactory, pair_from_sandbox, seed_store
 
 
@@ -226,17 +227,17 @@ async def test_a_401_in_back_off_adopts_a_newer_pair_from_the_store(
     await store.inner.close()
 
 
-async def test_the_loop_in_back_off_still_follows_the_store(
+async def test_the_scheduler_in_back_off_still_follows_the_store(
     parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
 ) -> None:
-    """The proactive loop keeps polling the store during a long back-off and adopts at once."""
+    """The scheduler keeps polling the store during a long back-off and adopts at once."""
     config, session = parts
     store = await TokenStore.open(config.db_path, Sealer(config.require_key()))
     oauth = OAuthClient(session, config.require_oauth(), timeout=5)
-    manager = TokenManager(store, oauth, margin=600, poll_interval=0.05)
+    manager = TokenManager(store, oauth, margin=600)
     await manager.load()
     await enter_back_off(manager, sandbox, 6)  # the next attempt is about a minute away
-    loop = asyncio.create_task(manager.run())
+    loop = asyncio.create_task(Scheduler(store, {"default": manager}, poll=0.05).run())
     try:
         await store.store_pair(pair_from_sandbox(sandbox), reason="import", outcome="imported")
         for _ in range(100):  # bounded: 5 s, against a back-off of about a minute
@@ -318,4 +319,34 @@ async def test_a_refusal_is_never_written_over_a_pair_imported_meanwhile(
     assert await store.inner.state() is None
     token, _ = await manager.token()
     assert token == imported.access_token
+    await store.inner.close()
+
+
+async def test_an_import_adopted_while_amocrm_answers_a_refresh_stays(
+    parts: tuple[Config, aiohttp.ClientSession], sandbox: Sandbox
+) -> None:
+    """A refresh answered after this process adopted a person's import never replaces it.
+
+    The old code wrote the refreshed pair (of the lineage the import replaced) by compare-and-
+    swap on the generation it had just adopted, the import's own: the import was gone from the
+    store (found by the simulator: invariant I7, seed 180 of `degraded`).
+    """
+    manager, store = await open_gated(parts)
+    sandbox.token_gate = asyncio.Event()
+    refreshing = asyncio.create_task(manager.refresh("expiry", bounded=False))
+    for _ in range(200):  # bounded: until amoCRM holds the refresh request
+        if sandbox.token_calls:
+            break
+        await asyncio.sleep(0.01)
+    imported = pair_from_sandbox(sandbox)
+    await store.inner.store_pair(imported, reason="import", outcome="imported")  # a person
+    await manager.tick()  # the scheduler's look at the store: the import is adopted
+    assert manager.generation == 2
+    sandbox.token_gate.set()
+    await refreshing
+    stored = await store.inner.load()
+    assert stored is not None
+    assert stored.generation == 2
+    assert stored.pair.refresh_token == imported.refresh_token
+    assert manager.pair is not None and manager.pair.refresh_token == imported.refresh_token
     await store.inner.close()

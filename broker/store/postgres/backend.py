@@ -289,10 +289,6 @@ class PgTokenStore(PgSideTables):
 
     # -- hearing of other replicas' commits --------------------------------------------------
 
-    async def wait_for_change(self, seconds: float) -> None:
-        """Return when a pair of this account was committed anywhere, or after `seconds`."""
-        await self._pool.wait_for(self.account, seconds)
-
     async def wait_for_changes(self, seconds: float) -> set[str] | None:
         """The accounts whose pair was committed anywhere, once one was, or after `seconds`;
         None when every account must look (the LISTEN connection was re-opened)."""

@@ -69,7 +69,6 @@ class PgConnections:
         self._all = [_Slot(None) for _ in range(self.size - 1)] + [_Slot(conn)]
         self._slots = Lender(list(self._all))
         self._listener: asyncio.Task[None] | None = None
-        self._events: dict[str, asyncio.Event] = {}  # account -> "a pair was committed"
         self._changed: set[str] = set()
         self._everything = False  # the listener (re)connected: commits may have been missed
         self._any = asyncio.Event()
@@ -199,15 +198,6 @@ class PgConnections:
 
     # -- hearing of other replicas' commits: one LISTEN for every account -------------------
 
-    async def wait_for(self, account: str, seconds: float) -> None:
-        """Return when a pair of `account` was committed anywhere, or after `seconds`."""
-        self._start_listening()
-        event = self._events.setdefault(account, asyncio.Event())
-        with suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await event.wait()
-        event.clear()
-
     async def wait_for_any(self, seconds: float) -> set[str] | None:
         """The accounts with a pair committed since the last call, once there is one, or
         after `seconds` (maybe none); None: the listener reconnected, so look at all."""
@@ -225,16 +215,11 @@ class PgConnections:
             self._listener = asyncio.create_task(self._listen(), name="store-listen")
 
     def _heard(self, account: str | None) -> None:
-        """Wake the waiters of `account` (None: of every account, and say "look at all")."""
+        """Wake the waiter: `account` has a new pair (None: look at every account)."""
         if account is None:
             self._everything = True
-            for event in self._events.values():
-                event.set()
         else:
             self._changed.add(account)
-            waiting = self._events.get(account)
-            if waiting is not None:
-                waiting.set()
         self._any.set()
 
     async def _listen(self) -> None:

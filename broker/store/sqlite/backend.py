@@ -125,10 +125,6 @@ class TokenStore(SideTables):
         if self._owner:
             await self._shared.close()
 
-    async def wait_for_change(self, seconds: float) -> None:
-        """Sleep `seconds`: SQLite cannot announce a commit, so the caller polls the store."""
-        await asyncio.sleep(seconds)
-
     async def wait_for_changes(self, seconds: float) -> set[str] | None:
         """Sleep `seconds`, then say "look at every account" (None): SQLite cannot announce
         a commit, so the scheduler compares `marks()` instead."""
