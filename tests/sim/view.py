@@ -61,7 +61,7 @@ class Connection:
             if fault or delay > 1.0:
                 self.faults += 1
             if delay:
-                await asyncio.sleep(delay)
+                await self.wait(delay)
                 world.dirty = True
                 self.check_alive()
             if fault == "ack lost":  # committed; the caller hears it failed
@@ -70,6 +70,11 @@ class Connection:
                 world.trace("store_fault", self.who, what, fault)
                 raise StoreError(f"store sim: {what} failed: {fault}")
             return effect()
+
+    async def wait(self, delay: float) -> None:
+        """Let a call's delay pass. A hook: the store contract's adapter holds a write here
+        until its test lets it go (tests/store/contract/model_target.py)."""
+        await asyncio.sleep(delay)
 
 
 class StoreView:
