@@ -39,7 +39,8 @@ PAIR_WRITES = {"store_pair", "record_failure", "try_lease"}  # what ROLLED_BACK 
 # write holds it while it waits for a lock another connection holds. The fix (Turns, and the
 # lock wait without the turn, in tests/sim/view.py) makes seed 348 of the degraded profile
 # break I7, so it waits for that to be judged; strict, so the fix turns these green loudly.
-MODEL_IS_WRONG = {
+MODEL_IS_WRONG: dict[str, str] = {}
+_WAS = {
     "test_a_granted_pair_lands_ahead_of_other_accounts_queued_calls": (
         "the model serves its connection in arrival order: no urgent calls first"
     ),
@@ -174,10 +175,12 @@ class ModelConnection(Connection):
 class ModelView(StoreView):
     """An account's view that names its account and statement to the weather (CALL)."""
 
-    async def _call(self, write: bool, what: str, effect: Callable[[], T]) -> Any:
+    async def _call(
+        self, write: bool, what: str, effect: Callable[[], T], urgent: bool = False
+    ) -> Any:
         token = CALL.set((self.account, what))
         try:
-            return await super()._call(write, what, effect)
+            return await super()._call(write, what, effect, urgent)
         finally:
             CALL.reset(token)
 
