@@ -34,20 +34,10 @@ HELD = math.inf  # a delay that lasts until the test lets the call go (Calm.let_
 PAIR_WRITES = {"store_pair", "record_failure", "try_lease"}  # what ROLLED_BACK fails: the
 # writes that insert a history row or a lease row (the real targets' aborting triggers)
 
-# Cases where the model is wrong, not the backends (issue 22, item 3, which the backends got
-# and the model not yet): its connection serves calls in arrival order, urgent or not, and a
-# write holds it while it waits for a lock another connection holds. The fix (Turns, and the
-# lock wait without the turn, in tests/sim/view.py) makes seed 348 of the degraded profile
-# break I7, so it waits for that to be judged; strict, so the fix turns these green loudly.
+# Cases where the model is wrong, not the backends: each a strict xfail for the model alone,
+# so a fix turns it green loudly. None today: the model's connection serves urgent calls first
+# and waits for another connection's lock without its turn, as both backends do.
 MODEL_IS_WRONG: dict[str, str] = {}
-_WAS = {
-    "test_a_granted_pair_lands_ahead_of_other_accounts_queued_calls": (
-        "the model serves its connection in arrival order: no urgent calls first"
-    ),
-    "test_a_write_waiting_for_a_lock_held_elsewhere_leaves_other_calls_free": (
-        "the model's write holds its connection while it waits for another's write lock"
-    ),
-}
 
 CALL: ContextVar[tuple[str, str]] = ContextVar("CALL")  # (account, statement) of this call
 PAUSED: ContextVar[ModelPause | None] = ContextVar("PAUSED", default=None)  # this call's
