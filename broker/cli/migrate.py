@@ -70,7 +70,9 @@ async def migrate_store(config: Config, url: str) -> dict[str, Any]:
     """Copy the SQLite store of `config` into the empty PostgreSQL store at `url`; summarise."""
     # Nothing is opened or sealed: any key will do for both stores.
     sealer = Sealer(os.urandom(32))
-    source = await TokenStore.open(config.db_path, sealer, account=config.account)
+    source = await TokenStore.open(
+        config.db_path, sealer, account=config.account, bound=config.store_timeout
+    )
     try:
         dump = await source.dump()
     finally:

@@ -73,7 +73,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "path", "BROKER_DB", parse.path, Path("broker.db")),
     Setting("store", "key_file", "BROKER_KEY_FILE", parse.path),
     Setting("store", "url", "BROKER_STORE_URL", parse.store_url),
-    # PostgreSQL: the most one store call may take; its server-side timeouts are derived.
+    # The most one store call may take, waits included; PostgreSQL derives its server-side
+    # timeouts from it.
     Setting("store", "timeout_seconds", "BROKER_STORE_TIMEOUT", parse.seconds_in(1, 300), 10.0),
     # PostgreSQL: connections one process keeps for all its accounts (plus one to LISTEN).
     Setting("store", "pool_size", "BROKER_STORE_POOL_SIZE", parse.int_in(1, 50), 4),

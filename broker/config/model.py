@@ -139,7 +139,7 @@ class Config:
     public_url: str | None = None  # where links in answers lead; None: the caller's Host
     # A PostgreSQL store instead of the SQLite file; may hold a password, so not in the repr.
     store_url: str | None = field(default=None, repr=False)
-    store_timeout: float = 10.0  # seconds one PostgreSQL store call may take
+    store_timeout: float = 10.0  # seconds one store call may take, its waits included
     store_pool_size: int = 4  # PostgreSQL connections per process, for all accounts
     rescue_dir: Path | None = None  # where refused pairs are sealed; None: db_path's directory
     notify: NotifySettings = field(default_factory=lambda: NotifySettings())

@@ -27,7 +27,9 @@ async def open_store(config: Config, *, sealer: Sealer | None = None) -> AsyncIt
     sealer = sealer or Sealer(config.require_key())
     store: Store
     if config.store_url is None:
-        store = await TokenStore.open(config.db_path, sealer, account=config.account)
+        store = await TokenStore.open(
+            config.db_path, sealer, account=config.account, bound=config.store_timeout
+        )
     else:
         store = await open_pg_store(
             config.store_url,

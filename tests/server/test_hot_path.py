@@ -72,7 +72,10 @@ async def _proxy(broker: HotBroker, count: int, seen: set[int] | None = None) ->
 
 def _sqlite_connection(store: TokenStore) -> aiosqlite.Connection:
     # Found by type, not by attribute name: a renamed attribute must not silence the test.
-    found = [v for v in vars(store).values() if isinstance(v, aiosqlite.Connection)]
+    # One level down too: the connection every account shares is held by its turn-taker.
+    held = [*vars(store).values()]
+    held += [w for v in held if hasattr(v, "__dict__") for w in vars(v).values()]
+    found = [v for v in held if isinstance(v, aiosqlite.Connection)]
     assert len(found) == 1, "TokenStore no longer holds one aiosqlite connection"
     return found[0]
 

@@ -1,10 +1,12 @@
 """One process's connection to the simulated store, and each account's view over it.
 
 Like the real backends, a process opens one connection (SQLite's shared connection, or
-PostgreSQL's pool seen as one queue) that every account's view uses: one call at a time, in
-FIFO order. A call waits (another connection holds the write lock), then takes effect
-atomically, or fails without effect (disk full, a statement timeout after a hung connection),
-or takes effect and reports failure (a commit whose acknowledgement was lost). A dead
+PostgreSQL's pool seen as one queue) that every account's view uses: one call at a time, the
+urgent ones (a pair's write, a lease renewal, a refusal's record) before the others, each kind
+in arrival order (broker/store/sqlite/turns.py). A write waits for the write lock another
+connection holds without holding this one, then takes effect atomically; or it fails without
+effect (disk full, a statement timeout after a hung connection), or takes effect and reports
+failure (a commit whose acknowledgement was lost). A dead
 process's view raises `ProcessDied` on every call, before any effect: nothing a killed process
 runs afterwards (a `finally`, a retry) reaches shared state. A closed connection (a process
 that shut down) raises StoreError.
@@ -21,6 +23,7 @@ from broker.pair import TokenPair, fingerprint
 from broker.store.api import AccountHost, AccountState, PairInfo, StoredPair
 from broker.store.lease import Lease, LeaseResult
 from broker.store.pace_grants import Grant, PaceTerms
+from broker.store.sqlite.turns import Turns
 from tests.sim.store import SEALER, ProcessDied, SharedStore
 
 if TYPE_CHECKING:
@@ -36,7 +39,7 @@ class Connection:
         self.shared = shared
         self.world = shared.world
         self.proc = proc  # None: a person's command that never dies
-        self.lock = asyncio.Lock()  # one statement at a time on this connection
+        self.turns = Turns()  # one call at a time on this connection, urgent ones first
         self.faults = 0  # faults injected into this connection's calls so far
         self.closed = False
 
@@ -49,27 +52,48 @@ class Connection:
         if proc is not None and not proc.alive:
             raise ProcessDied(proc.name)
 
-    async def call(self, write: bool, what: str, effect: Callable[[], T]) -> T:
+    async def call(
+        self, write: bool, what: str, effect: Callable[[], T], urgent: bool = False
+    ) -> T:
         world = self.world
         world.dirty = True  # what its caller does next is checked, as what the call did
         self.check_alive()
-        async with self.lock:
+        if self.closed:
+            raise StoreError(f"store sim: {what} after close")
+        delay, fault = world.store_fault(self.proc, write)
+        if fault or delay > 1.0:
+            self.faults += 1
+        if delay and write and not fault:
+            # Another connection holds the write lock: waited for without this connection's
+            # turn, as the backends do, so other accounts' calls go on meanwhile.
+            await self.wait(delay)
+            world.dirty = True
+            self.check_alive()
+            delay = 0.0
+        await self.turns.take(urgent)
+        try:
             self.check_alive()
             if self.closed:
                 raise StoreError(f"store sim: {what} after close")
-            delay, fault = world.store_fault(self.proc, write)
-            if fault or delay > 1.0:
-                self.faults += 1
-            if delay:
-                await asyncio.sleep(delay)
+            if delay:  # a slow statement, a hung connection: this connection is held
+                await self.wait(delay)
                 world.dirty = True
                 self.check_alive()
+            if fault == "slow":  # a slow statement that then takes effect
+                fault = ""
             if fault == "ack lost":  # committed; the caller hears it failed
                 effect()
             if fault:
                 world.trace("store_fault", self.who, what, fault)
                 raise StoreError(f"store sim: {what} failed: {fault}")
             return effect()
+        finally:
+            self.turns.give()
+
+    async def wait(self, delay: float) -> None:
+        """Let a call's delay pass. A hook: the store contract's adapter holds a write here
+        until its test lets it go (tests/store/contract/model_target.py)."""
+        await asyncio.sleep(delay)
 
 
 class StoreView:
@@ -91,8 +115,8 @@ class StoreView:
     def for_account(self, account: str) -> StoreView:
         return StoreView(self._conn, account)
 
-    def _call(self, write: bool, what: str, effect: Callable[[], T]) -> Any:
-        return self._conn.call(write, what, effect)
+    def _call(self, write: bool, what: str, effect: Callable[[], T], urgent: bool = False) -> Any:
+        return self._conn.call(write, what, effect, urgent)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -209,6 +233,7 @@ class StoreView:
                 lambda: self._shared.put(
                     account, pair, reason, outcome, now, expected_generation, who
                 ),
+                urgent=True,
             )
             return result
         finally:
@@ -238,6 +263,7 @@ class StoreView:
             True,
             "set_state",
             lambda: self._shared.set_state(account, state, reason, generation, who),
+            urgent=True,
         )
         return result
 
@@ -254,6 +280,7 @@ class StoreView:
             True,
             "renew_lease",
             lambda: self._shared.renew_lease(account, token.holder, token.seq, ttl, now),
+            urgent=True,
         )
         return result
 

@@ -147,8 +147,10 @@ class SlowDiskStore(TokenStore):
     write_delay = 0.0
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with super().transaction() as db:
+    async def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        async with super().transaction(extra, urgent=urgent) as db:
             yield db
         if self.write_delay:
             await asyncio.sleep(self.write_delay)

@@ -6,6 +6,8 @@ Why these choices:
 - Autocommit connection with explicit `BEGIN IMMEDIATE`: each write takes SQLite's write lock
   at its start, so the generation we re-read is the one we update (no lost update between
   processes).
+- One connection for every account of a process, taken in turns (urgent writes first) and
+  bounded on every call, waits included: broker/store/sqlite/shared.py.
 - A lease row, not a transaction held over the network call: the HTTP call to amoCRM can take
   seconds, and a lease shows who is refreshing what generation, so a restart after a crash can
   tell that a refresh was under way when it died.
@@ -24,8 +26,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from broker.store.history import append as append_entry
 from broker.store.lease import BootClock, SystemBootClock
 from broker.store.sealing import Sealer
 from broker.store.sqlite.schema import SCHEMA_VERSION, migrate, schema_version
+from broker.store.sqlite.shared import BUSY_TRY, DEFAULT_TIMEOUT, SharedConnection
 from broker.store.sqlite.side import SideTables
 
 # The pair's types are defined with the interface; callers have long imported them from here.
@@ -62,38 +64,51 @@ class TokenStore(SideTables):
     """One account's sealed token pair in one SQLite file (the `Store` of one host)."""
 
     def __init__(
-        self,
-        db: aiosqlite.Connection,
-        path: Path,
-        sealer: Sealer,
-        account: str,
-        lock: asyncio.Lock | None = None,
+        self, shared: SharedConnection, sealer: Sealer, account: str, *, owner: bool
     ) -> None:
-        self._db = db
-        # One transaction at a time on this connection, whichever account's view runs it.
-        self._lock = lock or asyncio.Lock()
-        self._owner = lock is None  # the view that opened the connection closes it
-        self.path = path
+        self._shared = shared
+        self._owner = owner  # the view that opened the connection closes it
+        self.path = shared.path
         self.sealer = sealer
         self.account = account
         # Lease times: the boot clock every process on this host shares (tests move their own).
         self.boot_clock: BootClock = _SYSTEM_BOOT_CLOCK
 
     @classmethod
-    async def open(cls, path: Path, sealer: Sealer, *, account: str = "default") -> TokenStore:
-        """Open (creating and migrating if needed) the store at `path`."""
+    async def open(
+        cls,
+        path: Path,
+        sealer: Sealer,
+        *,
+        account: str = "default",
+        bound: float = DEFAULT_TIMEOUT,
+    ) -> TokenStore:
+        """Open (creating and migrating if needed) the store at `path`.
+
+        `bound`: the seconds any one store call may take, waits included ([store]
+        timeout_seconds); opening gets as long.
+        """
         _create_private(path)
         try:
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"store {path}: cannot open: {exc}") from None
-        store = cls(db, path, sealer, account)
+        store = cls(SharedConnection(db, path, bound), sealer, account, owner=True)
         try:
-            await store._setup()
+            async with asyncio.timeout(bound):
+                await store._setup()
+        except TimeoutError:
+            await store._shared.close()
+            raise StoreError(f"store {path}: cannot open within {bound:g}s") from None
         except BaseException:
-            await db.close()
+            await store._shared.close()
             raise
         return store
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        """The shared aiosqlite connection (tests inject their faults at its edge)."""
+        return self._shared.db
 
     @property
     def location(self) -> str:
@@ -102,13 +117,13 @@ class TokenStore(SideTables):
     def for_account(self, account: str) -> TokenStore:
         """Another account's view on this connection: a thousand accounts, one connection
         and one thread (closing a view leaves the connection to the view that opened it)."""
-        view = TokenStore(self._db, self.path, self.sealer, account, lock=self._lock)
+        view = TokenStore(self._shared, self.sealer, account, owner=False)
         view.boot_clock = self.boot_clock
         return view
 
     async def close(self) -> None:
         if self._owner:
-            await self._db.close()
+            await self._shared.close()
 
     async def wait_for_changes(self, seconds: float) -> set[str] | None:
         """Sleep `seconds`, then say "look at every account" (None): SQLite cannot announce
@@ -130,7 +145,9 @@ class TokenStore(SideTables):
     async def _setup(self) -> None:
         try:
             for pragma in (
-                "PRAGMA busy_timeout = 10000",
+                # Opening waits inside SQLite for another process's lock (a migration):
+                # nobody shares the connection yet. Then each try is short (shared.py).
+                f"PRAGMA busy_timeout = {round(self._shared.bound * 1000)}",
                 "PRAGMA journal_mode = WAL",
                 "PRAGMA synchronous = FULL",
                 # Old ciphertexts are overwritten when a row changes, not left in free pages.
@@ -142,32 +159,20 @@ class TokenStore(SideTables):
                 # file's bytes alone (`status` is read-only; a wrong key must change nothing).
                 async with self.transaction() as db:
                     await migrate(db, self.path)
+            await self._db.execute(f"PRAGMA busy_timeout = {round(BUSY_TRY * 1000)}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"store {self.path}: not a usable amo-broker store: {exc}") from None
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Run one write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on error)."""
-        async with self._lock:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreError(f"store {self.path}: cannot lock for writing: {exc}") from None
-            try:
-                yield self._db
-            except sqlite3.Error as exc:
-                # Disk full, read-only file, I/O error: one error type for every caller, which
-                # the refresher answers by keeping a fresh pair in memory (store_degraded).
-                await self._db.rollback()
-                raise StoreError(f"store {self.path}: write failed: {exc}") from None
-            except BaseException:
-                await self._db.rollback()
-                raise
-            try:
-                await self._db.commit()
-            except sqlite3.Error as exc:
-                await self._db.rollback()
-                raise StoreError(f"store {self.path}: commit failed: {exc}") from None
+    def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        """Run one write transaction (BEGIN IMMEDIATE … COMMIT, rolled back on error).
+
+        `extra`: seconds beyond the store's bound, for a bulk read (`migrate-store`).
+        `urgent`: a write that must not wait (a granted pair, a renewal, a refusal), served
+        before other accounts' calls (shared.py).
+        """
+        return self._shared.transaction(extra, urgent=urgent)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -249,7 +254,7 @@ class TokenStore(SideTables):
         """
         now = time.time() if now is None else now
         sealed = seal_pair(self.sealer, self.account, pair)
-        async with self.transaction() as db:
+        async with self.transaction(urgent=True) as db:
             if fault_armed("during_commit"):
                 # Test-only: with a one-page cache SQLite spills this transaction's pages into
                 # the WAL before COMMIT, so the crash test sees a reopen discard such frames.
@@ -295,7 +300,7 @@ class TokenStore(SideTables):
     async def set_state(self, state: str, reason: str, generation: int) -> bool:
         """Persist a state all processes honour, about the pair at `generation`; it holds until
         a new pair is stored. Refused (False) once a newer pair is stored: it is not about it."""
-        async with self.transaction() as db:
+        async with self.transaction(urgent=True) as db:
             if await _generation(db, self.account) > generation:
                 return False
             await db.execute(

@@ -7,7 +7,6 @@ connection.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from contextlib import AbstractAsyncContextManager
@@ -42,7 +41,9 @@ from broker.store.lease import (
     boot_lease_live,
 )
 from broker.store.pace_grants import Grant, Member, PaceTerms
+from broker.store.sqlite.shared import SharedConnection
 
+BULK_ROWS_PER_SECOND = 2000  # a floor for reading (and re-sealing) rows on a slow disk
 LEASE_COLUMNS = (
     "holder, generation, acquired_at, expires_at, boot_id, boot_acquired, boot_expires, seq"
 )
@@ -54,29 +55,22 @@ class SideTables:
     account: str
     path: Path
     boot_clock: BootClock
-    _db: aiosqlite.Connection
-    _lock: asyncio.Lock
+    _shared: SharedConnection
 
-    def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+    def transaction(
+        self, extra: float = 0.0, *, urgent: bool = False
+    ) -> AbstractAsyncContextManager[aiosqlite.Connection]:
         raise NotImplementedError  # TokenStore's
 
     # -- reading ---------------------------------------------------------------------------
 
     async def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Run one read under the connection's lock, its errors as StoreError.
+        """Run one read in its turn on the shared connection, its errors as StoreError.
 
         Every account's view shares one connection: a read between another coroutine's BEGIN
         and COMMIT would see that transaction's rows, which a rollback may yet undo.
         """
-        async with self._lock:
-            try:
-                cursor = await self._db.execute(sql, params)
-                try:
-                    return list(await cursor.fetchall())
-                finally:
-                    await cursor.close()
-            except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: read failed: {exc}") from None
+        return await self._shared.rows(sql, params)
 
     async def _row(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
         rows = await self._rows(sql, params)
@@ -152,8 +146,12 @@ class SideTables:
         return int(row[0])
 
     async def renew_lease(self, token: LeaseToken, ttl: float, now: float) -> bool:
-        """Extend exactly `token`'s lease while it is live on the boot clock; else False."""
-        async with self.transaction() as db:
+        """Extend exactly `token`'s lease while it is live on the boot clock; else False.
+
+        Urgent (shared.py): the holder renews while it keeps a pair the store lacks, and a
+        lease that lapsed behind other accounts' calls would let another process spend it.
+        """
+        async with self.transaction(urgent=True) as db:
             boot_now = self.boot_clock.now()
             held = await self._held(db, boot_now, now)
             if held is None or not held.live or held.token != token:
@@ -292,7 +290,7 @@ class SideTables:
         A live lease's holder has spent (or is spending) the refresh token and will store the
         new pair under the key it loaded with: re-keying under it would make that write fail.
         """
-        async with self.transaction() as db:
+        async with self.transaction(extra=await self._bulk_seconds("tokens")) as db:
             cursor = await db.execute(
                 "SELECT account, holder, expires_at, boot_id, boot_acquired, boot_expires "
                 "FROM leases"
@@ -314,7 +312,7 @@ class SideTables:
         """Read every account's pair (ciphertexts), history, counters and state, for
         `migrate-store`, in one transaction: the counters and the rows they count agree."""
         dump = StoreDump()
-        async with self.transaction() as db:
+        async with self.transaction(extra=await self._bulk_seconds("tokens", "rotations")) as db:
             for table, columns, order, rows in (
                 ("tokens", TOKEN_COLUMNS, "account", dump.tokens),
                 ("rotations", ROTATION_COLUMNS, "id", dump.rotations),
@@ -329,6 +327,13 @@ class SideTables:
                 rows.extend(tuple(row) for row in await cursor.fetchall())
                 await cursor.close()
         return dump
+
+    async def _bulk_seconds(self, *tables: str) -> float:
+        """Seconds beyond the store's bound for one transaction over every row of `tables`
+        (the bound is for one pair's write; a long history takes longer to read)."""
+        counts = " + ".join(f"(SELECT count(*) FROM {t})" for t in tables)  # noqa: S608 -- constant names
+        row = await self._row(f"SELECT {counts}")
+        return int(row[0] if row else 0) / BULK_ROWS_PER_SECOND
 
 
 def live_lease_message(account: str, holder: str) -> str:

@@ -11,6 +11,9 @@ longer reaches the defect it was written for. A patch that no longer applies fai
     .venv/bin/python -m tests.sim.mutants.run            # every mutant, two at a time
     .venv/bin/python -m tests.sim.mutants.run cas_off    # the ones named
     .venv/bin/python -m tests.sim.mutants.run --list
+
+Each mutant's tests first run once on the unpatched copy and must pass there: a mutant
+"caught" by a selection that fails anyway (a missing server, a renamed test) proves nothing.
 """
 
 from __future__ import annotations
@@ -94,7 +97,17 @@ def scratch_copy(into: Path) -> None:
 
 
 def judge(mutant: Mutant) -> Outcome:
-    """Apply one mutant to a scratch copy and run its tests there."""
+    """Run one mutant's tests on a scratch copy without its patch (they must pass), then
+    with it (they must fail)."""
+    baseline = judge_copy(mutant, patched=False)
+    if baseline.verdict != "SURVIVED":  # i.e. the unpatched copy passed: the selection works
+        return Outcome(mutant, "BROKEN", baseline.seconds, f"fails unpatched: {baseline.detail}")
+    outcome = judge_copy(mutant, patched=True)
+    return Outcome(mutant, outcome.verdict, baseline.seconds + outcome.seconds, outcome.detail)
+
+
+def judge_copy(mutant: Mutant, *, patched: bool) -> Outcome:
+    """Copy the checkout, apply the mutant's patch if `patched`, and run its tests there."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         copy = Path(tmp)
@@ -107,6 +120,10 @@ def judge(mutant: Mutant) -> Outcome:
         )
         if applied.returncode != 0:
             return Outcome(mutant, "STALE", 0.0, applied.stderr.strip().splitlines()[0])
+        if not patched:
+            subprocess.run(
+                ["git", "apply", "-R", str(mutant.patch)], cwd=copy, check=True, capture_output=True
+            )
         env = {
             **os.environ,
             **dict(mutant.env),

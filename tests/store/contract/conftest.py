@@ -1,6 +1,6 @@
 """The `target` fixture: each contract case runs once per store (targets.py says how to add
-one). A PostgreSQL target needs the test server (tests/fixtures_pg.py); without it, that
-half skips, and fails under CI."""
+one): SQLite, PostgreSQL and the simulator's in-memory model. A PostgreSQL target needs the
+test server (tests/fixtures_pg.py); without it, that part skips, and fails under CI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from broker.config.keyfile import decode_key
 from broker.store.sealing import Sealer
 from tests.store.contract.targets import Target
 
-TARGETS = ["sqlite", "postgres"]
+TARGETS = ["sqlite", "postgres", "model"]
 
 
 @pytest.fixture(params=TARGETS)
@@ -27,6 +27,14 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path, key: str) -> As
         sqlite = await SqliteTarget.open(tmp_path / "broker.db", sealer)
         yield sqlite
         await sqlite.close()
+        return
+    if request.param == "model":
+        from tests.store.contract.model_target import MODEL_IS_WRONG, ModelTarget
+
+        wrong = MODEL_IS_WRONG.get(request.function.__name__)
+        if wrong is not None:
+            request.node.add_marker(pytest.mark.xfail(reason=wrong, strict=True))
+        yield await ModelTarget.open()
         return
     from tests.store.contract.pg_target import PgTarget
     from tests.store.test_store_pg_faults import Relay

@@ -4,9 +4,11 @@ This process reaches the server through a relay that can go silent (tests/store/
 test_store_pg_faults.py), with a pool of 2 (one connection kept for urgent writes); the other
 process connects directly. The faults, at the edge: deferred constraint triggers that make
 the server refuse the COMMIT; psycopg's transaction exit wrapped so a COMMIT that landed
-reports a lost connection; triggers that raise after a write's first statements, or sleep
-in other accounts' writes, or wait for an advisory lock the test holds (a paused write);
-the relay gone silent (a hung connection).
+reports a lost connection, or is followed by the relay going silent (its answer late);
+triggers that raise after a write's first statements, or sleep in other accounts' writes,
+or wait for an advisory lock the test holds (a paused write); an account's advisory lock
+held by the test's own session (another process's transaction); the relay gone silent (a
+hung connection).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import psycopg
 
 from broker.store.postgres.backend import PgTokenStore
-from broker.store.postgres.schema import SCHEMA
+from broker.store.postgres.schema import ACCOUNT_LOCK, SCHEMA
 from broker.store.sealing import Sealer
 from tests.store.contract.targets import ACCOUNT, Fault, keep_writing, stepped_time
 from tests.store.test_store_pg_faults import Relay, through
@@ -112,10 +114,13 @@ class PgTarget:
     async def inject(self, fault: Fault, account: str = ACCOUNT) -> AsyncIterator[None]:
         injections = {
             Fault.COMMIT_FAILS: self._triggers(account, "contract_refuse", deferred=True),
-            Fault.ACK_LOST: self._ack_lost(),
+            Fault.ACK_LOST: self._ack_late(silence=False),
             Fault.ROLLED_BACK: self._triggers(account, "contract_abort", deferred=False),
             Fault.ALL_BUSY: self._busy(),
             Fault.HUNG: self._silent(),
+            Fault.SLOW_OTHERS: self._slow_others(),
+            Fault.LOCKED_ELSEWHERE: self._locked_elsewhere(account),
+            Fault.ACK_LATE: self._ack_late(silence=True),
         }
         async with injections[fault]:
             yield
@@ -178,11 +183,13 @@ class PgTarget:
             await self._admin.execute(f"DROP FUNCTION {SCHEMA}.{name} CASCADE")
 
     @asynccontextmanager
-    async def _ack_lost(self) -> AsyncIterator[None]:
-        """The next COMMIT of this process lands; then its connection is gone before the
-        answer is read: psycopg raises, as it would for a connection lost at that moment."""
+    async def _ack_late(self, *, silence: bool) -> AsyncIterator[None]:
+        """The next COMMIT of this process lands; then its answer is lost: the connection is
+        gone before it is read (psycopg raises, as for a connection lost at that moment), or,
+        with `silence`, the path goes silent and nothing more comes (the call's cutoff)."""
         real = psycopg.AsyncTransaction.__aexit__
         armed = [True]
+        relay = self._relay
 
         async def exit_(self: psycopg.AsyncTransaction, *exc: Any) -> bool:
             result = await real(self, *exc)
@@ -193,6 +200,9 @@ class PgTarget:
                 and conn.info.get_parameters().get("application_name") == MINE
             ):
                 armed[0] = False
+                if silence:
+                    relay.silence()
+                    await conn.execute("SELECT 1")  # no answer: the cutoff ends the call
                 await conn.close()
                 raise psycopg.OperationalError("injected: the connection was lost at COMMIT")
             return result
@@ -202,21 +212,38 @@ class PgTarget:
             yield
         finally:
             psycopg.AsyncTransaction.__aexit__ = real  # type: ignore[method-assign]
+            relay.resume()
 
     @asynccontextmanager
-    async def _busy(self) -> AsyncIterator[None]:
-        """Accounts x0..x3 of this process append history rows one after another, each
-        taking BUSY_STEP seconds on the server, for as long as the block lasts."""
+    async def _slow_others(self) -> AsyncIterator[None]:
+        """Each history row of accounts x… takes BUSY_STEP seconds on the server."""
         await self._function("contract_busy", f"PERFORM pg_sleep({BUSY_STEP});")
         await self._admin.execute(
             f"CREATE TRIGGER contract_busy AFTER INSERT ON {SCHEMA}.rotations FOR EACH ROW "
             f"WHEN (NEW.account LIKE 'x%') EXECUTE FUNCTION {SCHEMA}.contract_busy()"
         )
         try:
-            async with keep_writing(self.view, BUSY_ACCOUNTS):
-                yield
+            yield
         finally:
             await self._admin.execute(f"DROP FUNCTION {SCHEMA}.contract_busy CASCADE")
+
+    @asynccontextmanager
+    async def _busy(self) -> AsyncIterator[None]:
+        """Accounts x0..x3 of this process append history rows one after another, each
+        taking BUSY_STEP seconds on the server, for as long as the block lasts."""
+        async with self._slow_others(), keep_writing(self.view, BUSY_ACCOUNTS):
+            yield
+
+    @asynccontextmanager
+    async def _locked_elsewhere(self, account: str) -> AsyncIterator[None]:
+        """The test's session holds `account`'s advisory lock, as another replica's
+        transaction of that account does, until the block ends."""
+        key = (ACCOUNT_LOCK, account)
+        await self._admin.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", key)
+        try:
+            yield
+        finally:
+            await self._admin.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", key)
 
     @asynccontextmanager
     async def _silent(self) -> AsyncIterator[None]:

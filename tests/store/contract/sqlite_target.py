@@ -1,10 +1,11 @@
 """The SQLite store as a contract target: one file, two store connections (two processes).
 
 The faults, at the edge: the aiosqlite connection's `commit` wrapped (a commit that fails, or
-lands and then reports failure, as an I/O error after the fsync would); triggers that abort a
-write after its first statements; a trigger calling a function that sleeps in the
-connection's thread (other accounts' work holding the shared connection); a second sqlite3
-connection holding the file's write lock (a hung write, which waits for the busy timeout).
+lands and then reports failure, as an I/O error after the fsync would; or lands and then
+finds the connection's thread stalled past the bound); triggers that abort a write after its
+first statements; a trigger calling a function that sleeps in the connection's thread (other
+accounts' work holding the shared connection); a second sqlite3 connection holding the
+file's write lock (another process's write, which this one's writes wait for).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from broker.store.sealing import Sealer
 from broker.store.sqlite.backend import TokenStore
 from tests.store.contract.targets import ACCOUNT, Fault, keep_writing, stepped_time
 
-BOUND = 1.0  # seconds: the busy timeout the target's connections run with (10 s in serve)
+BOUND = 1.0  # seconds: [store] timeout_seconds of both processes (10 s in serve)
 BUSY_STEP = 0.2  # seconds each of the other accounts' writes holds the connection (ALL_BUSY)
 BUSY_ACCOUNTS = 4
 
@@ -54,10 +55,10 @@ class SqliteTarget:
 
     @classmethod
     async def open(cls, path: Path, sealer: Sealer) -> SqliteTarget:
-        mine = await TokenStore.open(path, sealer, account=ACCOUNT)
-        theirs = await TokenStore.open(path, sealer, account=ACCOUNT)
-        for store in (mine, theirs):
-            await store._db.execute(f"PRAGMA busy_timeout = {round(BOUND * 1000)}")
+        mine = await TokenStore.open(path, sealer, account=ACCOUNT, bound=BOUND)
+        theirs = await TokenStore.open(path, sealer, account=ACCOUNT, bound=BOUND)
+        # A function that sleeps in the connection's thread: a slow disk, for the triggers.
+        await mine._db.create_function("contract_sleep", 1, time.sleep)
         return cls(path, mine, theirs)
 
     async def close(self) -> None:
@@ -89,6 +90,9 @@ class SqliteTarget:
             Fault.ROLLED_BACK: self._aborting_triggers(account),
             Fault.ALL_BUSY: self._busy(),
             Fault.HUNG: self._write_lock_held(),
+            Fault.SLOW_OTHERS: self._slow_others(),
+            Fault.LOCKED_ELSEWHERE: self._write_lock_held(),
+            Fault.ACK_LATE: self._ack_late(),
         }
         async with injections[fault]:
             yield
@@ -155,21 +159,46 @@ class SqliteTarget:
                     conn.execute(f"DROP TRIGGER contract_abort_{table}")
 
     @asynccontextmanager
-    async def _busy(self) -> AsyncIterator[None]:
-        """Accounts x0..x3 of this process append history rows one after another, each
-        holding the shared connection BUSY_STEP seconds (a slow disk) for as long as the block
-        lasts."""
-        await self._mine._db.create_function("contract_sleep", 1, time.sleep)
+    async def _slow_others(self) -> AsyncIterator[None]:
+        """Each history row of accounts x… holds the connection's thread BUSY_STEP seconds."""
         with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
             conn.execute(
                 "CREATE TRIGGER contract_busy BEFORE INSERT ON rotations "
                 f"WHEN NEW.account LIKE 'x%' BEGIN SELECT contract_sleep({BUSY_STEP}); END"
             )
             try:
-                async with keep_writing(self.view, BUSY_ACCOUNTS):
-                    yield
+                yield
             finally:
                 conn.execute("DROP TRIGGER contract_busy")
+
+    @asynccontextmanager
+    async def _busy(self) -> AsyncIterator[None]:
+        """Accounts x0..x3 of this process append history rows one after another, each
+        holding the shared connection BUSY_STEP seconds (a slow disk) for as long as the block
+        lasts."""
+        async with self._slow_others(), keep_writing(self.view, BUSY_ACCOUNTS):
+            yield
+
+    @asynccontextmanager
+    async def _ack_late(self) -> AsyncIterator[None]:
+        """The next commit lands, then the connection's thread stalls for twice the bound
+        (an fsync that takes its time to return); leaving the block waits for the thread."""
+        db = self._mine._db
+        real: Callable[[], Awaitable[None]] = db.commit
+        armed = [True]
+
+        async def commit() -> None:
+            await real()
+            if armed[0]:
+                armed[0] = False
+                await db.execute_fetchall("SELECT contract_sleep(?)", (2 * BOUND,))
+
+        db.commit = commit  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del db.commit
+            await db.execute_fetchall("SELECT 1")  # behind the stall in the thread's queue
 
     @asynccontextmanager
     async def _write_lock_held(self) -> AsyncIterator[None]:

@@ -11,8 +11,8 @@ members below, add its name to conftest.TARGETS and build it in conftest's `targ
 An adapter must provide:
 
 - `name`, `bound`: the target's name, and the seconds a store call may take before it fails
-  with StoreError (PostgreSQL: `[store] timeout_seconds`; SQLite: its busy timeout; a model:
-  whatever its simulated statement timeout is).
+  with StoreError, its waits included (the real backends: `[store] timeout_seconds`; a
+  model: whatever its simulated statement timeout is).
 - `view(account)`: this process's Store view of `account`; every account's view shares this
   process's connections (`for_account` of the real backends).
 - `other(account)`: the view of a second process on the same store, with connections of its
@@ -71,6 +71,15 @@ class Fault(enum.Enum):
     # This process's connection stops answering (PostgreSQL: a network path gone silent;
     # SQLite: another process holds the file's write lock): a write fails within `bound`.
     HUNG = "hung"
+    # Each of other accounts' (x0, x1, …) history appends by this process holds its
+    # connection a while (a slow disk or server): the calls that come meanwhile queue.
+    SLOW_OTHERS = "slow_others"
+    # The other process holds, in an open transaction, the lock this process's writes of
+    # `account` must take (SQLite: the file's write lock; PostgreSQL: the account's lock).
+    LOCKED_ELSEWHERE = "locked_elsewhere"
+    # The next commit of this process lands, but its answer does not come within `bound`:
+    # the caller sees StoreError in time, and the retried compare-and-swap finds the write.
+    ACK_LATE = "ack_late"
 
 
 class Pause(Protocol):
