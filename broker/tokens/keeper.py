@@ -127,8 +127,9 @@ class PairKeeper:
         if not self._holds_news() and not self._refreshing():
             await self._release_lease()
 
-    async def _keep_lease(self, seconds: float) -> None:
+    async def _keep_lease(self, seconds: float) -> bool:
         """Renew the lease held for news the store lacks; say so, and take it anew, if lost.
+        Return whether this process holds the lease now (renewed or taken just now).
 
         Only that exact lease is renewed: a lapsed one that another process took (and holds
         under a newer seq) is never extended by this one.
@@ -139,9 +140,9 @@ class PairKeeper:
                 renewed = await self.store.renew_lease(token, seconds, self._clock.time())
             except StoreError as exc:
                 log.error("store_write_failed", error=exc.message)
-                return  # still ours, as far as anyone knows: renewed again next tick
+                return False  # still ours, as far as anyone knows: renewed again next tick
             if renewed:
-                return
+                return True
             self._lease = None
             self.stats.leases_lost += 1
             unsaved = self._state.unsaved
@@ -154,8 +155,9 @@ class PairKeeper:
             result = await self.store.try_lease(self._holder, seconds, self._clock.time())
         except StoreError as exc:
             log.error("store_write_failed", error=exc.message)
-            return
+            return False
         self._lease = result.token
+        return result.token is not None
 
     async def _record_refusal(self) -> bool:
         """Persist an owed reauth_required; say whether it was settled just now: recorded, or

@@ -375,7 +375,13 @@ class TokenManager(PairKeeper):
     async def tick(self) -> None:
         """Do one round of the proactive refresh: write what the store lacks, follow its news,
         refresh when due (broker/tokens/scheduler.py calls it when due or the store changed)."""
-        if self._state.unsaved is not None:
+        if self._state.unsaved is not None and (
+            # A refresh of ours in flight may be spending this very pair's refresh token,
+            # without the lease if the store refused it then: the pair goes to the store only
+            # under a lease held now, or another process would take the free lease and send
+            # that token too (the simulator's long sweep, `mixed` 4229).
+            not self._refreshing() or await self._keep_lease(self._lease_seconds())
+        ):
             await self._write()
             await self._let_go()  # the store has the pair now: the lease can go
         if await self._record_refusal():  # the store has the refusal now: the lease can go

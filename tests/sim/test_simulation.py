@@ -128,6 +128,13 @@ DEFECTS: dict[str, Defect] = {
     "a refresh's answer lands over an import adopted meanwhile": Defect(
         frozenset({"I7"}), "degraded", range(178, 183)
     ),
+    # A process whose lease the store refused refreshes from its unsaved pair without the
+    # lease; its tick then wrote that very pair while the refresh was in flight, another
+    # process took the free lease and sent the same refresh token (the long sweep, after the
+    # model's urgent turns: `mixed` 4229).
+    "a tick writes the pair its lease-less refresh is spending": Defect(
+        frozenset({"I1"}), "mixed", range(4229, 4230)
+    ),
 }
 # Limits of the design, shown by the simulator and documented (docs/reliability.md): the sweep
 # of their profile tolerates them; each has a strict-xfail test that shows it is real.
