@@ -100,6 +100,8 @@ def judge(mutant: Mutant) -> Outcome:
     """Run one mutant's tests on a scratch copy without its patch (they must pass), then
     with it (they must fail)."""
     baseline = judge_copy(mutant, patched=False)
+    if baseline.verdict == "STALE":
+        return baseline
     if baseline.verdict != "SURVIVED":  # i.e. the unpatched copy passed: the selection works
         return Outcome(mutant, "BROKEN", baseline.seconds, f"fails unpatched: {baseline.detail}")
     outcome = judge_copy(mutant, patched=True)
